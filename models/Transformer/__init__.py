@@ -1,0 +1,3 @@
+from .transformer import BidirectionalTransformer, TransformerConfig
+
+__all__ = ["BidirectionalTransformer", "TransformerConfig"]

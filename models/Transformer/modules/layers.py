@@ -1,0 +1,69 @@
+"""Transformer building blocks in the lab's layout, with hand-written multi-head attention."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head self-attention written out: fused QKV projection, scaled QK^T, softmax,
+    dropout on the attention weights, weighted sum of V, output projection.
+
+    All heads are computed in one batched matmul (no Python loop over heads).
+    Parameters: ``qkv`` Linear(dim, 3*dim) whose output rows are [q; k; v], each split into
+    ``num_heads`` heads of ``dim // num_heads``; ``proj`` Linear(dim, dim).
+    """
+
+    def __init__(self, dim: int = 768, num_heads: int = 16, attn_drop: float = 0.1):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+
+    def attention_weights(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """softmax(q k^T / sqrt(d)) over keys: (B,H,N,D) x (B,H,M,D) -> (B,H,N,M)."""
+        scores = (q * self.scale) @ k.transpose(-2, -1)  # (B, H, N, M)
+        return scores.softmax(dim=-1)
+
+    def forward(self, x: torch.Tensor, return_attention: bool = False):
+        B, N, C = x.shape
+        qkv = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim)  # (B, N, 3, H, D)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, N, D)
+        attn = self.attention_weights(q, k)  # (B, H, N, N)
+        out = self.attn_drop(attn) @ v  # (B, H, N, D)
+        out = self.proj(out.transpose(1, 2).reshape(B, N, C))  # (B, N, H, D) -> (B, N, C)
+        return (out, attn) if return_attention else out
+
+
+class MLP(nn.Sequential):
+    """Keys MLP.0 / MLP.2 are Linear layers; MLP.1 exact GELU; MLP.3 dropout."""
+
+    def __init__(self, dim: int = 768, hidden_dim: int = 1536, drop_p: float = 0.1):
+        super().__init__(nn.Linear(dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, dim), nn.Dropout(drop_p))
+
+
+class TokenPredictor(nn.Sequential):
+    def __init__(self, dim: int = 768):
+        super().__init__(nn.Linear(dim, dim), nn.GELU(), nn.LayerNorm(dim, eps=1e-12))
+
+
+class Encoder(nn.Module):
+    """Post-LN transformer block: x = LN1(x + drop(Attn(x))); x = LN2(x + MLP(x))."""
+
+    def __init__(self, dim: int = 768, hidden_dim: int = 1536, num_heads: int = 16, drop_p: float = 0.1,
+                 attn_drop: float = 0.1):
+        super().__init__()
+        self.Attention = MultiHeadAttention(dim, num_heads, attn_drop)
+        self.LayerNorm1 = nn.LayerNorm(dim, eps=1e-12)
+        self.LayerNorm2 = nn.LayerNorm(dim, eps=1e-12)
+        self.MLP = MLP(dim, hidden_dim, drop_p)
+        self.dropout = nn.Dropout(drop_p)
+
+    def forward(self, x):
+        x = self.LayerNorm1(x + self.dropout(self.Attention(x)))
+        return self.LayerNorm2(x + self.MLP(x))

@@ -1,0 +1,3 @@
+from .vqgan import VQGAN, VQGANConfig
+
+__all__ = ["VQGAN", "VQGANConfig"]

@@ -1,0 +1,98 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models import SCHEDULES, BidirectionalTransformer, MaskGit, gamma_func
+from utils.build import build_maskgit
+from utils.config import ConfigError, load_maskgit_config
+
+
+@pytest.mark.parametrize("mode", SCHEDULES)
+def test_gamma_endpoints_and_monotone(mode):
+    g = gamma_func(mode)
+    assert g(0.0) == pytest.approx(1.0, abs=1e-12) and g(1.0) == pytest.approx(0.0, abs=1e-12)
+    r = torch.linspace(0, 1, 1001, dtype=torch.float64)
+    v = g(r)
+    assert (v[1:] <= v[:-1] + 1e-12).all()
+
+
+def test_gamma_closed_forms():
+    r = 0.3
+    assert gamma_func("linear")(r) == pytest.approx(0.7)
+    assert gamma_func("cosine")(r) == pytest.approx(math.cos(math.pi * 0.3 / 2))
+    assert gamma_func("square")(r) == pytest.approx(1 - 0.09)
+    with pytest.raises(ValueError, match="unknown mask schedule"):
+        gamma_func("bogus")
+
+
+def test_exact_masked_counts_per_sample(tiny_cfg):
+    model = build_maskgit(tiny_cfg, load_vqgan=False)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 32, (64, 16))
+    inputs, mask = model.mask_tokens(ids, generator=g)
+    # replay the generator: first the ratios, then the scores
+    g2 = torch.Generator().manual_seed(0)
+    r = torch.rand(64, generator=g2, dtype=torch.float32).double()
+    expected = torch.ceil(torch.cos(r * math.pi / 2) * 16).long().clamp(1, 16)
+    assert torch.equal(mask.sum(1), expected)
+    assert (inputs[mask] == 32).all() and torch.equal(inputs[~mask], ids[~mask])
+
+
+def test_loss_ignores_unmasked_positions(tiny_cfg):
+    model = build_maskgit(tiny_cfg, load_vqgan=False).eval()
+    ids = torch.randint(0, 32, (4, 16))
+    logits, targets = model.forward_tokens(ids, torch.Generator().manual_seed(1))
+    masked = targets != -100
+    assert torch.equal(targets[masked], ids[masked]) and masked.any() and (~masked).any()
+    loss = model.loss(logits, targets)
+    manual = F.cross_entropy(logits[masked], ids[masked])
+    torch.testing.assert_close(loss, manual)
+    # changing the logits of unmasked positions leaves the loss unchanged
+    logits2 = logits.clone()
+    logits2[~masked] = torch.randn_like(logits2[~masked]) * 100
+    torch.testing.assert_close(model.loss(logits2, targets), loss)
+    # the lab's own loss call (F.cross_entropy with its default ignore_index) agrees
+    torch.testing.assert_close(F.cross_entropy(logits.view(-1, 33), targets.view(-1)), loss)
+
+
+def test_forward_from_images_and_frozen_vqgan(tiny_cfg):
+    model = build_maskgit(tiny_cfg, load_vqgan=False).train()
+    assert not model.vqgan.training and not any(p.requires_grad for p in model.vqgan.parameters())
+    logits, targets = model(torch.randn(2, 3, 16, 16))
+    assert logits.shape == (2, 16, 33) and targets.shape == (2, 16)
+
+
+def test_lab_transformer_layout():
+    m = BidirectionalTransformer()
+    sd = m.state_dict()
+    assert sd["pos_emb"].shape == (256, 768) and sd["bias"].shape == (256, 1025)
+    assert sd["tok_emb.weight"].shape == (1025, 768)
+    assert sd["blocks.14.MLP.0.weight"].shape == (1536, 768) and sd["blocks.14.MLP.2.weight"].shape == (768, 1536)
+    assert sd["Token_Prediction.0.weight"].shape == (768, 768) and "Token_Prediction.2.weight" in sd
+    assert m.LN.eps == 1e-12 and m.blocks[0].LayerNorm1.eps == 1e-12 and m.Token_Prediction[2].eps == 1e-12
+    assert m.blocks[0].MLP[1].approximate == "none"
+    assert (sd["bias"] == 0).all()
+    keys = {k.split(".Attention.")[1] for k in sd if ".Attention." in k}
+    assert keys == {"qkv.weight", "qkv.bias", "proj.weight", "proj.bias"}
+
+
+def test_lab_config_loads_and_checks_consistency(tmp_path):
+    cfg = load_maskgit_config("config/MaskGit.yml")
+    assert cfg["model_param"]["Transformer_param"]["dim"] == 768 and cfg["vqgan"]["latent_dim"] == 256
+    cfg2 = load_maskgit_config("config/MaskGit.yml", ["model_param.Transformer_param.n_layers=2"])
+    assert cfg2["model_param"]["Transformer_param"]["n_layers"] == 2
+    with pytest.raises(ConfigError, match="no key"):
+        load_maskgit_config("config/MaskGit.yml", ["model_param.Transformer_param.nlayers=2"])
+    bad = dict(cfg2)
+    bad["model_param"] = dict(cfg2["model_param"], num_codebook_vectors=512)
+    with pytest.raises(ValueError, match="num_codebook_vectors"):
+        MaskGit(bad["model_param"], bad["vqgan"])
+    p = tmp_path / "x.yml"
+    p.write_text("model_param:\n  VQ_Configs: {VQ_config_path: models/VQGAN/config/VQGAN.yml}\n  typo_key: 1\n")
+    with pytest.raises(ValueError, match="typo_key"):
+        build_maskgit(load_maskgit_config(str(p)), load_vqgan=False)
+    with pytest.raises(FileNotFoundError, match="VQGAN checkpoint not found"):
+        build_maskgit(load_maskgit_config("config/MaskGit.yml", ["model_param.Transformer_param.n_layers=1"]),
+                      vqgan_ckpt=str(tmp_path / "VQGAN.pt"))

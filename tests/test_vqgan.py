@@ -1,0 +1,72 @@
+import os
+
+import pytest
+import torch
+
+from conftest import SPEC, TINY_VQ
+from models import VQGAN, VQGANConfig
+from utils.build import load_vqgan_weights
+from utils.config import load_vqgan_config
+
+
+def test_lab_config_matches_spec_key_for_key():
+    cfg = load_vqgan_config("models/VQGAN/config/VQGAN.yml")
+    sd = VQGAN(cfg).state_dict()
+    ours = [f"{k} {tuple(v.shape)}" for k, v in sd.items()]
+    with open(os.path.join(SPEC, "vqgan_state_dict_keys.txt")) as f:
+        ref = f.read().split("\n")
+    ref = [line for line in ref if line.strip()]
+    assert ours == ref
+    assert len(ours) == 315
+    assert sum(v.numel() for v in sd.values()) == 70_775_299
+    assert not list(VQGAN(cfg).buffers())
+
+
+def test_random_state_dict_roundtrip_strict(tmp_path):
+    torch.manual_seed(0)
+    a, b = VQGAN(TINY_VQ), VQGAN(TINY_VQ)
+    for p in a.parameters():
+        p.data.normal_()
+    path = tmp_path / "VQGAN.pt"
+    torch.save(a.state_dict(), path)  # a plain fp32 state_dict, as the lab ships
+    load_vqgan_weights(b, str(path))
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb)
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.equal(a(x)[0], b(x)[0])
+
+
+def test_encode_contract_raster_order_and_nearest_code():
+    torch.manual_seed(1)
+    m = VQGAN(TINY_VQ).eval()
+    x = torch.randn(3, 3, 16, 16)
+    z_q, idx, loss = m.encode(x)
+    assert z_q.shape == (3, 8, 4, 4) and idx.shape == (3 * 16,) and idx.dtype == torch.int64
+    z = m.quant_conv(m.encoder(x))  # (B, D, h, w)
+    e = m.codebook.embedding.weight
+    for b, i, j in [(0, 0, 0), (1, 2, 3), (2, 3, 1)]:
+        d = ((z[b, :, i, j][None] - e) ** 2).sum(1)
+        assert idx[b * 16 + i * 4 + j] == d.argmin()
+    # token ids decode through the embedding, reshaped (B,h,w,D) -> (B,D,h,w)
+    zq_ids = e[idx].view(3, 4, 4, 8).permute(0, 3, 1, 2)
+    torch.testing.assert_close(zq_ids, z_q)
+    torch.testing.assert_close(m.decode_indices(idx.view(3, 16)), m.decode(z_q))
+    assert torch.isfinite(loss)
+
+
+def test_small_config_other_shapes():
+    cfg = VQGANConfig(enc_channels=[32, 64, 128], dec_channels=[32, 64, 128], latent_dim=64, enc_num_res_blocks=1,
+                      dec_num_res_blocks=1)
+    m = VQGAN(cfg)
+    z_q, idx, _ = m.encode(torch.randn(1, 3, 64, 64))
+    assert z_q.shape == (1, 64, 16, 16) and idx.shape == (256,)
+    assert m.decode(z_q).shape == (1, 3, 64, 64)
+
+
+def test_wrong_checkpoint_names_the_problem(tmp_path):
+    path = tmp_path / "bad.pt"
+    torch.save({"encoder.model.0.weight": torch.zeros(1)}, path)
+    with pytest.raises(ValueError, match="missing"):
+        load_vqgan_weights(VQGAN(TINY_VQ), str(path))
+    with pytest.raises(FileNotFoundError, match="VQGAN checkpoint not found"):
+        load_vqgan_weights(VQGAN(TINY_VQ), str(tmp_path / "nope.pt"))

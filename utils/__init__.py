@@ -1,0 +1,1 @@
+"""Helpers shared by the scripts: config, data, runtime (device/AMP/seed), checkpoints."""

@@ -1,0 +1,114 @@
+"""Device, mixed precision and seeding: the one place that knows about them.
+
+Every script asks this module for its device, its autocast context and its random
+generators, so one training / decoding loop serves fp32 (CPU), bf16 and fp16 (CUDA).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import sys
+
+import numpy as np
+import torch
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def get_device(name: str | None = None) -> torch.device:
+    """Resolve a device string. ``None``/``"auto"`` picks CUDA when present, else CPU.
+
+    Asking for CUDA on a machine without it falls back to CPU with a warning instead of
+    crashing, because the lab's scripts default to ``--device cuda``.
+    """
+    if name in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        logging.getLogger("maskgit").warning("CUDA requested (%s) but not available: using CPU", name)
+        return torch.device("cpu")
+    return dev
+
+
+def default_precision(device: torch.device) -> str:
+    """bf16 on CUDA (when supported), fp32 elsewhere."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
+def resolve_precision(precision: str | None, device: torch.device) -> str:
+    if precision in (None, "", "auto"):
+        return default_precision(device)
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS} or 'auto', got {precision!r}")
+    if precision != "fp32" and device.type != "cuda":
+        logging.getLogger("maskgit").warning("%s autocast needs CUDA; running fp32 on %s", precision, device)
+        return "fp32"
+    return precision
+
+
+def autocast(device: torch.device, precision: str):
+    """An autocast context for ``precision``; a no-op context for fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
+    """A GradScaler that is active only for fp16."""
+    return torch.amp.GradScaler(device.type, enabled=(precision == "fp16"))
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices). Sampling code still takes explicit generators."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    return g
+
+
+def rng_state() -> dict:
+    """Every RNG state a resumed run needs to continue exactly."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def create_logger(name: str = "maskgit", log_file: str | None = None, rank: int = 0) -> logging.Logger:
+    """A logger that prints on rank 0 only (DiT style); other ranks get a silent logger."""
+    logger = logging.getLogger(name)
+    logger.handlers.clear()
+    logger.propagate = False
+    if rank != 0:
+        logger.addHandler(logging.NullHandler())
+        logger.setLevel(logging.ERROR)
+        return logger
+    logger.setLevel(logging.INFO)
+    fmt = logging.Formatter("[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(fmt)
+    logger.addHandler(handler)
+    if log_file:
+        os.makedirs(os.path.dirname(os.path.abspath(log_file)), exist_ok=True)
+        fh = logging.FileHandler(log_file)
+        fh.setFormatter(fmt)
+        logger.addHandler(fh)
+    return logger

@@ -1,0 +1,91 @@
+"""Token caching: the tokenizer is frozen, so a dataset is encoded once and training reads ids.
+
+A cache file is keyed on the tokenizer's weights and the dataset's content (and the flip
+option), so a stale cache is never used: change either and the key changes.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+
+import torch
+from tqdm import tqdm
+
+from .checkpoint import atomic_save
+from .data import list_images, load_image_stack, uint8_to_normalized
+from .runtime import autocast
+
+log = logging.getLogger("maskgit")
+
+
+def state_dict_fingerprint(module: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for k, v in module.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def folder_fingerprint(folder: str) -> str:
+    h = hashlib.sha256()
+    for p in list_images(folder):
+        h.update(os.path.basename(p).encode())
+        with open(p, "rb") as f:
+            h.update(hashlib.sha1(f.read()).digest())
+    return h.hexdigest()[:16]
+
+
+@torch.no_grad()
+def encode_images(vqgan, images_u8: torch.Tensor, device, precision: str = "fp32", batch_size: int = 256,
+                  desc: str = "encoding", progress: bool = True) -> torch.Tensor:
+    """uint8 images (N,3,H,W) -> token ids (N, h*w) int16 on CPU."""
+    out = []
+    for i in tqdm(range(0, len(images_u8), batch_size), desc=desc, disable=not progress, leave=False):
+        x = uint8_to_normalized(images_u8[i:i + batch_size].to(device))
+        with autocast(device, precision):
+            z = vqgan.quant_conv(vqgan.encoder(x))
+        idx = vqgan.codebook.quantize_indices(z.float().permute(0, 2, 3, 1).reshape(-1, z.shape[1]))  # (B*h*w,)
+        out.append(idx.view(x.shape[0], -1).to("cpu", torch.int16))  # (B, h*w)
+    return torch.cat(out)
+
+
+def cached_tokens(vqgan, folder: str, cache_dir: str, device, image_size: int, hflip: bool = False,
+                  precision: str = "fp32", progress: bool = True, vq_key: str | None = None) -> dict:
+    """Token ids of every image in ``folder`` (and of its mirror images when ``hflip``).
+
+    Returns {"ids": (N or 2N, h*w) int16, "n_images": N, "key": cache key}.
+    """
+    vq_key = vq_key or state_dict_fingerprint(vqgan)
+    key = f"{vq_key}_{folder_fingerprint(folder)}_{'flip' if hflip else 'noflip'}_{precision}"
+    path = os.path.join(cache_dir, f"tokens_{key}.pt")
+    if os.path.exists(path):
+        data = torch.load(path, map_location="cpu")
+        if data.get("key") == key:
+            log.info("token cache hit: %s (%d sequences)", path, len(data["ids"]))
+            return data
+    images = load_image_stack(folder, image_size, progress=progress)
+    ids = encode_images(vqgan, images, device, precision, desc=f"encoding {os.path.basename(folder.rstrip('/'))}",
+                        progress=progress)
+    if hflip:
+        ids = torch.cat([ids, encode_images(vqgan, images.flip(-1), device, precision, desc="encoding flips",
+                                            progress=progress)])
+    data = {"ids": ids, "n_images": len(images), "key": key, "folder": os.path.abspath(folder)}
+    atomic_save(data, path)
+    log.info("encoded %d images of %s once; cached at %s", len(images), folder, path)
+    return data
+
+
+def unseen_indices(val_folder: str, train_folder: str) -> torch.Tensor:
+    """Indices of val images whose pixels occur nowhere in train (exact duplicates removed):
+    the only val images that measure generalization."""
+    def digests(folder):
+        out = []
+        for p in list_images(folder):
+            from PIL import Image
+            with Image.open(p) as im:
+                out.append(hashlib.sha1(im.convert("RGB").tobytes()).digest())
+        return out
+
+    train = set(digests(train_folder))
+    return torch.tensor([i for i, d in enumerate(digests(val_folder)) if d not in train], dtype=torch.long)

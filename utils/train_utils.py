@@ -1,0 +1,161 @@
+"""Plumbing shared by the two trainers: LR schedule, EMA, logging sinks, signals, NaN guard."""
+from __future__ import annotations
+
+import copy
+import csv
+import math
+import os
+import signal
+
+import torch
+from PIL import Image, ImageDraw
+
+
+def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float = 0.05) -> float:
+    """LR multiplier: linear warmup to 1 over ``warmup`` steps, cosine decay to ``min_ratio``."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+class EMA:
+    """Exponential moving average of a model's parameters (buffers copied)."""
+
+    def __init__(self, model: torch.nn.Module, decay: float = 0.999):
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        for e, p in zip(self.model.parameters(), model.parameters()):
+            e.lerp_(p.detach(), 1 - self.decay)
+        for e, b in zip(self.model.buffers(), model.buffers()):
+            e.copy_(b)
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def check_finite(loss: torch.Tensor, step: int) -> None:
+    if not torch.isfinite(loss).all():
+        raise NonFiniteLoss(f"loss became {loss.item()} at step {step}: stopping; the last good checkpoint is "
+                            "untouched (try a lower --learning-rate, or fp32)")
+
+
+class StopFlag:
+    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint and exits at the next step."""
+
+    def __init__(self):
+        self.stop = False
+        self.signal = None
+        self._old = {}
+
+    def __enter__(self):
+        for s in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[s] = signal.signal(s, self._handle)
+            except ValueError:  # not in the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.stop:  # second signal: give up at once
+            raise KeyboardInterrupt
+        self.stop, self.signal = True, signum
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        return False
+
+
+class MetricLog:
+    """Scalars to TensorBoard (when installed) and to a CSV; a PNG of the curves at the end."""
+
+    def __init__(self, out_dir: str, enabled: bool = True):
+        self.out_dir, self.enabled, self.rows = out_dir, enabled, []
+        self.writer = None
+        if enabled:
+            os.makedirs(out_dir, exist_ok=True)
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.writer = SummaryWriter(os.path.join(out_dir, "tb"))
+            except ImportError:
+                self.writer = None
+            path = os.path.join(out_dir, "metrics.csv")
+            if os.path.exists(path):  # resumed run: keep history
+                with open(path) as f:
+                    self.rows = [{k: float(v) for k, v in r.items() if v != ""} for r in csv.DictReader(f)]
+
+    def log(self, step: int, **scalars) -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, **{k: float(v) for k, v in scalars.items()}}
+        self.rows.append(row)
+        if self.writer is not None:
+            for k, v in scalars.items():
+                self.writer.add_scalar(k, float(v), step)
+
+    def flush(self) -> None:
+        if not self.enabled:
+            return
+        keys = sorted({k for r in self.rows for k in r} - {"step"})
+        with open(os.path.join(self.out_dir, "metrics.csv"), "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["step"] + keys)
+            w.writeheader()
+            for r in self.rows:
+                w.writerow(r)
+        if self.writer is not None:
+            self.writer.flush()
+
+    def plot(self, keys: list[str], path: str, title: str = "") -> None:
+        if self.enabled:
+            series = {k: [(r["step"], r[k]) for r in self.rows if k in r] for k in keys}
+            plot_curves(series, path, title)
+
+    def close(self) -> None:
+        self.flush()
+        if self.writer is not None:
+            self.writer.close()
+
+
+COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189)]
+
+
+def plot_curves(series: dict, path: str, title: str = "", size=(720, 420)) -> None:
+    """Line chart of {name: [(x, y), ...]} written as a PNG (PIL only, no plotting library)."""
+    W, H = size
+    L, R, T, B = 60, 20, 30, 40
+    img = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(img)
+    pts = [p for s in series.values() for p in s if math.isfinite(p[1])]
+    if not pts:
+        img.save(path)
+        return
+    x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
+    y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
+    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1)
+
+    def xy(x, y):
+        return L + (x - x0) / (x1 - x0) * (W - L - R), H - B - (y - y0) / (y1 - y0) * (H - T - B)
+
+    d.rectangle([L, T, W - R, H - B], outline=(0, 0, 0))
+    for i in range(5):
+        y = y0 + (y1 - y0) * i / 4
+        d.text((4, xy(x0, y)[1] - 6), f"{y:.3g}", fill=(0, 0, 0))
+        d.line([L, xy(x0, y)[1], W - R, xy(x0, y)[1]], fill=(225, 225, 225))
+        x = x0 + (x1 - x0) * i / 4
+        d.text((xy(x, y0)[0] - 10, H - B + 6), f"{x:.0f}", fill=(0, 0, 0))
+    d.text((L, 8), title, fill=(0, 0, 0))
+    for i, (name, s) in enumerate(series.items()):
+        c = COLORS[i % len(COLORS)]
+        s = [p for p in s if math.isfinite(p[1])]
+        if len(s) > 1:
+            d.line([xy(*p) for p in s], fill=c, width=2)
+        elif s:
+            x, y = xy(*s[0])
+            d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=c)
+        d.text((W - R - 150, T + 6 + 14 * i), name, fill=c)
+    img.save(path)

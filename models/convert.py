@@ -34,15 +34,18 @@ class CheckpointLayoutError(ValueError):
 
 def unwrap_state_dict(obj) -> dict:
     """Find the tensor dict inside a checkpoint object and strip known prefixes."""
-    seen = 0
-    while isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
-        key = next((k for k in WRAPPER_KEYS if isinstance(obj.get(k), dict)), None)
-        if key is None or seen > 4:
-            raise CheckpointLayoutError(f"no state_dict found: top-level keys are {sorted(obj)[:20]}")
-        obj, seen = obj[key], seen + 1
+    for _ in range(4):  # descend through wrapper dicts; EMA weights win when a checkpoint has them
+        if not isinstance(obj, dict):
+            break
+        key = next((k for k in ("ema",) + WRAPPER_KEYS if isinstance(obj.get(k), dict)), None)
+        if key is None:
+            break
+        obj = obj[key]
     if not isinstance(obj, dict):
         raise CheckpointLayoutError(f"checkpoint holds a {type(obj).__name__}, not a state_dict")
     sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not sd:
+        raise CheckpointLayoutError(f"no state_dict found: top-level keys are {sorted(obj)[:20]}")
     changed = True
     while changed:
         changed = False

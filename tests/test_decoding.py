@@ -1,0 +1,146 @@
+import math
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+import inpainting
+from conftest import TINY_T
+from models import BidirectionalTransformer, gamma_func, image_generators, iterative_decode
+from models.decoding import decode_step
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    m = BidirectionalTransformer(TINY_T).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.3)
+    return m
+
+
+def _mixed_batch(B=6, N=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 32, (B, N), generator=g)
+    mask = torch.zeros(B, N, dtype=torch.bool)
+    for b in range(B):  # different hole sizes per image, including 1 and all tokens
+        n = [1, 3, 7, 11, 16, 5][b % 6]
+        mask[b, torch.randperm(N, generator=g)[:n]] = True
+    return ids, mask
+
+
+@pytest.mark.parametrize("mode", ["cosine", "linear", "square", "cubic", "sqrt", "log"])
+@pytest.mark.parametrize("choice", ["sample", "argmax"])
+def test_schedule_counts_known_tokens_and_full_unmask(mode, choice):
+    ids, mask = _mixed_batch()
+    T = 7
+    res = iterative_decode(_model(), ids, mask, gamma_func(mode), T, image_generators(0, range(6), "cpu"), 32,
+                           token_choice=choice)
+    n_hole = mask.sum(1).double()
+    for t, (step_ids, step_mask) in enumerate(zip(res.ids_per_step, res.mask_per_step)):
+        r = (t + 1) / T
+        expected = torch.floor(gamma_func(mode)(r) * n_hole).long()
+        assert torch.equal(step_mask.sum(1), expected), (t, step_mask.sum(1), expected)
+        assert torch.equal(step_ids[~mask], ids[~mask])  # known tokens never change
+        assert not (step_mask & ~mask).any()  # only hole tokens can be masked
+        assert (step_ids < 32).all()  # the mask id is never emitted
+    assert res.steps == T and not res.mask.any()
+    # a token, once decoded (unmasked), keeps its value to the end
+    for t in range(T - 1):
+        done = ~res.mask_per_step[t] & mask
+        assert torch.equal(res.ids_per_step[t][done], res.ids_per_step[-1][done])
+
+
+def test_batched_equals_batch_one():
+    ids, mask = _mixed_batch(B=6, seed=3)
+    m = _model(1)
+    full = iterative_decode(m, ids, mask, gamma_func("cosine"), 8, image_generators(5, range(6), "cpu"), 32)
+    for b in range(6):
+        one = iterative_decode(m, ids[b:b + 1], mask[b:b + 1], gamma_func("cosine"), 8,
+                               image_generators(5, [b], "cpu"), 32)
+        assert torch.equal(one.ids[0], full.ids[b])
+    again = iterative_decode(m, ids, mask, gamma_func("cosine"), 8, image_generators(5, range(6), "cpu"), 32)
+    assert torch.equal(again.ids, full.ids)  # deterministic given the seed
+    other = iterative_decode(m, ids, mask, gamma_func("cosine"), 8, image_generators(6, range(6), "cpu"), 32)
+    assert not torch.equal(other.ids, full.ids)
+
+
+def test_sweet_spot_stops_early_and_keeps_decoded_tokens():
+    ids, mask = _mixed_batch()
+    m = _model()
+    full = iterative_decode(m, ids, mask, gamma_func("linear"), 10, image_generators(0, range(6), "cpu"), 32)
+    part = iterative_decode(m, ids, mask, gamma_func("linear"), 10, image_generators(0, range(6), "cpu"), 32,
+                            sweet_spot=4)
+    assert part.steps == 4 and len(part.ids_per_step) == 4
+    for t in range(4):  # identical trajectory up to the sweet spot
+        assert torch.equal(part.ids_per_step[t], full.ids_per_step[t])
+    expected = torch.floor(0.6 * mask.sum(1).double()).long()
+    assert torch.equal(part.mask.sum(1), expected)
+    assert torch.equal(part.ids[~mask], ids[~mask])
+
+
+def test_confidence_picks_most_probable_without_noise():
+    # with zero temperature the least probable hole tokens stay masked
+    B, N, V = 1, 6, 5
+    logits = torch.full((B, N, V), -10.0)
+    probs = [0.9, 0.2, 0.45, 0.95, 0.3, 0.1]
+    for n, p in enumerate(probs):
+        logits[0, n, 0] = math.log(p)
+        logits[0, n, 1] = math.log(1 - p)
+    ids = torch.zeros(B, N, dtype=torch.long)
+    mask = torch.ones(B, N, dtype=torch.bool)
+    new_ids, new_mask = decode_step(logits, ids, mask, mask.sum(1), 0.5, gamma_func("linear"),
+                                    image_generators(0, [0], "cpu"), choice_temperature=0.0, token_choice="argmax")
+    # argmax picks code 0 where p>0.5 else 1; confidence = max(p, 1-p): .9 .8 .55 .95 .7 .9 -> 3 least stay masked
+    assert new_mask[0].tolist() == [False, True, True, False, True, False]
+    assert new_ids[0].tolist() == [0, 1, 1, 0, 1, 1]
+
+
+def test_inpainting_script_writes_lab_outputs(tiny_world, tmp_path):
+    import training_transformer as tt
+    tt.main(["--train_d_path", tiny_world["train"], "--val_d_path", tiny_world["val"], "--MaskGitConfig",
+             tiny_world["config"], "--out_d_path", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache"),
+             "--batch-size", "8", "--epochs", "1", "--device", "cpu", "--no-progress"])
+    out = tmp_path / "inpaint"
+    gt = tmp_path / "gt"
+    gt.mkdir()
+    for i in (0, 2):  # ground truth for two of the six images
+        Image.open(os.path.join(tiny_world["masked_image"], f"image_{i:03d}.png")).save(gt / f"image_{i:03d}.png")
+    s = inpainting.main(["--load-transformer-ckpt-path", str(tmp_path / "run" / "transformer_last.pth"),
+                         "--MaskGitConfig", tiny_world["config"], "--data", tiny_world["root"], "--mask-func", "cosine",
+                         "--total-iter", "5", "--batch-size", "4", "--out-dir", str(out), "--device", "cpu",
+                         "--gif", "--report-ids", "0,1", "--gt-path", str(gt), "--unconditional", "3",
+                         "--no-progress"])
+    assert sorted(os.listdir(out / "test_results")) == [f"image_{i:03d}.png" for i in range(6)]
+    assert sorted(os.listdir(out / "mask_scheduling")) == sorted(f"test_{i}.png" for i in range(6))
+    assert sorted(os.listdir(out / "imga")) == sorted(f"test_{i}.png" for i in range(6))
+    assert len(os.listdir(out / "gifs")) == 6 and (out / "report.png").exists()
+    assert len([f for f in os.listdir(out / "generated") if f.startswith("image_")]) == 3
+    im = Image.open(out / "test_results" / "image_000.png")
+    assert im.size == (16, 16) and im.mode == "RGB"
+    assert s["gt_matched"] == 2 and (out / "metrics.csv").exists()
+    # imga: masked input + one frame per step; mask_scheduling: one 4x4 mask per step (nrow 10)
+    assert Image.open(out / "imga" / "test_0.png").size == (2 + 6 * 18, 20)
+    assert Image.open(out / "mask_scheduling" / "test_0.png").size == (2 + 5 * 6, 8)
+    # our checkpoints carry their config: no --MaskGitConfig needed
+    s2 = inpainting.main(["--load-transformer-ckpt-path", str(tmp_path / "run" / "last.pt"), "--data",
+                          tiny_world["root"], "--out-dir", str(tmp_path / "o2"), "--device", "cpu", "--no-vis",
+                          "--total-iter", "3", "--no-progress"])
+    assert s2["images"] == 6
+
+
+def test_inpainting_clear_errors(tiny_world, tmp_path):
+    with pytest.raises(FileNotFoundError, match="transformer checkpoint not found"):
+        inpainting.main(["--load-transformer-ckpt-path", str(tmp_path / "none.pth"), "--MaskGitConfig",
+                         tiny_world["config"], "--data", tiny_world["root"], "--device", "cpu"])
+    big = BidirectionalTransformer(dict(TINY_T, n_layers=3)).state_dict()
+    torch.save(big, tmp_path / "big.pth")
+    with pytest.raises(ValueError, match=r"big.pth.*unexpected keys"):
+        inpainting.main(["--load-transformer-ckpt-path", str(tmp_path / "big.pth"), "--MaskGitConfig",
+                         tiny_world["config"], "--data", tiny_world["root"], "--device", "cpu"])
+    os.remove(os.path.join(tiny_world["mask64"], "mask_005.png"))
+    torch.save(BidirectionalTransformer(TINY_T).state_dict(), tmp_path / "ok.pth")
+    with pytest.raises(ValueError, match="6 masked images .* but 5 masks"):
+        inpainting.main(["--load-transformer-ckpt-path", str(tmp_path / "ok.pth"), "--MaskGitConfig",
+                         tiny_world["config"], "--data", tiny_world["root"], "--device", "cpu"])

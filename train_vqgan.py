@@ -44,6 +44,11 @@ def parse_args(argv=None):
     p.add_argument("--l1-weight", type=float, default=1.0)
     p.add_argument("--l2-weight", type=float, default=1.0)
     p.add_argument("--disc-start", type=int, default=-1, help="step at which the GAN loss starts (-1: never)")
+    p.add_argument("--disc-start-frac", type=float, default=None,
+                   help="start the GAN loss at this fraction of --steps (overrides --disc-start)")
+    p.add_argument("--time-budget-min", type=float, default=0,
+                   help="fit the run into this many minutes: --steps is set from the throughput of the first "
+                        "steps (GAN steps assumed 1.5x as costly)")
     p.add_argument("--disc-weight", type=float, default=0.1)
     p.add_argument("--disc-loss", choices=["hinge", "bce"], default="hinge")
     p.add_argument("--restart-every", type=int, default=200, help="dead-code restart period in steps (0: off)")
@@ -149,6 +154,7 @@ def main(argv=None) -> dict:
     t0, seen = time.time(), 0
     pbar = tqdm(total=args.steps, initial=step, disable=args.no_progress, desc="vqgan")
     first_rec, rec_v = None, math.nan
+    start_step, budget_probe, t_probe = step, step + 80, time.time()
     with StopFlag() as stop:
         while step < args.steps and not stop.stop:
             idx = torch.randint(0, len(images), (args.batch_size,), generator=gen)
@@ -156,6 +162,16 @@ def main(argv=None) -> dict:
             if args.hflip:
                 flip = torch.rand(args.batch_size, generator=gen) < 0.5
                 x[flip.to(device)] = x[flip.to(device)].flip(-1)
+            if args.disc_start_frac is not None:
+                args.disc_start = int(args.disc_start_frac * args.steps)
+            if args.time_budget_min and step == start_step + 20:
+                t_probe = time.time()  # measure after the warm-up steps
+            if args.time_budget_min and step == budget_probe:
+                rate = (step - start_step - 20) / (time.time() - t_probe)  # steps/s without the GAN
+                f = args.disc_start_frac if args.disc_start_frac is not None else 1.0
+                args.steps = max(step + 1, int(args.time_budget_min * 60 * rate / (f + 1.5 * (1 - f))))
+                pbar.total = args.steps
+                log.info("time budget %.1f min at %.2f steps/s: %d steps", args.time_budget_min, rate, args.steps)
             use_disc = 0 <= args.disc_start <= step
             with autocast(device, precision):
                 z_e = model.quant_conv(model.encoder(x))  # (B, D, h, w)

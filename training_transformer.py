@@ -64,6 +64,8 @@ def parse_args(argv=None):
     p.add_argument("--cache-dir", default="cache", help="token cache folder")
     p.add_argument("--stop-after-steps", type=int, default=0, help="save and stop after this global step (0: off)")
     p.add_argument("--val-batches", type=int, default=0, help="limit validation batches (0: all)")
+    p.add_argument("--time-budget-min", type=float, default=0,
+                   help="fit the run into this many minutes: --epochs is set from the throughput of the first steps")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
@@ -170,7 +172,8 @@ def main(argv=None) -> dict:
         raise ValueError(f"{len(train_ids)} training sequences are fewer than one step of "
                          f"{args.batch_size}x{args.accum_grad}")
     total_steps = steps_per_epoch * args.epochs
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, args.warmup_steps, total_steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: warmup_cosine(s, args.warmup_steps, steps_per_epoch * args.epochs))
     scaler = grad_scaler(device, precision)
     ema = EMA(raw, args.ema) if args.ema > 0 else None
     mask_gen = make_generator(args.seed * 100 + rank, device)
@@ -255,6 +258,13 @@ def main(argv=None) -> dict:
                     ema.update(raw)
                 step += 1
                 losses.append(step_loss)
+                if args.time_budget_min and step == 30:  # set the epochs from the measured speed
+                    epoch_s = steps_per_epoch * (time.time() - t0) / 30 * 1.05  # + validation
+                    args.epochs = max(1, int(args.time_budget_min * 60 / epoch_s))
+                    total_steps = steps_per_epoch * args.epochs
+                    pbar.total = total_steps
+                    log.info("time budget %.1f min: %.1f s/epoch -> %d epochs", args.time_budget_min, epoch_s,
+                             args.epochs)
                 dt = max(1e-9, time.time() - t0)
                 pbar.update(1)
                 pbar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}",

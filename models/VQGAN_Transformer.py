@@ -102,7 +102,7 @@ class MaskGit(nn.Module):
 
     @torch.no_grad()
     def inpaint(self, ids: torch.Tensor, mask: torch.Tensor, total_iter: int, generators, mask_func: str | None = None,
-                sweet_spot: int = 0, token_choice: str = "sample", autocast_ctx=None):
+                sweet_spot: int = 0, token_choice: str = "argmax", autocast_ctx=None):
         """Fill the masked tokens (True = masked) of ``ids`` (B, N); see ``models.decoding``."""
         gamma = self.gamma if mask_func is None else self.gamma_func(mask_func)
         return iterative_decode(self.transformer, ids, mask, gamma, total_iter, generators, self.mask_token_id,

@@ -48,11 +48,13 @@ def masked_count(gamma, r: float, n_hole: torch.Tensor) -> torch.Tensor:
 
 
 def decode_step(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, n_hole: torch.Tensor, r: float,
-                gamma, generators, choice_temperature: float = 4.5, token_choice: str = "sample"):
+                gamma, generators, choice_temperature: float = 4.5, token_choice: str = "argmax"):
     """One decoding step.
 
     logits: (B, N, V) of the transformer on ``ids`` with masked positions set to the mask id;
-    only the first ``V - 1`` columns (real codes) can be chosen.
+    only the first ``V - 1`` columns (real codes) can be chosen. ``token_choice``: "argmax"
+    takes the most probable code, "sample" draws one (Gumbel-max); either way the confidence is
+    its probability plus annealed Gumbel noise.
     Returns (new ids (B, N), new mask (B, N) with exactly floor(gamma(r)*N_hole) True per image).
     """
     B, N, V = logits.shape
@@ -76,7 +78,7 @@ def decode_step(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, n_h
 @torch.no_grad()
 def iterative_decode(transformer, ids: torch.Tensor, mask: torch.Tensor, gamma, total_iter: int, generators,
                      mask_token_id: int, choice_temperature: float = 4.5, sweet_spot: int = 0,
-                     token_choice: str = "sample", autocast_ctx=None) -> DecodeResult:
+                     token_choice: str = "argmax", autocast_ctx=None) -> DecodeResult:
     """Fill the masked tokens of ``ids`` (B, N) in ``total_iter`` steps (ratio r = (t+1)/T).
 
     ``sweet_spot`` > 0 stops after that many steps and keeps the tokens decoded so far.

@@ -34,7 +34,7 @@ class InpaintOptions:
     mask_func: str = "cosine"
     sweet_spot: int = 0
     seed: int = 0
-    token_choice: str = "sample"
+    token_choice: str = "argmax"
     mask_rule: str = "lab"
     paste_known: bool = False
     visualize: bool = True

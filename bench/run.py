@@ -1,0 +1,213 @@
+"""Where the repository stands: quality and speed against real baselines, one command.
+
+    python bench/run.py --quick          # < 10 min on 2 CPU cores (64 images per set)
+    python bench/run.py                  # full: 570 test images + 1,118 unseen val images
+
+Quality sets:
+  test        the lab's masked test images whose originals were recovered (570)
+  val-unseen  val images that never occur in train, holed with the lab's masks (1,118)
+Methods: ours (bundled small model; lab protocol = no pasting, and composited = known pixels
+pasted back) for cosine / linear / square and T in {4, 8, 12}; OpenCV Telea and Navier-Stokes;
+scikit-image biharmonic; and the tokenizer's own reconstruction (encode -> decode of the
+originals), the floor of the lab protocol. Metrics: FID (our FID, pytorch-fid features) and
+PSNR / SSIM / L1 on the hole region. Speed: training and decoding throughput ratios.
+Writes bench/results/quality.csv and speed.csv and prints both tables.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+from common import device_name, print_table, write_csv
+from inpainting import BUNDLED_CONFIG, BUNDLED_TRANSFORMER
+from utils.build import build_maskgit, load_transformer_checkpoint
+from utils.config import REPO_ROOT, load_maskgit_config
+from utils.data import (TEST_MEAN, TEST_STD, MaskedImageSet, denormalize, list_images, normalize, pil_to_tensor01,
+                        to_uint8)
+from utils.fid import compute_fid
+from utils.inpaint import InpaintOptions, run_inpainting
+from utils.metrics import paired_metrics
+from utils.runtime import create_logger, get_device
+from utils.tokens import unseen_indices
+
+SHARED = REPO_ROOT.parent / "shared" / "data"
+
+
+def build_sets(work: str, n: int | None, data: str, gt: str) -> dict:
+    """Write each quality set in the lab layout: masked_image/, mask64/, originals/."""
+    sets = {}
+    masks = list_images(os.path.join(data, "mask64"))
+    # test: the images whose originals are known, with their own masks
+    names = sorted(os.listdir(gt))[:n]
+    root = os.path.join(work, "test")
+    _reset(root)
+    for name in names:
+        i = int(name.split("_")[1].split(".")[0])
+        shutil.copy(os.path.join(data, "masked_image", name), os.path.join(root, "masked_image", name))
+        shutil.copy(masks[i], os.path.join(root, "mask64", f"mask_{i:03d}.png"))
+        shutil.copy(os.path.join(gt, name), os.path.join(root, "originals", name))
+    sets["test"] = root
+    # val-unseen: generalisation images, holed with the lab masks (round robin)
+    val = list_images(os.path.join(data, "val"))
+    idx = unseen_indices(os.path.join(data, "val"), os.path.join(data, "train")).tolist()[:n]
+    root = os.path.join(work, "val-unseen")
+    _reset(root)
+    for j, i in enumerate(idx):
+        img = np.asarray(Image.open(val[i]).convert("RGB")).copy()
+        m = np.asarray(Image.open(masks[j % len(masks)]).convert("L"))
+        Image.fromarray(img).save(os.path.join(root, "originals", f"image_{j:04d}.png"))
+        img[m < 128] = 128
+        Image.fromarray(img).save(os.path.join(root, "masked_image", f"image_{j:04d}.png"))
+        Image.fromarray(m).save(os.path.join(root, "mask64", f"mask_{j:04d}.png"))
+    sets["val-unseen"] = root
+    return sets
+
+
+def _reset(root):
+    shutil.rmtree(root, ignore_errors=True)
+    for k in ("masked_image", "mask64", "originals"):
+        os.makedirs(os.path.join(root, k))
+
+
+def _load01(path):
+    return pil_to_tensor01(Image.open(path).convert("RGB"))
+
+
+def composite(pred_dir: str, root: str, out_dir: str) -> str:
+    """Paste the known pixels of the masked inputs into the predictions."""
+    os.makedirs(out_dir, exist_ok=True)
+    imgs, masks = list_images(os.path.join(root, "masked_image")), list_images(os.path.join(root, "mask64"))
+    for ip, mp in zip(imgs, masks):
+        name = os.path.basename(ip)
+        m = np.asarray(Image.open(mp).convert("L"))[..., None] >= 128
+        out = np.where(m, np.asarray(Image.open(ip).convert("RGB")),
+                       np.asarray(Image.open(os.path.join(pred_dir, name)).convert("RGB")))
+        Image.fromarray(out.astype(np.uint8)).save(os.path.join(out_dir, name))
+    return out_dir
+
+
+def hole_metrics(pred_dir: str, root: str) -> dict:
+    imgs, masks = list_images(os.path.join(root, "masked_image")), list_images(os.path.join(root, "mask64"))
+    preds, gts, holes = [], [], []
+    for ip, mp in zip(imgs, masks):
+        name = os.path.basename(ip)
+        preds.append(_load01(os.path.join(pred_dir, name)))
+        gts.append(_load01(os.path.join(root, "originals", name)))
+        holes.append(torch.from_numpy((np.asarray(Image.open(mp).convert("L")) < 128).astype(np.float32))[None])
+    m = paired_metrics(torch.stack(preds), torch.stack(gts), torch.stack(holes))
+    return {"psnr_hole": m["psnr_hole"].mean().item(), "ssim_hole": m["ssim_hole"].mean().item(),
+            "l1_hole": m["l1_hole"].mean().item()}
+
+
+def classical(root: str, out_dir: str, method: str) -> str:
+    import cv2
+    from skimage.restoration import inpaint_biharmonic
+    os.makedirs(out_dir, exist_ok=True)
+    imgs, masks = list_images(os.path.join(root, "masked_image")), list_images(os.path.join(root, "mask64"))
+    for ip, mp in zip(imgs, masks):
+        img = np.asarray(Image.open(ip).convert("RGB"))
+        hole = (np.asarray(Image.open(mp).convert("L")) < 128).astype(np.uint8)
+        if method == "biharmonic":
+            out = (inpaint_biharmonic(img / 255.0, hole.astype(bool), channel_axis=-1) * 255).round()
+        else:
+            flag = cv2.INPAINT_TELEA if method == "telea" else cv2.INPAINT_NS
+            out = cv2.inpaint(img[..., ::-1].copy(), hole, 3, flag)[..., ::-1]
+        Image.fromarray(np.clip(out, 0, 255).astype(np.uint8)).save(os.path.join(out_dir, os.path.basename(ip)))
+    return out_dir
+
+
+@torch.no_grad()
+def reconstruction(model, root: str, out_dir: str, device) -> str:
+    """The tokenizer's encode -> decode of the originals: the best any token model can reach."""
+    os.makedirs(out_dir, exist_ok=True)
+    for p in list_images(os.path.join(root, "originals")):
+        x = normalize(_load01(p), TEST_MEAN, TEST_STD)[None].to(device)
+        _, ids = model.encode_to_z(x)
+        out = denormalize(model.decode_tokens(ids).float(), TEST_MEAN, TEST_STD)[0]
+        Image.fromarray(to_uint8(out)).save(os.path.join(out_dir, os.path.basename(p)))
+    return out_dir
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="64 images per set, fewer schedule/T combinations")
+    p.add_argument("--n", type=int, default=None, help="images per set (default: all; 64 with --quick)")
+    p.add_argument("--data", default=str(SHARED / "lab3_dataset"))
+    p.add_argument("--gt", default=str(SHARED / "lab3_test_gt"))
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default="bench/results")
+    p.add_argument("--skip-speed", action="store_true")
+    args = p.parse_args(argv)
+    log = create_logger()
+    t_start = time.time()
+    device = get_device(args.device)
+    n = args.n or (64 if args.quick else None)
+    out = str(REPO_ROOT / args.out) if not os.path.isabs(args.out) else args.out
+    work = os.path.join(out, "work")
+    model = build_maskgit(load_maskgit_config(str(REPO_ROOT / BUNDLED_CONFIG)))
+    load_transformer_checkpoint(model, str(REPO_ROOT / BUNDLED_TRANSFORMER))
+    model = model.to(device).eval()
+    sets = build_sets(work, n, args.data, args.gt)
+    if args.quick:
+        combos = [("cosine", 8), ("linear", 8), ("square", 8), ("cosine", 4), ("cosine", 12)]
+    else:
+        combos = [(s, t) for s in ("cosine", "linear", "square") for t in (4, 8, 12)]
+    rows = []
+
+    def score(set_name, root, method, pred_dir, protocol, seconds=None):
+        gt = os.path.join(root, "originals")
+        row = {"set": set_name, "method": method, "protocol": protocol,
+               "FID": compute_fid(pred_dir, gt, device=device), **hole_metrics(pred_dir, root),
+               "images": len(list_images(pred_dir))}
+        if seconds is not None:
+            row["seconds"] = seconds
+        rows.append(row)
+        log.info("%-10s %-28s %-10s FID %7.2f  hole PSNR %.2f", set_name, method, protocol, row["FID"],
+                 row["psnr_hole"])
+
+    for set_name, root in sets.items():
+        ds = MaskedImageSet(os.path.join(root, "masked_image"), os.path.join(root, "mask64"))
+        rec = reconstruction(model, root, os.path.join(work, set_name, "recon"), device)
+        score(set_name, root, "tokenizer reconstruction (floor)", rec, "no holes")
+        for s, T in combos:
+            d = os.path.join(work, set_name, f"ours_{s}_T{T}")
+            t0 = time.time()
+            run_inpainting(model, ds, d, InpaintOptions(total_iter=T, mask_func=s, visualize=False), device, 8,
+                           progress=False)
+            sec = time.time() - t0
+            score(set_name, root, f"ours {s} T={T}", os.path.join(d, "test_results"), "lab (no paste)", sec)
+            comp = composite(os.path.join(d, "test_results"), root, os.path.join(d, "composited"))
+            score(set_name, root, f"ours {s} T={T}", comp, "composited")
+        for method in ("telea", "ns", "biharmonic"):
+            t0 = time.time()
+            d = classical(root, os.path.join(work, set_name, method), method)
+            score(set_name, root, {"telea": "OpenCV Telea", "ns": "OpenCV Navier-Stokes",
+                                   "biharmonic": "scikit-image biharmonic"}[method], d, "composited",
+                  time.time() - t0)
+    print_table(rows, f"quality ({device_name(device)}; FID vs the originals of each set)")
+    write_csv(rows, os.path.join(out, "quality.csv"))
+    if not args.skip_speed:
+        from decode_throughput import main as decode_main
+        from train_throughput import main as train_main
+        train_main(["--config", BUNDLED_CONFIG, "--device", str(device), "--csv", os.path.join(out, "speed_train.csv")]
+                   + (["--steps", "2"] if device.type == "cpu" else []))
+        decode_main(["--bundled", "--device", str(device), "--images", "32" if args.quick else "128",
+                     "--csv", os.path.join(out, "speed_decode.csv")])
+        t0 = time.time()
+        compute_fid(os.path.join(work, "test", "ours_cosine_T8", "test_results"), os.path.join(work, "test", "originals"),
+                    device=device)
+        n_fid = len(list_images(os.path.join(work, "test", "originals")))
+        print(f"\nFID of {n_fid} vs {n_fid} images with cached ground-truth statistics: {time.time() - t0:.1f} s "
+              f"({device_name(device)})")
+    print(f"\nbench/run.py {'--quick ' if args.quick else ''}finished in {time.time() - t_start:.0f} s")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

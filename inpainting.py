@@ -19,24 +19,12 @@ from models import SCHEDULES, image_generators
 from utils.build import build_maskgit, load_transformer_checkpoint
 from utils.checkpoint import load_checkpoint
 from utils.config import REPO_ROOT, load_maskgit_config, resolve_path
-from utils.data import TEST_MEAN, TEST_STD, MaskedImageSet, denormalize, find_lab_layout
+from utils.data import TEST_MEAN, TEST_STD, MaskedImageSet, default_data_root, denormalize, find_lab_layout
 from utils.inpaint import InpaintOptions, run_inpainting, schedule_report
 from utils.runtime import autocast, create_logger, get_device, resolve_precision
 
 BUNDLED_CONFIG = "config/MaskGit_small.yml"
 BUNDLED_TRANSFORMER = "checkpoints/transformer_small_fp16.pth"
-DATA_CANDIDATES = ("lab3_dataset", "lab5_dataset", "../shared/data/lab3_dataset")
-
-
-def default_data_root() -> str | None:
-    for c in DATA_CANDIDATES:
-        for base in (os.getcwd(), str(REPO_ROOT)):
-            p = os.path.join(base, c)
-            if os.path.isdir(p):
-                return p
-    return None
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="MaskGIT inpainting")
     # the lab's flags

@@ -16,7 +16,6 @@ import os
 import time
 
 import torch
-import torch.nn.functional as F
 from torchvision.utils import save_image
 from tqdm import tqdm
 

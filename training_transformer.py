@@ -25,6 +25,7 @@ from tqdm import tqdm
 from utils.build import build_maskgit
 from utils.checkpoint import atomic_save, load_checkpoint
 from utils.config import load_maskgit_config, resolve_path
+from utils.data import default_data_root, find_lab_layout
 from utils.runtime import (autocast, create_logger, get_device, grad_scaler, make_generator, resolve_precision,
                            rng_state, seed_everything, set_rng_state)
 from utils.tokens import cached_tokens, folder_fingerprint, state_dict_fingerprint, unseen_indices
@@ -34,8 +35,10 @@ from utils.train_utils import EMA, MetricLog, NonFiniteLoss, StopFlag, check_fin
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="MaskGIT stage 2: train the transformer (MVTM)")
     # the lab's flags, with the lab's spellings
-    p.add_argument("--train_d_path", default="../shared/data/lab3_dataset/train", help="training images")
-    p.add_argument("--val_d_path", default="../shared/data/lab3_dataset/val", help="validation images")
+    p.add_argument("--train_d_path", default=None,
+                   help="training images (default: train/ of the first lab dataset found: ./lab3_dataset, "
+                        "./lab5_dataset, ../shared/data/lab3_dataset)")
+    p.add_argument("--val_d_path", default=None, help="validation images (default: val/ beside train)")
     p.add_argument("--out_d_path", default="./checkpoints/transformer", help="output folder")
     p.add_argument("--device", default="auto", help="cuda | cpu | auto")
     p.add_argument("--num_workers", type=int, default=0, help="unused: training reads cached tokens")
@@ -133,7 +136,13 @@ def main(argv=None) -> dict:
     vq_key = state_dict_fingerprint(model.vqgan)
 
     # --- token cache (rank 0 encodes, the others wait and read) ---------------------------------
-    train_dir, val_dir = resolve_path(args.train_d_path), resolve_path(args.val_d_path)
+    if args.train_d_path is None or args.val_d_path is None:
+        root = default_data_root()
+        if root is None:
+            raise SystemExit("error: no dataset: pass --train_d_path and --val_d_path (lab3_dataset/train, .../val)")
+        lay = find_lab_layout(root)
+    train_dir = resolve_path(args.train_d_path or lay.train)
+    val_dir = resolve_path(args.val_d_path or lay.val)
     if rank == 0:
         train = cached_tokens(model.vqgan, train_dir, args.cache_dir, device, image_size, args.hflip, "fp32",
                               not args.no_progress, vq_key)
@@ -223,6 +232,14 @@ def main(argv=None) -> dict:
             atomic_save((ema.model if ema else raw).state_dict(), os.path.join(args.out_d_path, name))
 
     losses, history = [], []
+    if step == 0:  # the starting point, so every curve shows what training bought
+        v0 = evaluate(model, raw, val_ids, device, precision, 256, 12345, args.val_batches)
+        vu0 = evaluate(model, raw, val_unseen_ids, device, precision, 256, 12345, args.val_batches)
+        history.append({"epoch": 0, "step": 0, "val_loss": v0["loss"], "val_acc": v0["acc"],
+                        "val_unseen_loss": vu0["loss"], "val_unseen_acc": vu0["acc"]})
+        metrics.log(0, val_loss=v0["loss"], val_acc=v0["acc"], val_unseen_loss=vu0["loss"], val_unseen_acc=vu0["acc"])
+        log.info("step 0 | val %.4f acc %.3f | val-unseen %.4f acc %.3f", v0["loss"], v0["acc"], vu0["loss"],
+                 vu0["acc"])
     t0, tokens_seen, imgs_seen = time.time(), 0, 0
     pbar = tqdm(total=total_steps, initial=step, disable=args.no_progress or rank != 0, desc="train")
     stopped = False
@@ -322,4 +339,4 @@ if __name__ == "__main__":
     try:
         main()
     except NonFiniteLoss as e:
-        raise SystemExit(f"error: {e}")
+        raise SystemExit(f"error: {e}") from None

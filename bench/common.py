@@ -33,12 +33,17 @@ def device_name(device) -> str:
     return f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
 
 
+def columns(rows: list[dict]) -> list[str]:
+    """Every key of every row, in first-seen order."""
+    return list(dict.fromkeys(k for r in rows for k in r))
+
+
 def print_table(rows: list[dict], title: str = "") -> None:
     if title:
         print(f"\n{title}")
     if not rows:
         return
-    keys = list(rows[0])
+    keys = columns(rows)
     fmt = [max(len(k), *(len(_s(r.get(k))) for r in rows)) for k in keys]
     print("| " + " | ".join(k.ljust(w) for k, w in zip(keys, fmt)) + " |")
     print("|" + "|".join("-" * (w + 2) for w in fmt) + "|")
@@ -54,7 +59,7 @@ def _s(v) -> str:
 
 def write_csv(rows: list[dict], path: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    keys = list(dict.fromkeys(k for r in rows for k in r))
+    keys = columns(rows)
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()

@@ -53,7 +53,7 @@ def main(argv=None):
     p.add_argument("--bundled", action="store_true", help="bundled small models (trained weights)")
     p.add_argument("--device", default="auto")
     p.add_argument("--images", type=int, default=747)
-    p.add_argument("--batch-size", type=int, default=None, help="batched path (default 256 CUDA, 32 CPU)")
+    p.add_argument("--batch-size", type=int, default=None, help="batched path (default 256 CUDA, 8 CPU)")
     p.add_argument("--baseline-images", type=int, default=None, help="images timed in the batch-1 loop")
     p.add_argument("--total-iter", type=int, default=10)
     p.add_argument("--mask-dir", default=None)
@@ -73,7 +73,7 @@ def main(argv=None):
         name = args.config
     model = model.to(device).eval()
     res = model.vqgan.cfg.img_resolution
-    n, bs = args.images, args.batch_size or (256 if cuda else 32)
+    n, bs = args.images, args.batch_size or (256 if cuda else 8)
     n_base = args.baseline_images or (64 if cuda else 8)
     torch.manual_seed(0)
     x_all = torch.randn(n, 3, res, res, device=device)

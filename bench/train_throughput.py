@@ -54,7 +54,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="config/MaskGit.yml")
     p.add_argument("--device", default="auto")
-    p.add_argument("--batch-size", type=int, default=None, help="ours (default 256 on CUDA, 32 on CPU)")
+    p.add_argument("--batch-size", type=int, default=None, help="ours (default 256 on CUDA, 8 on CPU)")
     p.add_argument("--naive-batch", type=int, default=10)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--compile", action="store_true", help="also measure ours with torch.compile")
@@ -62,7 +62,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     device = get_device(args.device)
     cuda = device.type == "cuda"
-    batch = args.batch_size or (256 if cuda else 32)
+    batch = args.batch_size or (256 if cuda else 8)
     steps = args.steps or (20 if cuda else 3)
     cfg = load_maskgit_config(args.config)
     model = build_maskgit(cfg, load_vqgan=False).to(device).train()

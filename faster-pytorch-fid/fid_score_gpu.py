@@ -94,4 +94,4 @@ if __name__ == "__main__":
     try:
         main()
     except (FIDError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}")
+        raise SystemExit(f"error: {e}") from None

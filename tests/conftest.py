@@ -1,9 +1,12 @@
 import os
 import sys
+import tempfile
 
 import pytest
 import torch
 
+# keep the tests' caches (converted Inception weights, FID statistics) out of the user's cache
+os.environ.setdefault("MASKGIT_CACHE", tempfile.mkdtemp(prefix="maskgit-test-cache-"))
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 SHARED = os.path.abspath(os.path.join(ROOT, "..", "shared"))

@@ -13,9 +13,8 @@ from utils.inception import convert_tf_torchscript, torchscript_path
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    os.environ.setdefault("MASKGIT_CACHE", str(tmp_path_factory.mktemp("cache")))
-    return get_model(2048)
+def model():
+    return get_model(2048)  # weights converted from the TF graph into the tests' own cache (conftest)
 
 
 def _scipy_fid(mu1, s1, mu2, s2):

@@ -45,7 +45,7 @@ def test_outputs_cache_and_lab_layout(tiny_world, tmp_path):
     raw = torch.load(out / "transformer_best.pth")
     assert "blocks.0.Attention.qkv.weight" in raw and "pos_emb" in raw  # raw lab layout, no wrapper
     # validation reported on all val and on val images that never occur in train (12 of 16)
-    assert {"val_loss", "val_unseen_loss", "val_acc"} <= set(res["history"][0])
+    assert {"val_loss", "val_unseen_loss", "val_acc"} <= set(res["history"][0]) and res["history"][0]["step"] == 0
     caches = sorted(os.listdir(str(out) + "_cache"))
     assert len([c for c in caches if c.startswith("tokens_")]) == 2  # train (with flips) + val
     unseen = torch.load(os.path.join(str(out) + "_cache", [c for c in caches if c.startswith("unseen")][0]))

@@ -139,6 +139,20 @@ class MaskedImageSet(Dataset):
         return x, m, i
 
 
+DATA_CANDIDATES = ("lab3_dataset", "lab5_dataset", "../shared/data/lab3_dataset")
+
+
+def default_data_root() -> str | None:
+    """The first lab dataset found in the current directory or beside the repository."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for c in DATA_CANDIDATES:
+        for base in (os.getcwd(), repo):
+            p = os.path.join(base, c)
+            if os.path.isdir(p):
+                return os.path.normpath(p)
+    return None
+
+
 @dataclass
 class LabLayout:
     train: str

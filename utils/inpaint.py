@@ -86,6 +86,11 @@ def save_gif(frames: torch.Tensor, path: str, scale: int = 4, ms: int = 300) -> 
     ims[0].save(path, save_all=True, append_images=ims[1:] + [ims[-1]] * 2, duration=ms, loop=0)
 
 
+def output_name(dataset, i: int) -> str:
+    """test_results/ file name: the masked image's own name as .png (image_XXX.png for the lab)."""
+    return os.path.splitext(os.path.basename(dataset.images[i]))[0] + ".png"
+
+
 def run_inpainting(model, dataset, out_dir: str, opts: InpaintOptions, device, batch_size: int = 32,
                    gt_dir: str | None = None, progress: bool = True) -> dict:
     """Inpaint every image of a :class:`utils.data.MaskedImageSet`; write the lab's files."""
@@ -105,7 +110,7 @@ def run_inpainting(model, dataset, out_dir: str, opts: InpaintOptions, device, b
         step_imgs = decode_steps(model, result, device, opts.precision) if (opts.visualize or opts.gif) else None
         masked_in = denormalize(x, TEST_MEAN, TEST_STD)
         for b, i in enumerate(idx.tolist()):
-            Image.fromarray(to_uint8(out[b])).save(os.path.join(dirs["test_results"], f"image_{i:03d}.png"))
+            Image.fromarray(to_uint8(out[b])).save(os.path.join(dirs["test_results"], output_name(dataset, i)))
             if opts.visualize:
                 masks = latent_mask_images(torch.stack([m[b] for m in result.mask_per_step]).cpu(), res)
                 save_image(masks, os.path.join(dirs["mask_scheduling"], f"test_{i}.png"), nrow=10)
@@ -125,7 +130,7 @@ def run_inpainting(model, dataset, out_dir: str, opts: InpaintOptions, device, b
 def _metrics_rows(out, pm, indices, dataset, gt_dir, token_mask) -> list:
     rows = []
     for b, i in enumerate(indices):
-        name = os.path.basename(dataset.images[i])
+        name = output_name(dataset, i)
         gt_path = os.path.join(gt_dir, name)
         if not os.path.exists(gt_path):
             continue  # the lab's test set has originals for 570 of 747 images

@@ -1,16 +1,17 @@
 """Bidirectional transformer of the lab (``Transformer_param`` in ``MaskGit.yml``)."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
+from ..config_base import StrictConfig
 from .modules.layers import Encoder, TokenPredictor
 
 
 @dataclass
-class TransformerConfig:
+class TransformerConfig(StrictConfig):
     num_image_tokens: int = 256
     num_codebook_vectors: int = 1024
     dim: int = 768
@@ -19,17 +20,6 @@ class TransformerConfig:
     num_heads: int = 16
     dropout: float = 0.1
     attn_dropout: float = 0.1
-
-    @classmethod
-    def from_dict(cls, d: dict, where: str = "Transformer_param") -> "TransformerConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"{where}: unknown keys {unknown}; known keys are {sorted(known)}")
-        return cls(**d)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def weights_init(m: nn.Module) -> None:

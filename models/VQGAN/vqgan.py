@@ -7,15 +7,17 @@ Built from :class:`VQGANConfig`. With the lab config it has exactly the 315 tens
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..config_base import StrictConfig
+
 
 @dataclass
-class VQGANConfig:
+class VQGANConfig(StrictConfig):
     image_channels: int = 3
     enc_channels: list = field(default_factory=lambda: [128, 128, 128, 256, 256, 512])
     dec_channels: list = field(default_factory=lambda: [128, 128, 256, 256, 512])
@@ -26,17 +28,6 @@ class VQGANConfig:
     beta: float = 0.25
     enc_num_res_blocks: int = 2  # residual blocks per encoder stage (lab: 2)
     dec_num_res_blocks: int = 3  # residual blocks per decoder stage (lab: 3)
-
-    @classmethod
-    def from_dict(cls, d: dict, where: str = "VQGAN config") -> "VQGANConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"{where}: unknown keys {unknown}; known keys are {sorted(known)}")
-        return cls(**d)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
     @property
     def num_downsamplings(self) -> int:

@@ -174,8 +174,8 @@ def main(argv=None) -> dict:
     opt = torch.optim.AdamW(param_groups(raw, args.weight_decay), lr=args.learning_rate, betas=(0.9, 0.95),
                             fused=device.type == "cuda")
     per_rank_batch = args.batch_size // world
-    if per_rank_batch < 1:
-        raise ValueError(f"--batch-size {args.batch_size} is smaller than the number of processes {world}")
+    if per_rank_batch < 1 or args.batch_size % world:
+        raise ValueError(f"--batch-size {args.batch_size} must be a multiple of the number of processes {world}")
     steps_per_epoch = len(train_ids) // (args.batch_size * args.accum_grad)
     if steps_per_epoch < 1:
         raise ValueError(f"{len(train_ids)} training sequences are fewer than one step of "

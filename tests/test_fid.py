@@ -156,3 +156,8 @@ def test_cli_prints_fid_line(model, tmp_path, capsys):
                     "--num-workers", "0", "--kid", "--kid-subsets", "5"])
     printed = capsys.readouterr().out
     assert f"FID:  {out['fid']}" in printed and "KID:" in printed and abs(out["fid"]) < 1e-6
+
+
+@pytest.mark.slow
+def test_full_recovered_originals_self_fid_is_zero(model, lab3):
+    assert abs(compute_fid(TEST_GT, TEST_GT)) < 1e-6

@@ -24,6 +24,7 @@ from models.VQGAN.discriminator import PatchDiscriminator, d_loss_fn, g_loss_fn
 from utils.checkpoint import atomic_save, load_checkpoint
 from utils.config import apply_overrides, load_vqgan_config
 from utils.data import TRAIN_MEAN, TRAIN_STD, denormalize, load_image_stack, uint8_to_normalized
+from utils.metrics import psnr
 from utils.runtime import (autocast, create_logger, get_device, grad_scaler, make_generator, resolve_precision,
                            rng_state, seed_everything, set_rng_state)
 from utils.train_utils import MetricLog, StopFlag, check_finite, warmup_cosine
@@ -63,12 +64,6 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
-
-
-def psnr(a01: torch.Tensor, b01: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR (dB) of [0,1] images (B,3,H,W)."""
-    mse = (a01 - b01).pow(2).flatten(1).mean(1).clamp_min(1e-10)
-    return 10 * torch.log10(1.0 / mse)
 
 
 @torch.no_grad()

@@ -28,7 +28,7 @@ from utils.config import load_maskgit_config, resolve_path
 from utils.data import default_data_root, find_lab_layout
 from utils.runtime import (autocast, create_logger, get_device, grad_scaler, make_generator, resolve_precision,
                            rng_state, seed_everything, set_rng_state)
-from utils.tokens import cached_tokens, folder_fingerprint, state_dict_fingerprint, unseen_indices
+from utils.tokens import cached_tokens, state_dict_fingerprint, unseen_indices
 from utils.train_utils import EMA, MetricLog, NonFiniteLoss, StopFlag, check_finite, warmup_cosine
 
 
@@ -154,7 +154,7 @@ def main(argv=None) -> dict:
         train = cached_tokens(model.vqgan, train_dir, args.cache_dir, device, image_size, args.hflip, "fp32", False,
                               vq_key)
         val = cached_tokens(model.vqgan, val_dir, args.cache_dir, device, image_size, False, "fp32", False, vq_key)
-    unseen_path = os.path.join(args.cache_dir, f"unseen_{folder_fingerprint(val_dir)}_{folder_fingerprint(train_dir)}.pt")
+    unseen_path = os.path.join(args.cache_dir, f"unseen_{val['folder_key']}_{train['folder_key']}.pt")
     if rank == 0 and not os.path.exists(unseen_path):
         atomic_save(unseen_indices(val_dir, train_dir), unseen_path)
     if world > 1:

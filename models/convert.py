@@ -96,23 +96,32 @@ def convert_transformer_state_dict(obj) -> dict:
     return out
 
 
-def load_transformer_state(model: torch.nn.Module, obj) -> None:
-    """Convert and load strictly; on mismatch raise listing missing / unexpected / misshapen keys."""
-    sd = convert_transformer_state_dict(obj)
-    own = model.state_dict()
+def describe_mismatch(own: dict, sd: dict) -> str | None:
+    """None if ``sd`` fits ``own`` key for key and shape for shape, else what does not."""
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
     shapes = sorted(f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
                     for k in set(sd) & set(own) if sd[k].shape != own[k].shape)
-    if missing or unexpected or shapes:
-        def cut(xs):
-            return ", ".join(xs[:12]) + (f" ... (+{len(xs) - 12} more)" if len(xs) > 12 else "")
-        parts = []
-        if missing:
-            parts.append(f"missing keys ({len(missing)}): {cut(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys ({len(unexpected)}): {cut(unexpected)}")
-        if shapes:
-            parts.append(f"shape mismatches ({len(shapes)}): {cut(shapes)}")
-        raise CheckpointLayoutError("transformer checkpoint does not fit this architecture; " + "; ".join(parts))
+    if not (missing or unexpected or shapes):
+        return None
+
+    def cut(xs):
+        return ", ".join(xs[:12]) + (f" ... (+{len(xs) - 12} more)" if len(xs) > 12 else "")
+    parts = []
+    if missing:
+        parts.append(f"missing keys ({len(missing)}): {cut(missing)}")
+    if unexpected:
+        parts.append(f"unexpected keys ({len(unexpected)}): {cut(unexpected)}")
+    if shapes:
+        parts.append(f"shape mismatches ({len(shapes)}): {cut(shapes)}")
+    return "; ".join(parts)
+
+
+def load_transformer_state(model: torch.nn.Module, obj) -> None:
+    """Convert and load strictly; on mismatch raise listing missing / unexpected / misshapen keys."""
+    sd = convert_transformer_state_dict(obj)
+    own = model.state_dict()
+    problem = describe_mismatch(own, sd)
+    if problem:
+        raise CheckpointLayoutError("transformer checkpoint does not fit this architecture; " + problem)
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()}, strict=True)

@@ -6,7 +6,7 @@ import os
 import torch
 
 from models import MaskGit, load_transformer_state
-from models.convert import CheckpointLayoutError, unwrap_state_dict
+from models.convert import CheckpointLayoutError, describe_mismatch, unwrap_state_dict
 
 from .checkpoint import load_checkpoint
 from .config import resolve_path
@@ -22,13 +22,9 @@ def load_vqgan_weights(vqgan: torch.nn.Module, path: str) -> None:
         raise FileNotFoundError(f"VQGAN checkpoint not found: {path}; {VQGAN_HINT}")
     sd = unwrap_state_dict(load_checkpoint(path, "VQGAN checkpoint"))
     sd = {k[len("vqgan."):] if k.startswith("vqgan.") else k: v for k, v in sd.items()}
-    own = vqgan.state_dict()
-    missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
-    bad = [f"{k}: {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in sd and sd[k].shape != own[k].shape]
-    if missing or unexpected or bad:
-        raise CheckpointLayoutError(f"VQGAN checkpoint {path} does not fit the VQGAN config: missing {missing[:8]} "
-                                    f"({len(missing)}), unexpected {unexpected[:8]} ({len(unexpected)}), "
-                                    f"shape mismatches {bad[:8]} ({len(bad)})")
+    problem = describe_mismatch(vqgan.state_dict(), sd)
+    if problem:
+        raise CheckpointLayoutError(f"VQGAN checkpoint {path} does not fit the VQGAN config: {problem}")
     vqgan.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
 
 

@@ -54,16 +54,18 @@ def cached_tokens(vqgan, folder: str, cache_dir: str, device, image_size: int, h
                   precision: str = "fp32", progress: bool = True, vq_key: str | None = None) -> dict:
     """Token ids of every image in ``folder`` (and of its mirror images when ``hflip``).
 
-    Returns {"ids": (N or 2N, h*w) int16, "n_images": N, "key": cache key}.
+    Returns {"ids": (N or 2N, h*w) int16, "n_images": N, "key": cache key, "folder_key": content hash
+    of the folder}.
     """
     vq_key = vq_key or state_dict_fingerprint(vqgan)
-    key = f"{vq_key}_{folder_fingerprint(folder)}_{'flip' if hflip else 'noflip'}_{precision}"
+    folder_key = folder_fingerprint(folder)
+    key = f"{vq_key}_{folder_key}_{'flip' if hflip else 'noflip'}_{precision}"
     path = os.path.join(cache_dir, f"tokens_{key}.pt")
     if os.path.exists(path):
         data = torch.load(path, map_location="cpu")
         if data.get("key") == key:
             log.info("token cache hit: %s (%d sequences)", path, len(data["ids"]))
-            return data
+            return {**data, "folder_key": folder_key}
     images = load_image_stack(folder, image_size, progress=progress)
     ids = encode_images(vqgan, images, device, precision, desc=f"encoding {os.path.basename(folder.rstrip('/'))}",
                         progress=progress)
@@ -72,6 +74,7 @@ def cached_tokens(vqgan, folder: str, cache_dir: str, device, image_size: int, h
                                             progress=progress)])
     data = {"ids": ids, "n_images": len(images), "key": key, "folder": os.path.abspath(folder)}
     atomic_save(data, path)
+    data["folder_key"] = folder_key
     log.info("encoded %d images of %s once; cached at %s", len(images), folder, path)
     return data
 

@@ -1,11 +1,18 @@
-"""Decoding throughput: batched iterative decoding vs a batch-1 loop (as in the lab's seeds).
+"""Decoding throughput: batched iterative decoding vs batch-1 loops, in the same run.
 
     python bench/decode_throughput.py --config config/MaskGit.yml --device cuda        # lab size
     python bench/decode_throughput.py --bundled --device cpu
 
-Both paths run the same work per image: encode the masked image, T decoding steps, decode the
-final tokens with the VQGAN. Masks are the lab's 747 test masks when the dataset is found,
-else random blobs. Weights are random unless --bundled (speed does not depend on them).
+Every row makes the lab's outputs for each image (the final image and the decoded image after
+every step, for imga/) except the last, which makes the final image only (inpainting.py --no-vis,
+what FID scoring needs):
+  seed loop      the lab's seed inpainting loop: batch 1, fp32; MaskGit.inpainting(x, ratio, mask)
+                 takes the image, so every step re-encodes it, runs the transformer, then decodes
+                 the current tokens with the VQGAN for imga/
+  ours, batch 1  our decoder one image at a time: encode once, T steps, one decode of all steps
+  ours, batched  the same, batch B (bf16 on CUDA)
+Masks are the lab's 747 test masks when the dataset is found, else random blobs. Weights are
+random unless --bundled (speed does not depend on them).
 """
 from __future__ import annotations
 
@@ -15,11 +22,12 @@ import os
 import torch
 
 from common import device_name, print_table, sync, timed, write_csv
-from models import image_generators
+from models import decode_step, image_generators
 from utils.build import build_maskgit
 from utils.config import REPO_ROOT, load_maskgit_config
 from utils.data import load_mask, list_images, pixel_to_token_mask
-from utils.runtime import autocast, get_device, resolve_precision
+from utils.inpaint import InpaintOptions, inpaint_batch
+from utils.runtime import get_device, resolve_precision
 
 LAB_MASKS = REPO_ROOT.parent / "shared" / "data" / "lab3_dataset" / "mask64"
 
@@ -38,13 +46,20 @@ def load_masks(n: int, res: int, mask_dir: str | None) -> torch.Tensor:
 
 
 @torch.no_grad()
-def inpaint_core(model, x, pm, idx, T, device, precision):
-    _, ids = model.encode_to_z(x)
-    mask = pixel_to_token_mask(pm, model.vqgan.cfg.latent_resolution)
-    res = model.inpaint(ids, mask, T, image_generators(0, idx, device), "cosine",
-                        autocast_ctx=lambda: autocast(device, precision))
-    with autocast(device, precision):
-        return model.decode_tokens(res.ids)
+def seed_loop_image(model, x, pm, index: int, total_iter: int) -> torch.Tensor:
+    """One image (batch 1, fp32) the way the lab's seed loop runs it; returns the final decode."""
+    device = x.device
+    mask = pixel_to_token_mask(pm, model.vqgan.cfg.latent_resolution).to(device)  # (1, N) True = masked
+    n_hole, gens, gamma = mask.sum(-1), image_generators(0, [index], device), model.gamma_func("cosine")
+    ids, hole = None, mask
+    for t in range(total_iter):
+        _, z = model.encode_to_z(x)  # the seed re-encodes the image at every step
+        ids = z if ids is None else torch.where(hole, ids, z)
+        logits = model.transformer(ids.masked_fill(mask, model.mask_token_id))
+        ids, mask = decode_step(logits, ids, mask, n_hole, (t + 1) / total_iter, gamma, gens,
+                                model.choice_temperature)
+        img = model.decode_tokens(ids)  # this step's picture for imga/
+    return img
 
 
 def main(argv=None):
@@ -54,7 +69,7 @@ def main(argv=None):
     p.add_argument("--device", default="auto")
     p.add_argument("--images", type=int, default=747)
     p.add_argument("--batch-size", type=int, default=None, help="batched path (default 256 CUDA, 8 CPU)")
-    p.add_argument("--baseline-images", type=int, default=None, help="images timed in the batch-1 loop")
+    p.add_argument("--baseline-images", type=int, default=None, help="images timed in the batch-1 loops")
     p.add_argument("--total-iter", type=int, default=10)
     p.add_argument("--mask-dir", default=None)
     p.add_argument("--csv", default="bench/results/decode_throughput.csv")
@@ -80,25 +95,32 @@ def main(argv=None):
     pm_all = load_masks(n, res, args.mask_dir).to(device)
     x_all = x_all * pm_all  # holes at 0 (= gray after normalization), as in masked_image/
 
-    def batched(limit=n):
-        for i in range(0, limit, bs):
-            inpaint_core(model, x_all[i:i + bs], pm_all[i:i + bs], range(i, min(i + bs, limit)), args.total_iter,
-                         device, precision)
+    def ours(limit, batch, with_steps, prec):
+        opts = InpaintOptions(total_iter=args.total_iter, precision=prec)
+        for i in range(0, limit, batch):
+            j = min(i + batch, limit)
+            inpaint_batch(model, x_all[i:j], pm_all[i:j], range(i, j), opts, device, with_steps=with_steps)
 
-    def batch1():
+    def seed():
         for i in range(n_base):
-            inpaint_core(model, x_all[i:i + 1], pm_all[i:i + 1], [i], args.total_iter, device, precision)
+            seed_loop_image(model, x_all[i:i + 1], pm_all[i:i + 1], i, args.total_iter)
 
-    batched(min(n, bs))  # warm-up (cuDNN autotune, allocator)
-    batch1() if not cuda else inpaint_core(model, x_all[:1], pm_all[:1], [0], args.total_iter, device, precision)
-    t_batched = timed(batched, device)
-    t_base = timed(batch1, device)
-    rows = [{"path": f"batch-1 loop ({n_base} images timed)", "images_per_s": n_base / t_base,
-             "seconds_for_747": 747 * t_base / n_base, "speedup": 1.0},
-            {"path": f"batched (batch {bs}, {n} images)", "images_per_s": n / t_batched,
-             "seconds_for_747": 747 * t_batched / n, "speedup": (n / t_batched) / (n_base / t_base)}]
+    runs = [("seed loop (batch 1, fp32, re-encode + decode every step)", n_base, seed, "fp32"),
+            ("ours, batch 1 (final + every step)", n_base, lambda: ours(n_base, 1, True, precision), precision),
+            (f"ours, batch {bs} (final + every step)", n, lambda: ours(n, bs, True, precision), precision),
+            (f"ours, batch {bs} (final only, --no-vis)", n, lambda: ours(n, bs, False, precision), precision)]
+    ours(min(n, bs), bs, True, precision)  # warm-up (cuDNN autotune, allocator)
+    ours(1, 1, True, precision)
+    seed_loop_image(model, x_all[:1], pm_all[:1], 0, 1)
+    rows = []
+    for path, count, fn, prec in runs:
+        sec = timed(fn, device)
+        rows.append({"path": path, "images": count, "images_per_s": count / sec, "seconds_for_747": 747 * sec / count,
+                     "precision": prec})
     for r in rows:
-        r.update(device=device_name(device), precision=precision, T=args.total_iter, model=name)
+        r["speedup_vs_seed"] = r["images_per_s"] / rows[0]["images_per_s"]
+        r["speedup_vs_ours_batch1"] = r["images_per_s"] / rows[1]["images_per_s"]
+        r.update(device=device_name(device), T=args.total_iter, model=name)
     print_table(rows, f"decoding throughput, {name}, T={args.total_iter}, {device_name(device)}")
     write_csv(rows, args.csv)
     sync(device)

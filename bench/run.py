@@ -39,11 +39,28 @@ from utils.tokens import unseen_indices
 SHARED = REPO_ROOT.parent / "shared" / "data"
 
 
-def build_sets(work: str, n: int | None, data: str, gt: str) -> dict:
+def parse_combos(parser, text: str) -> list:
+    """'cosine:10,linear:8' -> [("cosine", 10), ("linear", 8)]."""
+    from models.schedules import SCHEDULES
+    combos = []
+    for item in text.split(","):
+        name, _, t = item.strip().partition(":")
+        if name not in SCHEDULES or not t.isdigit() or int(t) < 1:
+            parser.error(f"--combos: {item!r} is not schedule:T with schedule in {sorted(SCHEDULES)} and T >= 1")
+        combos.append((name, int(t)))
+    return combos
+
+
+def build_sets(work: str, n: int | None, data: str, gt: str, wanted=("test", "val-unseen")) -> dict:
     """Write each quality set in the lab layout: masked_image/, mask64/, originals/."""
-    sets = {}
     masks = list_images(os.path.join(data, "mask64"))
-    # test: the images whose originals are known, with their own masks
+    builders = {"test": lambda: _test_set(work, n, data, gt, masks),
+                "val-unseen": lambda: _val_unseen_set(work, n, data, masks)}
+    return {name: builders[name]() for name in wanted}
+
+
+def _test_set(work: str, n: int | None, data: str, gt: str, masks: list) -> str:
+    """The test images whose originals are known, with their own masks."""
     names = sorted(os.listdir(gt))[:n]
     root = os.path.join(work, "test")
     _reset(root)
@@ -52,8 +69,11 @@ def build_sets(work: str, n: int | None, data: str, gt: str) -> dict:
         shutil.copy(os.path.join(data, "masked_image", name), os.path.join(root, "masked_image", name))
         shutil.copy(masks[i], os.path.join(root, "mask64", f"mask_{i:03d}.png"))
         shutil.copy(os.path.join(gt, name), os.path.join(root, "originals", name))
-    sets["test"] = root
-    # val-unseen: generalisation images, holed with the lab masks (round robin)
+    return root
+
+
+def _val_unseen_set(work: str, n: int | None, data: str, masks: list) -> str:
+    """Generalisation images (val, never in train), holed with the lab masks (round robin)."""
     val = list_images(os.path.join(data, "val"))
     idx = unseen_indices(os.path.join(data, "val"), os.path.join(data, "train")).tolist()[:n]
     root = os.path.join(work, "val-unseen")
@@ -65,8 +85,7 @@ def build_sets(work: str, n: int | None, data: str, gt: str) -> dict:
         img[m < 128] = 128
         Image.fromarray(img).save(os.path.join(root, "masked_image", f"image_{j:04d}.png"))
         Image.fromarray(m).save(os.path.join(root, "mask64", f"mask_{j:04d}.png"))
-    sets["val-unseen"] = root
-    return sets
+    return root
 
 
 def _reset(root):
@@ -143,6 +162,9 @@ def main(argv=None):
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="bench/results")
     p.add_argument("--skip-speed", action="store_true")
+    p.add_argument("--sets", default="test,val-unseen", help="comma-separated subset of: test, val-unseen")
+    p.add_argument("--combos", default=None,
+                   help="our settings as schedule:T pairs, e.g. cosine:10,linear:8 (default: the grid)")
     args = p.parse_args(argv)
     log = create_logger()
     t_start = time.time()
@@ -153,11 +175,14 @@ def main(argv=None):
     model = build_maskgit(load_maskgit_config(str(REPO_ROOT / BUNDLED_CONFIG)))
     load_transformer_checkpoint(model, str(REPO_ROOT / BUNDLED_TRANSFORMER))
     model = model.to(device).eval()
-    sets = build_sets(work, n, args.data, args.gt)
-    if args.quick:
-        combos = [("cosine", 8), ("linear", 8), ("square", 8), ("cosine", 4)]
-    else:
-        combos = [(s, t) for s in ("cosine", "linear", "square") for t in (4, 8, 12)]
+    wanted = [s.strip() for s in args.sets.split(",") if s.strip()]
+    unknown = sorted(set(wanted) - {"test", "val-unseen"})
+    if unknown:
+        p.error(f"--sets: unknown set(s) {unknown}; choose from test, val-unseen")
+    combos = parse_combos(p, args.combos) if args.combos else (
+        [("cosine", 8), ("linear", 8), ("square", 8), ("cosine", 4)] if args.quick
+        else [(s, t) for s in ("cosine", "linear", "square") for t in (4, 8, 12)])
+    sets = build_sets(work, n, args.data, args.gt, wanted)
     rows = []
 
     def score(set_name, root, method, pred_dir, protocol, seconds=None):
@@ -200,9 +225,10 @@ def main(argv=None):
         decode_main(["--bundled", "--device", str(device), "--images", "32" if args.quick else "128",
                      "--csv", os.path.join(out, "speed_decode.csv")])
         t0 = time.time()
-        compute_fid(os.path.join(work, "test", "ours_cosine_T8", "test_results"), os.path.join(work, "test", "originals"),
-                    device=device)
-        n_fid = len(list_images(os.path.join(work, "test", "originals")))
+        first_set, (s0, t0_iter) = next(iter(sets)), combos[0]
+        compute_fid(os.path.join(work, first_set, f"ours_{s0}_T{t0_iter}", "test_results"),
+                    os.path.join(work, first_set, "originals"), device=device)
+        n_fid = len(list_images(os.path.join(work, first_set, "originals")))
         print(f"\nFID of {n_fid} vs {n_fid} images with cached ground-truth statistics: {time.time() - t0:.1f} s "
               f"({device_name(device)})")
     print(f"\nbench/run.py {'--quick ' if args.quick else ''}finished in {time.time() - t_start:.0f} s")

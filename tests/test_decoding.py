@@ -1,5 +1,6 @@
 import math
 import os
+import sys
 
 import pytest
 import torch
@@ -160,3 +161,34 @@ def test_cuda_bf16_batched_equals_batch_one():
                                             image_generators(1, [b], "cuda"), 32, autocast_ctx=ctx).ids[0], full.ids[b])
                for b in range(6))
     assert same >= 5  # bf16 kernels may differ by batch size; rare argmax ties can flip
+
+
+def test_bench_seed_loop_does_the_same_work_as_ours(tiny_cfg):
+    """bench/decode_throughput.py times the lab's seed loop (re-encode + decode every step) against
+    our batched path; the ratio is only fair if both produce the same images."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    from decode_throughput import seed_loop_image
+
+    from utils.build import build_maskgit
+    from utils.data import TEST_MEAN, TEST_STD, denormalize
+    from utils.inpaint import InpaintOptions, inpaint_batch
+
+    torch.manual_seed(0)
+    model = build_maskgit(tiny_cfg, load_vqgan=False).eval()
+    for p in model.transformer.parameters():  # sharp logits, so the decoded tokens depend on the input
+        p.data.normal_(0, 0.3)
+    x = torch.randn(4, 3, 16, 16)
+    pm = torch.ones(4, 1, 16, 16)
+    for b, (y, w) in enumerate([(0, 4), (4, 8), (2, 12), (8, 16)]):
+        pm[b, :, y:y + 6, 2:2 + w] = 0
+    x = x * pm
+    opts = InpaintOptions(total_iter=6)
+    out, res, _, steps = inpaint_batch(model, x, pm, range(4), opts, "cpu", with_steps=True)
+    out_only, res_only, _, none = inpaint_batch(model, x, pm, range(4), opts, "cpu")
+    assert none is None and steps.shape == (4, 6, 3, 16, 16)
+    assert torch.equal(res.ids, res_only.ids)
+    torch.testing.assert_close(out, out_only, atol=1e-5, rtol=0)  # final image = last step's decode
+    torch.testing.assert_close(steps[:, -1], out, atol=0, rtol=0)
+    for b in range(4):
+        seed_img = denormalize(seed_loop_image(model, x[b:b + 1], pm[b:b + 1], b, 6), TEST_MEAN, TEST_STD)
+        torch.testing.assert_close(seed_img[0], out[b], atol=1e-5, rtol=0)

@@ -48,10 +48,13 @@ def latent_mask_images(mask: torch.Tensor, res: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def inpaint_batch(model, x: torch.Tensor, pixel_mask: torch.Tensor, indices, opts: InpaintOptions, device):
+def inpaint_batch(model, x: torch.Tensor, pixel_mask: torch.Tensor, indices, opts: InpaintOptions, device,
+                  with_steps: bool = False):
     """x: (B,3,H,W) normalized with the test constants; pixel_mask (B,1,H,W) 1 = known.
 
-    Returns (final images in [0,1] (B,3,H,W), DecodeResult, token mask at the start (B, N)).
+    Returns (final images in [0,1] (B,3,H,W), DecodeResult, token mask at the start (B, N),
+    decoded image after every step (B, S, 3, H, W) in [0,1] or None). With ``with_steps`` the
+    final image is the last step's decode, so the final tokens are decoded once, not twice.
     """
     res = model.vqgan.cfg.latent_resolution
     _, ids = model.encode_to_z(x)  # (B, N)
@@ -59,24 +62,17 @@ def inpaint_batch(model, x: torch.Tensor, pixel_mask: torch.Tensor, indices, opt
     gens = image_generators(opts.seed, indices, device)
     result = model.inpaint(ids, token_mask, opts.total_iter, gens, opts.mask_func, opts.sweet_spot, opts.token_choice,
                            autocast_ctx=(lambda: autocast(device, opts.precision)))
+    seq = torch.stack(result.ids_per_step, 1) if with_steps else result.ids[:, None]  # (B, S, N)
+    B, S, N = seq.shape
     with autocast(device, opts.precision):
-        out = model.decode_tokens(result.ids)
-    out = denormalize(out.float(), TEST_MEAN, TEST_STD)  # (B, 3, H, W) in [0, 1]
+        imgs = model.decode_tokens(seq.reshape(B * S, N))  # (B*S, 3, H, W)
+    imgs = denormalize(imgs.float(), TEST_MEAN, TEST_STD)
+    imgs = imgs.view(B, S, *imgs.shape[1:])  # (B, S, 3, H, W) in [0, 1]
+    out = imgs[:, -1]  # the final tokens are the last step's
     if opts.paste_known:
         orig = denormalize(x, TEST_MEAN, TEST_STD)
         out = pixel_mask * orig + (1 - pixel_mask) * out
-    return out, result, token_mask
-
-
-@torch.no_grad()
-def decode_steps(model, result, device, precision) -> torch.Tensor:
-    """Decoded image after every step: (B, S, 3, H, W) in [0,1]."""
-    steps = torch.stack(result.ids_per_step, 1)  # (B, S, N)
-    B, S, N = steps.shape
-    with autocast(device, precision):
-        imgs = model.decode_tokens(steps.reshape(B * S, N))  # (B*S, 3, H, W)
-    imgs = denormalize(imgs.float(), TEST_MEAN, TEST_STD)
-    return imgs.view(B, S, *imgs.shape[1:])
+    return out, result, token_mask, (imgs if with_steps else None)
 
 
 def save_gif(frames: torch.Tensor, path: str, scale: int = 4, ms: int = 300) -> None:
@@ -106,8 +102,8 @@ def run_inpainting(model, dataset, out_dir: str, opts: InpaintOptions, device, b
     rows, n_done = [], 0
     for x, pm, idx in tqdm(loader, desc=f"inpainting ({opts.mask_func}, T={opts.total_iter})", disable=not progress):
         x, pm = x.to(device), pm.to(device)
-        out, result, token_mask = inpaint_batch(model, x, pm, idx.tolist(), opts, device)
-        step_imgs = decode_steps(model, result, device, opts.precision) if (opts.visualize or opts.gif) else None
+        out, result, token_mask, step_imgs = inpaint_batch(model, x, pm, idx.tolist(), opts, device,
+                                                           with_steps=opts.visualize or opts.gif)
         masked_in = denormalize(x, TEST_MEAN, TEST_STD)
         for b, i in enumerate(idx.tolist()):
             Image.fromarray(to_uint8(out[b])).save(os.path.join(dirs["test_results"], output_name(dataset, i)))
@@ -163,8 +159,8 @@ def schedule_report(model, dataset, ids: list, schedules: list, opts: InpaintOpt
         x, pm = x[None].to(device), pm[None].to(device)
         for s in schedules:
             o = InpaintOptions(**{**opts.__dict__, "mask_func": s, "paste_known": False})
-            out, result, _ = inpaint_batch(model, x, pm, [i], o, device)
-            steps = decode_steps(model, result, device, o.precision)[0]  # (S, 3, H, W)
+            out, result, _, steps = inpaint_batch(model, x, pm, [i], o, device, with_steps=True)
+            steps = steps[0]  # (S, 3, H, W)
             masks = latent_mask_images(torch.stack([m[0] for m in result.mask_per_step]).cpu(),
                                        model.vqgan.cfg.latent_resolution)
             masks = torch.nn.functional.interpolate(masks, size=x.shape[-2:], mode="nearest")

@@ -62,12 +62,10 @@ def inpaint_batch(model, x: torch.Tensor, pixel_mask: torch.Tensor, indices, opt
     gens = image_generators(opts.seed, indices, device)
     result = model.inpaint(ids, token_mask, opts.total_iter, gens, opts.mask_func, opts.sweet_spot, opts.token_choice,
                            autocast_ctx=(lambda: autocast(device, opts.precision)))
-    seq = torch.stack(result.ids_per_step, 1) if with_steps else result.ids[:, None]  # (B, S, N)
-    B, S, N = seq.shape
-    with autocast(device, opts.precision):
-        imgs = model.decode_tokens(seq.reshape(B * S, N))  # (B*S, 3, H, W)
-    imgs = denormalize(imgs.float(), TEST_MEAN, TEST_STD)
-    imgs = imgs.view(B, S, *imgs.shape[1:])  # (B, S, 3, H, W) in [0, 1]
+    seq = result.ids_per_step if with_steps else [result.ids]  # S x (B, N)
+    with autocast(device, opts.precision):  # one step at a time: memory and cache stay at batch scale
+        imgs = torch.stack([model.decode_tokens(ids).float() for ids in seq], 1)  # (B, S, 3, H, W)
+    imgs = denormalize(imgs, TEST_MEAN, TEST_STD)  # in [0, 1]
     out = imgs[:, -1]  # the final tokens are the last step's
     if opts.paste_known:
         orig = denormalize(x, TEST_MEAN, TEST_STD)

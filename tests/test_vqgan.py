@@ -3,17 +3,21 @@ import os
 import pytest
 import torch
 
-from conftest import SPEC, TINY_VQ
+from conftest import ROOT, SPEC, TINY_VQ
 from models import VQGAN, VQGANConfig
 from utils.build import load_vqgan_weights
 from utils.config import load_vqgan_config
 
 
 def test_lab_config_matches_spec_key_for_key():
-    cfg = load_vqgan_config("models/VQGAN/config/VQGAN.yml")
+    cfg = load_vqgan_config(os.path.join(ROOT, "models", "VQGAN", "config", "VQGAN.yml"))
     sd = VQGAN(cfg).state_dict()
+    assert sum(v.numel() for v in sd.values()) == 70_775_299  # the lab's VQGAN.pt
     ours = [f"{k} {tuple(v.shape)}" for k, v in sd.items()]
-    with open(os.path.join(SPEC, "vqgan_state_dict_keys.txt")) as f:
+    spec = os.path.join(SPEC, "vqgan_state_dict_keys.txt")
+    if not os.path.exists(spec):
+        pytest.skip(f"state-dict key list not found at {spec}")
+    with open(spec) as f:
         ref = f.read().split("\n")
     ref = [line for line in ref if line.strip()]
     assert ours == ref

@@ -9,7 +9,7 @@ what FID scoring needs):
   seed loop      the lab's seed inpainting loop: batch 1, fp32; MaskGit.inpainting(x, ratio, mask)
                  takes the image, so every step re-encodes it, runs the transformer, then decodes
                  the current tokens with the VQGAN for imga/
-  ours, batch 1  our decoder one image at a time: encode once, T steps, one decode of all steps
+  ours, batch 1  our decoder one image at a time: encode once, T steps, one VQGAN decode per step
   ours, batched  the same, batch B (bf16 on CUDA)
 Masks are the lab's 747 test masks when the dataset is found, else random blobs. Weights are
 random unless --bundled (speed does not depend on them).

@@ -166,6 +166,13 @@ def main(argv=None):
     p.add_argument("--combos", default=None,
                    help="our settings as schedule:T pairs, e.g. cosine:10,linear:8 (default: the grid)")
     args = p.parse_args(argv)
+    wanted = [s.strip() for s in args.sets.split(",") if s.strip()]
+    unknown = sorted(set(wanted) - {"test", "val-unseen"})
+    if unknown or not wanted:
+        p.error(f"--sets: {args.sets!r} names no known set {unknown}; choose from test, val-unseen")
+    combos = parse_combos(p, args.combos) if args.combos else (
+        [("cosine", 8), ("linear", 8), ("square", 8), ("cosine", 4)] if args.quick
+        else [(s, t) for s in ("cosine", "linear", "square") for t in (4, 8, 12)])
     log = create_logger()
     t_start = time.time()
     device = get_device(args.device)
@@ -175,13 +182,6 @@ def main(argv=None):
     model = build_maskgit(load_maskgit_config(str(REPO_ROOT / BUNDLED_CONFIG)))
     load_transformer_checkpoint(model, str(REPO_ROOT / BUNDLED_TRANSFORMER))
     model = model.to(device).eval()
-    wanted = [s.strip() for s in args.sets.split(",") if s.strip()]
-    unknown = sorted(set(wanted) - {"test", "val-unseen"})
-    if unknown:
-        p.error(f"--sets: unknown set(s) {unknown}; choose from test, val-unseen")
-    combos = parse_combos(p, args.combos) if args.combos else (
-        [("cosine", 8), ("linear", 8), ("square", 8), ("cosine", 4)] if args.quick
-        else [(s, t) for s in ("cosine", "linear", "square") for t in (4, 8, 12)])
     sets = build_sets(work, n, args.data, args.gt, wanted)
     rows = []
 
@@ -225,8 +225,8 @@ def main(argv=None):
         decode_main(["--bundled", "--device", str(device), "--images", "32" if args.quick else "128",
                      "--csv", os.path.join(out, "speed_decode.csv")])
         t0 = time.time()
-        first_set, (s0, t0_iter) = next(iter(sets)), combos[0]
-        compute_fid(os.path.join(work, first_set, f"ours_{s0}_T{t0_iter}", "test_results"),
+        first_set, (sched, steps) = next(iter(sets)), combos[0]
+        compute_fid(os.path.join(work, first_set, f"ours_{sched}_T{steps}", "test_results"),
                     os.path.join(work, first_set, "originals"), device=device)
         n_fid = len(list_images(os.path.join(work, first_set, "originals")))
         print(f"\nFID of {n_fid} vs {n_fid} images with cached ground-truth statistics: {time.time() - t0:.1f} s "

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 import inpainting
-from conftest import TINY_T
+from conftest import ROOT, TINY_T
 from models import BidirectionalTransformer, gamma_func, image_generators, iterative_decode
 from models.decoding import decode_step
 
@@ -166,7 +166,7 @@ def test_cuda_bf16_batched_equals_batch_one():
 def test_bench_seed_loop_does_the_same_work_as_ours(tiny_cfg):
     """bench/decode_throughput.py times the lab's seed loop (re-encode + decode every step) against
     our batched path; the ratio is only fair if both produce the same images."""
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
     from decode_throughput import seed_loop_image
 
     from utils.build import build_maskgit

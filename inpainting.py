@@ -25,6 +25,8 @@ from utils.runtime import autocast, create_logger, get_device, resolve_precision
 
 BUNDLED_CONFIG = "config/MaskGit_small.yml"
 BUNDLED_TRANSFORMER = "checkpoints/transformer_small_fp16.pth"
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="MaskGIT inpainting")
     # the lab's flags

@@ -232,12 +232,19 @@ def main(argv=None) -> dict:
             atomic_save((ema.model if ema else raw).state_dict(), os.path.join(args.out_d_path, name))
 
     losses, history = [], []
+
+    def validate(net, epoch_done: int, at_step: int):
+        """Masked-token loss/accuracy on val and on unseen val, recorded in history and the metric log."""
+        v = evaluate(model, net, val_ids, device, precision, 256, 12345, args.val_batches)
+        vu = evaluate(model, net, val_unseen_ids, device, precision, 256, 12345, args.val_batches)
+        history.append({"epoch": epoch_done, "step": at_step, "val_loss": v["loss"], "val_acc": v["acc"],
+                        "val_unseen_loss": vu["loss"], "val_unseen_acc": vu["acc"]})
+        metrics.log(at_step, val_loss=v["loss"], val_acc=v["acc"], val_unseen_loss=vu["loss"],
+                    val_unseen_acc=vu["acc"])
+        return v, vu
+
     if step == 0:  # the starting point, so every curve shows what training bought
-        v0 = evaluate(model, raw, val_ids, device, precision, 256, 12345, args.val_batches)
-        vu0 = evaluate(model, raw, val_unseen_ids, device, precision, 256, 12345, args.val_batches)
-        history.append({"epoch": 0, "step": 0, "val_loss": v0["loss"], "val_acc": v0["acc"],
-                        "val_unseen_loss": vu0["loss"], "val_unseen_acc": vu0["acc"]})
-        metrics.log(0, val_loss=v0["loss"], val_acc=v0["acc"], val_unseen_loss=vu0["loss"], val_unseen_acc=vu0["acc"])
+        v0, vu0 = validate(raw, 0, 0)
         log.info("step 0 | val %.4f acc %.3f | val-unseen %.4f acc %.3f", v0["loss"], v0["acc"], vu0["loss"],
                  vu0["acc"])
     t0, tokens_seen, imgs_seen = time.time(), 0, 0
@@ -300,13 +307,7 @@ def main(argv=None) -> dict:
                 break
             # --- end of epoch: validation, checkpoints -------------------------------------------
             epoch_done = step // steps_per_epoch
-            eval_model = ema.model if ema else raw
-            v = evaluate(model, eval_model, val_ids, device, precision, 256, 12345, args.val_batches)
-            vu = evaluate(model, eval_model, val_unseen_ids, device, precision, 256, 12345, args.val_batches)
-            history.append({"epoch": epoch_done, "step": step, "val_loss": v["loss"], "val_acc": v["acc"],
-                            "val_unseen_loss": vu["loss"], "val_unseen_acc": vu["acc"]})
-            metrics.log(step, val_loss=v["loss"], val_acc=v["acc"], val_unseen_loss=vu["loss"],
-                        val_unseen_acc=vu["acc"])
+            v, vu = validate(ema.model if ema else raw, epoch_done, step)
             log.info("epoch %d/%d step %d | train %.4f | val %.4f acc %.3f | val-unseen %.4f acc %.3f", epoch_done,
                      args.epochs, step, sum(losses[-steps_per_epoch:]) / min(len(losses), steps_per_epoch) if losses
                      else math.nan, v["loss"], v["acc"], vu["loss"], vu["acc"])

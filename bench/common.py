@@ -10,6 +10,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+from utils.config import REPO_ROOT  # noqa: E402
+
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"  # the lab data beside the repository, read in place
+
 
 def sync(device) -> None:
     if torch.device(device).type == "cuda":

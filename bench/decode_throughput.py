@@ -21,7 +21,7 @@ import os
 
 import torch
 
-from common import device_name, print_table, sync, timed, write_csv
+from common import SHARED_DATA, device_name, print_table, sync, timed, write_csv
 from models import decode_step, image_generators
 from utils.build import build_maskgit
 from utils.config import REPO_ROOT, load_maskgit_config
@@ -29,7 +29,7 @@ from utils.data import load_mask, list_images, pixel_to_token_mask
 from utils.inpaint import InpaintOptions, inpaint_batch
 from utils.runtime import get_device, resolve_precision
 
-LAB_MASKS = REPO_ROOT.parent / "shared" / "data" / "lab3_dataset" / "mask64"
+LAB_MASKS = SHARED_DATA / "lab3_dataset" / "mask64"
 
 
 def load_masks(n: int, res: int, mask_dir: str | None) -> torch.Tensor:

@@ -14,12 +14,11 @@ import shutil
 import tempfile
 import time
 
-from common import device_name, print_table, write_csv
-from utils.config import REPO_ROOT
+from common import SHARED_DATA, device_name, print_table, write_csv
 from utils.data import list_images
 from utils.fid import compute_fid, get_model
 
-DATA = REPO_ROOT.parent / "shared" / "data" / "lab3_dataset"
+DATA = SHARED_DATA / "lab3_dataset"
 
 
 def main(argv=None):

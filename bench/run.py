@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common import device_name, print_table, write_csv
+from common import SHARED_DATA, device_name, print_table, write_csv
 from inpainting import BUNDLED_CONFIG, BUNDLED_TRANSFORMER
 from utils.build import build_maskgit, load_transformer_checkpoint
 from utils.config import REPO_ROOT, load_maskgit_config
@@ -36,7 +36,6 @@ from utils.metrics import paired_metrics
 from utils.runtime import create_logger, get_device
 from utils.tokens import unseen_indices
 
-SHARED = REPO_ROOT.parent / "shared" / "data"
 
 
 def parse_combos(parser, text: str) -> list:
@@ -157,8 +156,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="48 images per set, fewer schedule/T combinations")
     p.add_argument("--n", type=int, default=None, help="images per set (default: all; 48 with --quick)")
-    p.add_argument("--data", default=str(SHARED / "lab3_dataset"))
-    p.add_argument("--gt", default=str(SHARED / "lab3_test_gt"))
+    p.add_argument("--data", default=str(SHARED_DATA / "lab3_dataset"))
+    p.add_argument("--gt", default=str(SHARED_DATA / "lab3_test_gt"))
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="bench/results")
     p.add_argument("--skip-speed", action="store_true")

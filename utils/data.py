@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from .config import REPO_ROOT
+
 log = logging.getLogger("maskgit")
 
 # --- pixel-range constants: nothing else in the repository writes these numbers ---------------
@@ -144,9 +146,8 @@ DATA_CANDIDATES = ("lab3_dataset", "lab5_dataset", "../shared/data/lab3_dataset"
 
 def default_data_root() -> str | None:
     """The first lab dataset found in the current directory or beside the repository."""
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for c in DATA_CANDIDATES:
-        for base in (os.getcwd(), repo):
+        for base in (os.getcwd(), str(REPO_ROOT)):
             p = os.path.join(base, c)
             if os.path.isdir(p):
                 return os.path.normpath(p)

@@ -19,7 +19,8 @@ from models import SCHEDULES, image_generators
 from utils.build import build_maskgit, load_transformer_checkpoint
 from utils.checkpoint import load_checkpoint
 from utils.config import REPO_ROOT, load_maskgit_config, resolve_path
-from utils.data import TEST_MEAN, TEST_STD, MaskedImageSet, default_data_root, denormalize, find_lab_layout
+from utils.data import (BLENDS, PREFILLS, TEST_MEAN, TEST_STD, MaskedImageSet, default_data_root, denormalize,
+                        find_lab_layout)
 from utils.inpaint import InpaintOptions, run_inpainting, schedule_report
 from utils.runtime import autocast, create_logger, get_device, resolve_precision
 
@@ -54,8 +55,14 @@ def parse_args(argv=None):
     p.add_argument("--choice-temperature", type=float, default=None, help="Gumbel noise scale (default: config's)")
     p.add_argument("--mask-rule", choices=["lab", "dilated"], default="lab",
                    help="pixel->token rule: lab (token known if all its pixels are) or dilated (+1 token ring)")
+    p.add_argument("--prefill", choices=PREFILLS, default="smooth",
+                   help="what the tokenizer sees in the holes: smooth (filled from the known pixels, default) "
+                        "or gray (the masked image as given, as the lab's seed encodes it)")
     p.add_argument("--paste-known", action="store_true",
                    help="composite the known pixels into the output (not allowed for lab scoring)")
+    p.add_argument("--blend", choices=BLENDS, default="seamless",
+                   help="with --paste-known: seamless (the hole is corrected to meet the known pixels, Poisson "
+                        "style; default) or hard (plain paste)")
     p.add_argument("--no-vis", action="store_true", help="skip mask_scheduling/ and imga/ (faster)")
     p.add_argument("--gif", action="store_true", help="write an animated GIF of the decoding per image")
     p.add_argument("--report-ids", default="", help="comma-separated image ids for report.png (cosine/linear/square)")
@@ -106,8 +113,8 @@ def main(argv=None) -> dict:
     ds = MaskedImageSet(img_dir, mask_dir, cfg["vqgan"]["img_resolution"], limit=args.limit)
     opts = InpaintOptions(total_iter=args.total_iter, mask_func=args.mask_func or model.gamma_type,
                           sweet_spot=args.sweet_spot, seed=args.seed, token_choice=args.token_choice,
-                          mask_rule=args.mask_rule, paste_known=args.paste_known, visualize=not args.no_vis,
-                          gif=args.gif, precision=precision)
+                          mask_rule=args.mask_rule, prefill=args.prefill, paste_known=args.paste_known,
+                          blend=args.blend, visualize=not args.no_vis, gif=args.gif, precision=precision)
     log.info("inpainting %d images from %s (masks %s) on %s/%s: %s schedule, T=%d%s", len(ds), img_dir, mask_dir,
              device, precision, opts.mask_func, opts.total_iter,
              f", sweet spot {opts.sweet_spot}" if opts.sweet_spot else "")

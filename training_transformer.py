@@ -28,6 +28,7 @@ from utils.config import load_maskgit_config, resolve_path
 from utils.data import default_data_root, find_lab_layout
 from utils.runtime import (autocast, create_logger, get_device, grad_scaler, make_generator, resolve_precision,
                            rng_state, seed_everything, set_rng_state)
+from utils.masks import token_hole_bank
 from utils.tokens import cached_tokens, state_dict_fingerprint, unseen_indices
 from utils.train_utils import EMA, MetricLog, NonFiniteLoss, StopFlag, check_finite, warmup_cosine
 
@@ -61,6 +62,9 @@ def parse_args(argv=None):
     p.add_argument("--label-smoothing", type=float, default=0.1)
     p.add_argument("--ema", type=float, default=0.0, help="EMA decay of the weights (0: off), e.g. 0.999")
     p.add_argument("--hflip", action="store_true", help="also train on mirrored images (cached once)")
+    p.add_argument("--hole-frac", type=float, default=0.0,
+                   help="fraction of each batch masked inside a generated inpainting hole (lab-like random "
+                        "walks and blobs) instead of anywhere in the image; 0 = the lab's MVTM")
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer")
     p.add_argument("--precision", default="auto", help="fp32 | bf16 | fp16 | auto (bf16 on CUDA)")
     p.add_argument("--seed", type=int, default=0)
@@ -71,7 +75,10 @@ def parse_args(argv=None):
                    help="fit the run into this many minutes: --epochs is set from the throughput of the first steps")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--no-progress", action="store_true")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not 0.0 <= args.hole_frac <= 1.0:
+        p.error(f"--hole-frac must lie in [0, 1], got {args.hole_frac}")
+    return args
 
 
 def init_distributed():
@@ -186,6 +193,17 @@ def main(argv=None) -> dict:
     scaler = grad_scaler(device, precision)
     ema = EMA(raw, args.ema) if args.ema > 0 else None
     mask_gen = make_generator(args.seed * 100 + rank, device)
+    holes = token_hole_bank(4096, args.seed, image_size, model.vqgan.cfg.latent_resolution).to(device) \
+        if args.hole_frac > 0 else None
+
+    def masked_batch(z):
+        region = None
+        if holes is not None:  # rows left all-False are masked anywhere (the lab's MVTM)
+            pick = torch.randint(len(holes), (z.shape[0],), generator=mask_gen, device=device)
+            use = torch.rand(z.shape[0], generator=mask_gen, device=device) < args.hole_frac
+            region = holes[pick] & use[:, None]
+        return model.mask_tokens(z, mask_gen, region)
+
     step, best_val = 0, math.inf
     last_path, best_path = os.path.join(args.out_d_path, "last.pt"), os.path.join(args.out_d_path, "best.pt")
     if args.resume:
@@ -264,7 +282,7 @@ def main(argv=None) -> dict:
                     z = train_ids[perm[step % steps_per_epoch, a, rank]].to(device, non_blocking=True).long()
                     sync_later = world > 1 and a < args.accum_grad - 1
                     with transformer.no_sync() if sync_later else contextlib.nullcontext():
-                        inputs, mask = model.mask_tokens(z, mask_gen)
+                        inputs, mask = masked_batch(z)
                         with autocast(device, precision):
                             logits = fwd(inputs)
                         loss = model.loss(logits, z.masked_fill(~mask, -100), args.label_smoothing)

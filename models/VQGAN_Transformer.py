@@ -66,17 +66,27 @@ class MaskGit(nn.Module):
         """Token ids (B, N) -> images (B,3,H,W) in normalized space."""
         return self.vqgan.decode_indices(ids)
 
-    def mask_tokens(self, ids: torch.Tensor, generator: torch.Generator | None = None):
+    def mask_tokens(self, ids: torch.Tensor, generator: torch.Generator | None = None,
+                    region: torch.Tensor | None = None):
         """MVTM masking. Per sample a ratio r ~ U(0,1); exactly ceil(gamma(r) * N) tokens
         (at least 1) are masked, at uniformly random positions.
+
+        ``region`` (B, N) bool, optional: per sample, only its True positions may be masked and
+        N counts them (an inpainting hole: the rest of the image is known, as when decoding).
+        A row with no True position is treated as the whole image.
 
         Returns (input ids with masked positions = mask id (B, N), mask (B, N) bool True = masked).
         """
         B, N = ids.shape
         dev = generator.device if generator is not None else ids.device
         r = torch.rand(B, generator=generator, device=dev)  # (B,)
-        n_masked = torch.ceil(self.gamma(r.double()) * N).long().clamp_(1, N)  # (B,)
         scores = torch.rand(B, N, generator=generator, device=dev)  # (B, N)
+        size = torch.full((B,), N, device=dev)
+        if region is not None:
+            region = region.to(dev) | ~region.to(dev).any(-1, keepdim=True)  # empty row -> whole image
+            scores = scores.masked_fill(~region, 2.0)  # outside the region: ranked last
+            size = region.sum(-1)
+        n_masked = torch.minimum(torch.ceil(self.gamma(r.double()) * size).long().clamp_(min=1), size)  # (B,)
         rank = scores.argsort(dim=-1).argsort(dim=-1)  # (B, N) a random permutation per row
         mask = (rank < n_masked[:, None]).to(ids.device)  # (B, N)
         return ids.masked_fill(mask, self.mask_token_id), mask

@@ -2,6 +2,7 @@ import math
 import os
 import sys
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -129,6 +130,19 @@ def test_inpainting_script_writes_lab_outputs(tiny_world, tmp_path):
                           tiny_world["root"], "--out-dir", str(tmp_path / "o2"), "--device", "cpu", "--no-vis",
                           "--total-iter", "3", "--no-progress"])
     assert s2["images"] == 6
+    # --paste-known: the known pixels are the input's exactly, whatever the blend; the holes differ
+    outs = {}
+    for extra in (["--blend", "hard", "--prefill", "gray"], ["--blend", "seamless"]):
+        d = tmp_path / f"paste_{extra[1]}"
+        inpainting.main(["--load-transformer-ckpt-path", str(tmp_path / "run" / "last.pt"), "--data",
+                         tiny_world["root"], "--out-dir", str(d), "--device", "cpu", "--no-vis", "--total-iter", "3",
+                         "--no-progress", "--paste-known", *extra])
+        outs[extra[1]] = np.asarray(Image.open(d / "test_results" / "image_001.png"))
+    known = np.asarray(Image.open(os.path.join(tiny_world["mask64"], "mask_001.png")).convert("L")) >= 128
+    given = np.asarray(Image.open(os.path.join(tiny_world["masked_image"], "image_001.png")).convert("RGB"))
+    for out in outs.values():
+        assert np.array_equal(out[known], given[known])
+    assert not np.array_equal(outs["hard"][~known], outs["seamless"][~known])
 
 
 def test_inpainting_clear_errors(tiny_world, tmp_path):
@@ -182,7 +196,7 @@ def test_bench_seed_loop_does_the_same_work_as_ours(tiny_cfg):
     for b, (y, w) in enumerate([(0, 4), (4, 8), (2, 12), (8, 16)]):
         pm[b, :, y:y + 6, 2:2 + w] = 0
     x = x * pm
-    opts = InpaintOptions(total_iter=6)
+    opts = InpaintOptions(total_iter=6, prefill="gray")  # the seed encodes the gray-holed image
     out, res, _, steps = inpaint_batch(model, x, pm, range(4), opts, "cpu", with_steps=True)
     out_only, res_only, _, none = inpaint_batch(model, x, pm, range(4), opts, "cpu")
     assert none is None and steps.shape == (4, 6, 3, 16, 16)

@@ -40,6 +40,27 @@ def test_exact_masked_counts_per_sample(tiny_cfg):
     assert (inputs[mask] == 32).all() and torch.equal(inputs[~mask], ids[~mask])
 
 
+def test_region_masking_confined_with_exact_counts(tiny_cfg):
+    model = build_maskgit(tiny_cfg, load_vqgan=False)
+    region = torch.rand(64, 16, generator=torch.Generator().manual_seed(5)) < 0.3
+    region[:4] = False  # empty rows: masked anywhere, as without a region
+    ids = torch.randint(0, 32, (64, 16))
+    inputs, mask = model.mask_tokens(ids, torch.Generator().manual_seed(0), region)
+    allowed = region.clone()
+    allowed[:4] = True
+    assert not (mask & ~allowed).any()  # nothing outside the hole is ever masked
+    g2 = torch.Generator().manual_seed(0)
+    r = torch.rand(64, generator=g2).double()
+    size = allowed.sum(1)
+    expected = torch.minimum(torch.ceil(torch.cos(r * math.pi / 2) * size).long().clamp(min=1), size)
+    assert torch.equal(mask.sum(1), expected)
+    assert (inputs[mask] == 32).all() and torch.equal(inputs[~mask], ids[~mask])
+    # a region covering everything is the lab's MVTM, draw for draw
+    full = model.mask_tokens(ids, torch.Generator().manual_seed(0), torch.ones(64, 16, dtype=torch.bool))
+    plain = model.mask_tokens(ids, torch.Generator().manual_seed(0))
+    assert torch.equal(full[1], plain[1])
+
+
 def test_loss_ignores_unmasked_positions(tiny_cfg):
     model = build_maskgit(tiny_cfg, load_vqgan=False).eval()
     ids = torch.randint(0, 32, (4, 16))

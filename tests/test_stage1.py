@@ -6,7 +6,7 @@ import train_vqgan
 from conftest import TINY_VQ
 from models import VQGAN
 from utils.build import load_vqgan_weights
-from utils.masks import KINDS, generate_mask, hole_fraction
+from utils.masks import KINDS, generate_mask, hole_fraction, token_hole_bank
 
 
 def test_training_lowers_reconstruction_loss_and_roundtrips(tiny_world, tmp_path):
@@ -71,3 +71,13 @@ def test_mask_generator_coverage_and_determinism(kind):
     assert 0.4 <= hole_fraction(m) <= 0.5
     with pytest.raises(ValueError):
         generate_mask(0, 64, "triangle")
+
+
+def test_token_hole_bank_marks_every_token_touching_a_hole():
+    bank = token_hole_bank(40, seed=2)
+    assert bank.shape == (40, 256) and bank.dtype == torch.bool
+    for i in (0, 1, 17):  # walks and mixed shapes alternate
+        pix = generate_mask(2 * 1_000_003 + i, 64, ("walk", "mixed")[i % 2])
+        any_hole = (pix.reshape(16, 4, 16, 4) == 0).any(axis=(1, 3)).reshape(-1)
+        assert np.array_equal(bank[i].numpy(), any_hole)
+    assert 0.2 < bank.float().mean().item() < 0.45  # lab test masks: 33% of tokens

@@ -18,12 +18,13 @@ def _args(w, out, *extra):
             *extra]
 
 
-def test_resume_is_exact(tiny_world, tmp_path):
-    full = tt.main(_args(tiny_world, tmp_path / "full"))
+@pytest.mark.parametrize("hole_frac", ["0", "0.5"])
+def test_resume_is_exact(tiny_world, tmp_path, hole_frac):
+    full = tt.main(_args(tiny_world, tmp_path / "full", "--hole-frac", hole_frac))
     assert full["step"] == 18 and len(full["losses"]) == 18
-    part = tt.main(_args(tiny_world, tmp_path / "part", "--stop-after-steps", "8"))
+    part = tt.main(_args(tiny_world, tmp_path / "part", "--stop-after-steps", "8", "--hole-frac", hole_frac))
     assert part["stopped"] and part["step"] == 8
-    rest = tt.main(_args(tiny_world, tmp_path / "part", "--resume"))
+    rest = tt.main(_args(tiny_world, tmp_path / "part", "--resume", "--hole-frac", hole_frac))
     resumed = part["losses"] + rest["losses"]
     assert len(resumed) == 18
     assert max(abs(a - b) for a, b in zip(full["losses"], resumed)) < 1e-6

@@ -21,7 +21,8 @@ from tqdm import tqdm
 
 from models import image_generators
 
-from .data import TEST_MEAN, TEST_STD, denormalize, pil_to_tensor01, pixel_to_token_mask, read_image, to_uint8
+from .data import (BLENDS, PREFILLS, TEST_MEAN, TEST_STD, denormalize, fill_holes, pil_to_tensor01,
+                   pixel_to_token_mask, read_image, seamless_paste, to_uint8)
 from .metrics import paired_metrics
 from .runtime import autocast
 
@@ -36,7 +37,9 @@ class InpaintOptions:
     seed: int = 0
     token_choice: str = "argmax"
     mask_rule: str = "lab"
+    prefill: str = "smooth"
     paste_known: bool = False
+    blend: str = "seamless"
     visualize: bool = True
     gif: bool = False
     precision: str = "fp32"
@@ -57,7 +60,10 @@ def inpaint_batch(model, x: torch.Tensor, pixel_mask: torch.Tensor, indices, opt
     final image is the last step's decode, so the final tokens are decoded once, not twice.
     """
     res = model.vqgan.cfg.latent_resolution
-    _, ids = model.encode_to_z(x)  # (B, N)
+    if opts.prefill not in PREFILLS or opts.blend not in BLENDS:
+        raise ValueError(f"prefill must be one of {PREFILLS} and blend one of {BLENDS}, got {opts.prefill!r}, "
+                         f"{opts.blend!r}")
+    _, ids = model.encode_to_z(fill_holes(x, pixel_mask) if opts.prefill == "smooth" else x)  # (B, N)
     token_mask = pixel_to_token_mask(pixel_mask, res, opts.mask_rule).to(device)  # (B, N) True = masked
     gens = image_generators(opts.seed, indices, device)
     result = model.inpaint(ids, token_mask, opts.total_iter, gens, opts.mask_func, opts.sweet_spot, opts.token_choice,
@@ -69,7 +75,8 @@ def inpaint_batch(model, x: torch.Tensor, pixel_mask: torch.Tensor, indices, opt
     out = imgs[:, -1]  # the final tokens are the last step's
     if opts.paste_known:
         orig = denormalize(x, TEST_MEAN, TEST_STD)
-        out = pixel_mask * orig + (1 - pixel_mask) * out
+        out = seamless_paste(out, orig, pixel_mask) if opts.blend == "seamless" else \
+            pixel_mask * orig + (1 - pixel_mask) * out
     return out, result, token_mask, (imgs if with_steps else None)
 
 

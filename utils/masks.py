@@ -1,4 +1,5 @@
-"""Seeded generator of lab-like inpainting masks: free-form blobs, boxes and brush strokes.
+"""Seeded generator of lab-like inpainting masks: free-form blobs, boxes, brush strokes and
+random walks (the lab's test holes look like the walks: ragged, one connected region).
 
 Masks follow the lab's files: uint8 (H, W), **0 = hole**, 255 = known. The lab's test holes
 cover 9.7%-29.9% of the pixels (mean 20.8%), irregular and not aligned to the token grid;
@@ -10,9 +11,10 @@ import math
 import random
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
 
-KINDS = ("blob", "box", "stroke", "mixed")
+KINDS = ("blob", "box", "stroke", "walk", "mixed")
 
 
 def _blob(d: ImageDraw.ImageDraw, rng: random.Random, size: int) -> None:
@@ -48,7 +50,18 @@ def _stroke(d: ImageDraw.ImageDraw, rng: random.Random, size: int) -> None:
         d.ellipse([px - width / 2, py - width / 2, px + width / 2, py + width / 2], fill=0)
 
 
-_DRAW = {"blob": _blob, "box": _box, "stroke": _stroke}
+def _walk(d: ImageDraw.ImageDraw, rng: random.Random, size: int) -> None:
+    """A random walk of small squares: a ragged, connected region like the lab's test holes."""
+    x, y = rng.uniform(0.2, 0.8) * size, rng.uniform(0.2, 0.8) * size
+    pen = max(1, round(size / 32))
+    for _ in range(rng.randint(40, 80)):
+        x = min(max(x + rng.choice((-1, 0, 1)) * pen * 1.5, 0), size - 1)
+        y = min(max(y + rng.choice((-1, 0, 1)) * pen * 1.5, 0), size - 1)
+        w = pen * rng.randint(1, 3)
+        d.rectangle([x - w / 2, y - w / 2, x + w / 2, y + w / 2], fill=0)
+
+
+_DRAW = {"blob": _blob, "box": _box, "stroke": _stroke, "walk": _walk}
 
 
 def generate_mask(seed: int, size: int = 64, kind: str = "mixed", coverage=(0.10, 0.30)) -> np.ndarray:
@@ -84,3 +97,13 @@ def generate_mask(seed: int, size: int = 64, kind: str = "mixed", coverage=(0.10
 
 def hole_fraction(mask: np.ndarray) -> float:
     return float((mask == 0).mean())
+
+
+def token_hole_bank(count: int, seed: int = 0, size: int = 64, latent_resolution: int = 16,
+                    kinds=("walk", "mixed")) -> torch.Tensor:
+    """``count`` generated masks at token level (count, latent_resolution**2) bool, **True = hole
+    token** under the lab rule (a token is a hole if any of its pixels is). Kinds alternate.
+    Used to train the transformer on inpainting-shaped masked regions."""
+    from utils.data import pixel_to_token_mask
+    pix = np.stack([generate_mask(seed * 1_000_003 + i, size, kinds[i % len(kinds)]) for i in range(count)])
+    return pixel_to_token_mask(torch.from_numpy(pix >= 128)[:, None], latent_resolution)

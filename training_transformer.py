@@ -26,9 +26,9 @@ from utils.build import build_maskgit
 from utils.checkpoint import atomic_save, load_checkpoint
 from utils.config import load_maskgit_config, resolve_path
 from utils.data import default_data_root, find_lab_layout
+from utils.masks import token_hole_bank
 from utils.runtime import (autocast, create_logger, get_device, grad_scaler, make_generator, resolve_precision,
                            rng_state, seed_everything, set_rng_state)
-from utils.masks import token_hole_bank
 from utils.tokens import cached_tokens, state_dict_fingerprint, unseen_indices
 from utils.train_utils import EMA, MetricLog, NonFiniteLoss, StopFlag, check_finite, warmup_cosine
 

@@ -145,3 +145,31 @@ def test_smooth_prefill_keeps_the_known_tokens_of_real_images(lab3):
         gray = (model.encode_to_z(masked)[1] == ref)[known].float().mean().item()
         smooth = (model.encode_to_z(fill_holes(masked, pm))[1] == ref)[known].float().mean().item()
     assert smooth > gray + 0.15, (gray, smooth)  # measured on 200 images: 0.60 -> 0.82
+
+
+def test_bench_composites_keep_known_pixels_and_the_seamless_one_removes_a_colour_cast(tmp_path):
+    """bench/run.py's composited rows: both blends paste the masked input's known pixels exactly;
+    for a prediction that is the original with a colour cast, the seamless one recovers the original."""
+    import sys
+
+    from conftest import ROOT
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    from run import composite
+
+    rng = np.random.default_rng(0)
+    orig = rng.integers(40, 200, (32, 32, 3), dtype=np.uint8)
+    mask = np.full((32, 32), 255, np.uint8)
+    mask[8:20, 6:22] = 0
+    masked = np.where(mask[..., None] == 255, orig, 128).astype(np.uint8)
+    for sub, arr in (("masked_image", masked), ("pred", np.clip(orig.astype(int) + 30, 0, 255).astype(np.uint8))):
+        (tmp_path / sub).mkdir()
+        Image.fromarray(arr).save(tmp_path / sub / "image_000.png")
+    (tmp_path / "mask64").mkdir()
+    Image.fromarray(mask).save(tmp_path / "mask64" / "mask_000.png")
+    hole = mask == 0
+    for blend in ("hard", "seamless"):
+        out = np.asarray(Image.open(os.path.join(composite(str(tmp_path / "pred"), str(tmp_path),
+                                                           str(tmp_path / blend), blend), "image_000.png")))
+        assert np.array_equal(out[~hole], orig[~hole])
+        err = np.abs(out[hole].astype(int) - orig[hole]).max()
+        assert err <= 1 if blend == "seamless" else err == 30

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from .data import pixel_to_token_mask
+
 KINDS = ("blob", "box", "stroke", "walk", "mixed")
 
 
@@ -104,6 +106,5 @@ def token_hole_bank(count: int, seed: int = 0, size: int = 64, latent_resolution
     """``count`` generated masks at token level (count, latent_resolution**2) bool, **True = hole
     token** under the lab rule (a token is a hole if any of its pixels is). Kinds alternate.
     Used to train the transformer on inpainting-shaped masked regions."""
-    from utils.data import pixel_to_token_mask
     pix = np.stack([generate_mask(seed * 1_000_003 + i, size, kinds[i % len(kinds)]) for i in range(count)])
     return pixel_to_token_mask(torch.from_numpy(pix >= 128)[:, None], latent_resolution)

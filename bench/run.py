@@ -31,7 +31,7 @@ from inpainting import BUNDLED_CONFIG, BUNDLED_TRANSFORMER
 from utils.build import build_maskgit, load_transformer_checkpoint
 from utils.config import REPO_ROOT, load_maskgit_config
 from utils.data import (TEST_MEAN, TEST_STD, MaskedImageSet, denormalize, list_images, normalize, pil_to_tensor01,
-                        seamless_paste, to_uint8)
+                        paste_known, to_uint8)
 from utils.fid import compute_fid
 from utils.inpaint import InpaintOptions, run_inpainting
 from utils.metrics import paired_metrics
@@ -108,8 +108,7 @@ def composite(pred_dir: str, root: str, out_dir: str, blend: str = "hard") -> st
         name = os.path.basename(ip)
         known = torch.from_numpy((np.asarray(Image.open(mp).convert("L")) >= 128).astype(np.float32))[None]
         orig, pred = _load01(ip), _load01(os.path.join(pred_dir, name))
-        out = seamless_paste(pred[None], orig[None], known[None])[0] if blend == "seamless" else \
-            known * orig + (1 - known) * pred
+        out = paste_known(pred[None], orig[None], known[None], blend)[0]
         Image.fromarray(to_uint8(out)).save(os.path.join(out_dir, name))
     return out_dir
 

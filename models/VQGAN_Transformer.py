@@ -83,7 +83,8 @@ class MaskGit(nn.Module):
         scores = torch.rand(B, N, generator=generator, device=dev)  # (B, N)
         size = torch.full((B,), N, device=dev)
         if region is not None:
-            region = region.to(dev) | ~region.to(dev).any(-1, keepdim=True)  # empty row -> whole image
+            region = region.to(dev)
+            region = region | ~region.any(-1, keepdim=True)  # empty row -> whole image
             scores = scores.masked_fill(~region, 2.0)  # outside the region: ranked last
             size = region.sum(-1)
         n_masked = torch.minimum(torch.ceil(self.gamma(r.double()) * size).long().clamp_(min=1), size)  # (B,)

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from utils.data import (TEST_MEAN, TEST_STD, DataError, ImageFolder, MaskedImageSet, denormalize, fill_holes,
-                        find_lab_layout, load_mask, normalize, pixel_to_token_mask, seamless_paste)
+                        find_lab_layout, load_mask, normalize, paste_known, pixel_to_token_mask)
 
 
 def test_token_mask_rule_on_real_lab_masks(lab3):
@@ -109,14 +109,14 @@ def test_seamless_paste_removes_colour_offsets_that_a_plain_paste_keeps():
     pm[0, :, 8:20, 5:25] = 0
     pm[1, :, 0:10, 0:10] = 0  # a hole at the image corner
     shifted = orig + torch.tensor([0.2, -0.1, 0.05])[None, :, None, None]  # a prediction with a colour cast
-    out = seamless_paste(shifted, orig, pm)
+    out = paste_known(shifted, orig, pm, "seamless")
     torch.testing.assert_close(out, orig, atol=1e-6, rtol=0)  # a constant residual is filled exactly
     hard = pm * orig + (1 - pm) * shifted
     assert (hard - orig).abs().max() > 0.19
     # a smooth (harmonic) offset is removed too, given iterations, where the hole has a known border all
     # around (at the image edge the fill has no border to meet: zero slope there, as for any Laplace fill)
     tilted = orig + 0.3 * _ramp(32, 32).float()
-    torch.testing.assert_close(seamless_paste(tilted, orig, pm, smooth_iters=3000)[:1], orig[:1], atol=2e-3, rtol=0)
+    torch.testing.assert_close(paste_known(tilted, orig, pm, "seamless", smooth_iters=3000)[:1], orig[:1], atol=2e-3, rtol=0)
 
 
 def test_smooth_prefill_keeps_the_known_tokens_of_real_images(lab3):

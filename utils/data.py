@@ -223,15 +223,21 @@ def fill_holes(x: torch.Tensor, pixel_mask: torch.Tensor, smooth_iters: int = 30
     return known * x + (1 - known) * fill
 
 
-def seamless_paste(pred: torch.Tensor, orig: torch.Tensor, pixel_mask: torch.Tensor,
-                   smooth_iters: int = 30) -> torch.Tensor:
-    """Known pixels from ``orig``, hole pixels from ``pred`` plus a smooth correction that makes
+def paste_known(pred: torch.Tensor, orig: torch.Tensor, pixel_mask: torch.Tensor, blend: str = "seamless",
+                smooth_iters: int = 30) -> torch.Tensor:
+    """Known pixels from ``orig``, hole pixels from ``pred`` (B,C,H,W; pixel_mask (B,1,H,W), 1 = known).
+
+    blend "hard": the plain paste. "seamless": the hole pixels get a smooth correction that makes
     them meet the known pixels at the hole border (gradient-domain / Poisson compositing, Perez
     et al. 2003): the residual orig - pred on the known pixels is filled into the hole with
     :func:`fill_holes` and added to ``pred``. The prediction keeps its texture; its colour and
     brightness offsets against the surroundings, and the seams, go."""
+    if blend not in BLENDS:
+        raise ValueError(f"blend must be one of {BLENDS}, got {blend!r}")
     known = pixel_mask.to(pred.dtype)
-    return known * orig + (1 - known) * (pred + fill_holes(orig - pred, pixel_mask, smooth_iters))
+    if blend == "seamless":
+        pred = pred + fill_holes(orig - pred, pixel_mask, smooth_iters)
+    return known * orig + (1 - known) * pred
 
 
 def load_image_stack(folder: str, image_size: int = 64, resize: bool = False, limit: int | None = None,

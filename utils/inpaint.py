@@ -22,7 +22,7 @@ from tqdm import tqdm
 from models import image_generators
 
 from .data import (BLENDS, PREFILLS, TEST_MEAN, TEST_STD, denormalize, fill_holes, pil_to_tensor01,
-                   pixel_to_token_mask, read_image, seamless_paste, to_uint8)
+                   paste_known, pixel_to_token_mask, read_image, to_uint8)
 from .metrics import paired_metrics
 from .runtime import autocast
 
@@ -75,8 +75,7 @@ def inpaint_batch(model, x: torch.Tensor, pixel_mask: torch.Tensor, indices, opt
     out = imgs[:, -1]  # the final tokens are the last step's
     if opts.paste_known:
         orig = denormalize(x, TEST_MEAN, TEST_STD)
-        out = seamless_paste(out, orig, pixel_mask) if opts.blend == "seamless" else \
-            pixel_mask * orig + (1 - pixel_mask) * out
+        out = paste_known(out, orig, pixel_mask, opts.blend)
     return out, result, token_mask, (imgs if with_steps else None)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import math
 import os
@@ -342,10 +343,18 @@ def main(argv=None) -> dict:
     result = {"step": step, "losses": losses, "history": history, "stopped": stopped,
               "images_per_s": imgs_seen / max(1e-9, time.time() - t0)}
     if world > 1:  # rank-0 records every rank's weight checksum: DDP keeps them identical
-        sums = gather(float(sum(p.double().sum() for p in raw.parameters())))
+        with torch.no_grad():
+            sums = gather(sum(p.double().sum() for p in raw.parameters()).item())
         if rank == 0:
             with open(os.path.join(args.out_d_path, "ddp_check.json"), "w") as f:
                 json.dump({"weight_sums": sums, "losses": losses}, f)
+        # Free the DDP wrapper (its reducer holds the process group) while the interpreter is alive, and
+        # let every rank reach this point before the group goes: a gloo group destroyed during interpreter
+        # finalisation, or while a peer still talks to it, aborts the process ("terminate called without
+        # an active exception").
+        del transformer, fwd
+        gc.collect()
+        dist.barrier()
         dist.destroy_process_group()
     if rank == 0:
         metrics.plot(["train_loss", "val_loss", "val_unseen_loss"], os.path.join(args.out_d_path, "loss.png"),

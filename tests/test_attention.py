@@ -26,6 +26,25 @@ def test_matches_torch_multihead_attention(B, N):
     torch.testing.assert_close(attn.sum(-1), torch.ones(B, heads, N), atol=1e-5, rtol=0)
 
 
+@pytest.mark.gpu
+def test_cuda_bf16_autocast_keeps_maps_in_bf16_and_matches_fp64():
+    """CUDA autocast would write the softmax in fp32; ours keeps the maps in the matmul's dtype
+    (half the bytes and the memory kept for backward) and they agree with a float64 softmax of the
+    same bf16 scores to bf16 rounding."""
+    torch.manual_seed(0)
+    m = MultiHeadAttention(96, 16, attn_drop=0.0).cuda().eval()
+    x = torch.randn(2, 64, 96, device="cuda")
+    with torch.autocast("cuda", torch.bfloat16):
+        out, attn = m(x, return_attention=True)
+        q, k, _ = m.qkv(x).view(2, 64, 3, 16, 6).permute(2, 0, 3, 1, 4).unbind(0)
+        scores = (q * m.scale) @ k.transpose(-2, -1)
+    assert attn.dtype == torch.bfloat16 and scores.dtype == torch.bfloat16
+    torch.testing.assert_close(attn.double(), torch.softmax(scores.double(), dim=-1), atol=4e-3, rtol=8e-3)
+    torch.testing.assert_close(out.float(), m(x), atol=0.05, rtol=0.05)  # the block stays near fp32
+    out.float().sum().backward()  # backward through the bf16 maps
+    assert torch.isfinite(m.qkv.weight.grad).all()
+
+
 def test_lab_size_layout_and_dropout_active_in_train():
     m = MultiHeadAttention(768, 16, attn_drop=0.1)
     assert m.qkv.weight.shape == (2304, 768) and m.proj.weight.shape == (768, 768) and m.head_dim == 48

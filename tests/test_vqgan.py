@@ -74,3 +74,40 @@ def test_wrong_checkpoint_names_the_problem(tmp_path):
         load_vqgan_weights(VQGAN(TINY_VQ), str(path))
     with pytest.raises(FileNotFoundError, match="VQGAN checkpoint not found"):
         load_vqgan_weights(VQGAN(TINY_VQ), str(tmp_path / "nope.pt"))
+
+
+
+def _groupnorm_closed_form(gn, x):
+    g = x.view(x.shape[0], gn.gn.num_groups, -1).double()  # per sample and group of channels
+    y = ((g - g.mean(-1, keepdim=True)) / torch.sqrt(g.var(-1, unbiased=False, keepdim=True) + 1e-6)).view_as(x)
+    return y * gn.gn.weight.double().view(1, -1, 1, 1) + gn.gn.bias.double().view(1, -1, 1, 1)
+
+
+def _random_groupnorm(c):
+    from models.VQGAN.vqgan import GroupNorm
+    gn = GroupNorm(c)
+    with torch.no_grad():
+        gn.gn.weight.normal_()
+        gn.gn.bias.normal_()
+    return gn
+
+
+def test_groupnorm_and_swish_match_closed_forms():
+    from models.VQGAN.vqgan import Swish
+    torch.manual_seed(0)
+    x = torch.randn(3, 64, 8, 8) * 3 + 1
+    assert torch.allclose(Swish()(x), x * torch.sigmoid(x), atol=1e-6)
+    gn = _random_groupnorm(64)
+    torch.testing.assert_close(gn(x).double(), _groupnorm_closed_form(gn, x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_groupnorm_stays_in_activation_dtype():
+    """CUDA autocast would run GroupNorm in fp32 and hand fp32 on; ours stays bf16, near the closed form."""
+    torch.manual_seed(0)
+    x = (torch.randn(3, 64, 8, 8) * 3 + 1).cuda()
+    gn = _random_groupnorm(64).cuda()
+    with torch.autocast("cuda", torch.bfloat16):
+        y = gn(x.bfloat16())
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.double(), _groupnorm_closed_form(gn, x), atol=0.05, rtol=0.02)

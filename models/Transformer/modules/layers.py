@@ -28,7 +28,10 @@ class MultiHeadAttention(nn.Module):
     def attention_weights(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """softmax(q k^T / sqrt(d)) over keys: (B,H,N,D) x (B,H,M,D) -> (B,H,N,M)."""
         scores = (q * self.scale) @ k.transpose(-2, -1)  # (B, H, N, M)
-        return scores.softmax(dim=-1)
+        # dtype= keeps the maps in the matmul's dtype under autocast (which would otherwise write
+        # them in fp32 only for the next matmul to cast them back): half the memory traffic and the
+        # memory kept for backward; the kernel still accumulates the max and the sum in fp32.
+        return scores.softmax(dim=-1, dtype=scores.dtype)
 
     def forward(self, x: torch.Tensor, return_attention: bool = False):
         B, N, C = x.shape

@@ -125,7 +125,10 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, device="cpu") -> float:
     sqrt(S2) sqrt(S1) (whose Gram matrix that is). Symmetric eigendecompositions give the two
     square roots, an SVD the singular values: no private SciPy internals, and no square root of
     near-zero eigenvalues of the product, so rank-deficient covariances (fewer images than
-    dimensions) stay accurate.
+    dimensions) stay accurate. With S1 = V diag(l) V^T, sqrt(S1) = W V^T for W = V sqrt(l), and
+    V^T is orthogonal, so the singular values are those of sqrt(S2) W restricted to the columns of
+    S1's numerical rank (eigenvalues above d * eps * max, the rest is rounding noise of zero): for
+    n < d images an SVD of d x (n - 1) instead of d x d.
     """
     t = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float64, device=device)  # noqa: E731
     mu1, mu2, s1, s2 = t(mu1), t(mu2), t(sigma1), t(sigma2)
@@ -133,11 +136,14 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, device="cpu") -> float:
         raise FIDError(f"statistics of different dimensions: {tuple(mu1.shape)} vs {tuple(mu2.shape)}")
     s1, s2 = (s1 + s1.T) / 2, (s2 + s2.T) / 2
 
-    def psd_sqrt(s):
+    def sqrt_factor(s):  # W with sqrt(s) = W V^T, only the columns of s's numerical rank
         lam, vec = torch.linalg.eigh(s)
-        return (vec * lam.clamp_min(0).sqrt()) @ vec.T  # (D, D)
+        keep = lam > lam.abs().max() * lam.numel() * torch.finfo(lam.dtype).eps
+        return vec[:, keep] * lam[keep].sqrt(), vec[:, keep]  # (D, r), (D, r)
 
-    tr_covmean = torch.linalg.svdvals(psd_sqrt(s2) @ psd_sqrt(s1)).sum()
+    w2, v2 = sqrt_factor(s2)
+    w1, _ = sqrt_factor(s1)
+    tr_covmean = torch.linalg.svdvals(w2 @ (v2.T @ w1)).sum()  # sqrt(S2) W1 = W2 V2^T W1
     diff = mu1 - mu2
     return float(diff @ diff + torch.trace(s1) + torch.trace(s2) - 2 * tr_covmean)
 

@@ -57,6 +57,19 @@ def test_frechet_rank_deficient_matches_scipy():
     assert abs(frechet_distance(mu1, s1, mu1, s1)) < 1e-6
 
 
+def test_frechet_rank_deficient_closed_form():
+    """Covariances sharing an eigenbasis Q: tr sqrt(S1 S2) = sum sqrt(a_i b_i), so the distance is
+    sum (sqrt(a_i) - sqrt(b_i))^2 exactly, also when both are singular (zeros in different places)."""
+    rng = np.random.default_rng(5)
+    q, _ = np.linalg.qr(rng.normal(size=(256, 256)))
+    a, b = rng.uniform(0.1, 4, 256), rng.uniform(0.1, 4, 256)
+    a[:200], b[100:230] = 0, 0  # rank 56 and 126, as from 57 and 127 images
+    s1, s2 = (q * a) @ q.T, (q * b) @ q.T
+    expected = ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
+    assert frechet_distance(np.zeros(256), s1, np.zeros(256), s2) == pytest.approx(expected, rel=1e-10)
+    assert abs(frechet_distance(np.zeros(256), s1, np.zeros(256), s1)) < 1e-9
+
+
 def test_kid_zero_for_same_distribution_and_positive_for_shift():
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(300, 32)), rng.normal(size=(300, 32))

@@ -76,7 +76,6 @@ def test_wrong_checkpoint_names_the_problem(tmp_path):
         load_vqgan_weights(VQGAN(TINY_VQ), str(tmp_path / "nope.pt"))
 
 
-
 def _groupnorm_closed_form(gn, x):
     g = x.view(x.shape[0], gn.gn.num_groups, -1).double()  # per sample and group of channels
     y = ((g - g.mean(-1, keepdim=True)) / torch.sqrt(g.var(-1, unbiased=False, keepdim=True) + 1e-6)).view_as(x)

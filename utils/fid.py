@@ -126,9 +126,9 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, device="cpu") -> float:
     square roots, an SVD the singular values: no private SciPy internals, and no square root of
     near-zero eigenvalues of the product, so rank-deficient covariances (fewer images than
     dimensions) stay accurate. With S1 = V diag(l) V^T, sqrt(S1) = W V^T for W = V sqrt(l), and
-    V^T is orthogonal, so the singular values are those of sqrt(S2) W restricted to the columns of
-    S1's numerical rank (eigenvalues above d * eps * max, the rest is rounding noise of zero): for
-    n < d images an SVD of d x (n - 1) instead of d x d.
+    V^T is orthogonal, so the singular values are those of sqrt(S2) W; both factors keep only the
+    columns of their matrix's numerical rank (eigenvalues above d * eps * max, the rest is rounding
+    noise of zero): for n < d images an SVD of d x (n - 1) instead of d x d.
     """
     t = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float64, device=device)  # noqa: E731
     mu1, mu2, s1, s2 = t(mu1), t(mu2), t(sigma1), t(sigma2)

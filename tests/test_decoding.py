@@ -206,3 +206,10 @@ def test_bench_seed_loop_does_the_same_work_as_ours(tiny_cfg):
     for b in range(4):
         seed_img = denormalize(seed_loop_image(model, x[b:b + 1], pm[b:b + 1], b, 6), TEST_MEAN, TEST_STD)
         torch.testing.assert_close(seed_img[0], out[b], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("bad", [{"prefill": "blur"}, {"blend": "poisson"}])
+def test_inpaint_options_reject_unknown_prefill_or_blend(bad):
+    from utils.inpaint import InpaintOptions
+    with pytest.raises(ValueError, match=repr(next(iter(bad.values())))):
+        InpaintOptions(**bad)

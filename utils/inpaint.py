@@ -44,6 +44,11 @@ class InpaintOptions:
     gif: bool = False
     precision: str = "fp32"
 
+    def __post_init__(self):
+        if self.prefill not in PREFILLS or self.blend not in BLENDS:
+            raise ValueError(f"prefill must be one of {PREFILLS} and blend one of {BLENDS}, got {self.prefill!r}, "
+                             f"{self.blend!r}")
+
 
 def latent_mask_images(mask: torch.Tensor, res: int) -> torch.Tensor:
     """Token masks (S, N) True = masked -> (S, 3, res, res) images, white = known, black = masked."""
@@ -60,9 +65,6 @@ def inpaint_batch(model, x: torch.Tensor, pixel_mask: torch.Tensor, indices, opt
     final image is the last step's decode, so the final tokens are decoded once, not twice.
     """
     res = model.vqgan.cfg.latent_resolution
-    if opts.prefill not in PREFILLS or opts.blend not in BLENDS:
-        raise ValueError(f"prefill must be one of {PREFILLS} and blend one of {BLENDS}, got {opts.prefill!r}, "
-                         f"{opts.blend!r}")
     _, ids = model.encode_to_z(fill_holes(x, pixel_mask) if opts.prefill == "smooth" else x)  # (B, N)
     token_mask = pixel_to_token_mask(pixel_mask, res, opts.mask_rule).to(device)  # (B, N) True = masked
     gens = image_generators(opts.seed, indices, device)

@@ -10,7 +10,6 @@ Perceptual (LPIPS/VGG) loss is not used: its weights cannot be fetched offline.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import time
@@ -22,7 +21,8 @@ from tqdm import tqdm
 from models import VQGAN
 from models.VQGAN.discriminator import PatchDiscriminator, d_loss_fn, g_loss_fn
 from utils.checkpoint import atomic_save, load_checkpoint
-from utils.config import apply_overrides, load_vqgan_config
+from utils.cli import ArgumentParser, Interrupted, UserError, run_cli
+from utils.config import ConfigError, apply_overrides, load_vqgan_config
 from utils.data import TRAIN_MEAN, TRAIN_STD, denormalize, load_image_stack, uint8_to_normalized
 from utils.metrics import psnr
 from utils.runtime import (autocast, create_logger, get_device, grad_scaler, make_generator, resolve_precision,
@@ -31,38 +31,40 @@ from utils.train_utils import MetricLog, StopFlag, check_finite, warmup_cosine
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Train a VQGAN tokenizer (stage 1)")
+    p = ArgumentParser(description="Train a VQGAN tokenizer (stage 1)")
     p.add_argument("--data", default="../shared/data/lab3_dataset/train", help="folder of training images")
     p.add_argument("--val-data", default=None, help="folder of held-out images for reconstruction PSNR")
     p.add_argument("--config", default="models/VQGAN/config/VQGAN.yml", help="VQGAN YAML (lab layout)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys")
-    p.add_argument("--out-dir", default="runs/vqgan")
-    p.add_argument("--steps", type=int, default=20000)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--learning-rate", type=float, default=2e-4)
-    p.add_argument("--warmup-steps", type=int, default=200)
-    p.add_argument("--l1-weight", type=float, default=1.0)
-    p.add_argument("--l2-weight", type=float, default=1.0)
+    p.add_argument("--out-dir", default="runs/vqgan", help="checkpoints, logs and reconstruction grids go here")
+    p.add_argument("--steps", type=int, default=20000, help="training steps")
+    p.add_argument("--batch-size", type=int, default=64, help="images per step")
+    p.add_argument("--learning-rate", type=float, default=2e-4, help="peak learning rate (Adam, warmup + cosine)")
+    p.add_argument("--warmup-steps", type=int, default=200, help="linear learning-rate warmup steps")
+    p.add_argument("--l1-weight", type=float, default=1.0, help="weight of the L1 reconstruction loss")
+    p.add_argument("--l2-weight", type=float, default=1.0, help="weight of the L2 reconstruction loss")
     p.add_argument("--disc-start", type=int, default=-1, help="step at which the GAN loss starts (-1: never)")
     p.add_argument("--disc-start-frac", type=float, default=None,
                    help="start the GAN loss at this fraction of --steps (overrides --disc-start)")
     p.add_argument("--time-budget-min", type=float, default=0,
                    help="fit the run into this many minutes: --steps is set from the throughput of the first "
                         "steps (GAN steps assumed 1.5x as costly)")
-    p.add_argument("--disc-weight", type=float, default=0.1)
-    p.add_argument("--disc-loss", choices=["hinge", "bce"], default="hinge")
+    p.add_argument("--disc-weight", type=float, default=0.1, help="GAN loss weight (times the adaptive weight)")
+    p.add_argument("--disc-loss", choices=["hinge", "bce"], default="hinge", help="discriminator loss")
     p.add_argument("--restart-every", type=int, default=200, help="dead-code restart period in steps (0: off)")
     p.add_argument("--hflip", action="store_true", help="random horizontal flips")
     p.add_argument("--resize", action="store_true", help="resize images of another size instead of failing")
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="leave out unreadable or wrongly sized images with a warning (default: list them and stop)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N images")
-    p.add_argument("--ckpt-every", type=int, default=1000)
-    p.add_argument("--eval-every", type=int, default=1000)
+    p.add_argument("--ckpt-every", type=int, default=1000, help="write last.pt and vqgan.pt every N steps")
+    p.add_argument("--eval-every", type=int, default=1000, help="validation PSNR and a reconstruction grid every N steps")
     p.add_argument("--resume", action="store_true", help="continue from <out-dir>/last.pt")
     p.add_argument("--half", action="store_true", help="also write vqgan_fp16.pt (half precision, for bundling)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="cuda | cpu | auto")
     p.add_argument("--precision", default="auto", help="fp32 | bf16 | fp16 | auto (bf16 on CUDA)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 
 
@@ -103,7 +105,17 @@ def main(argv=None) -> dict:
     precision = resolve_precision(args.precision, device)
     seed_everything(args.seed)
     raw_cfg = apply_overrides(load_vqgan_config(args.config).to_dict(), args.set, where=args.config)
-    model = VQGAN(raw_cfg).to(device).train()
+    size = raw_cfg["img_resolution"]
+    images = load_image_stack(args.data, size, args.resize, args.limit, not args.no_progress, args.skip_bad_images)
+    val_images = (load_image_stack(args.val_data, size, args.resize, 512, False, args.skip_bad_images)
+                  if args.val_data else images[-min(256, len(images)):])
+    last_path = os.path.join(args.out_dir, "last.pt")
+    if args.resume and not os.path.exists(last_path):
+        raise UserError(f"--resume: no checkpoint at {last_path} (drop --resume to start a new run)")
+    try:
+        model = VQGAN(raw_cfg).to(device).train()
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{args.config}: {e}") from e
     cfg = model.cfg
     disc = PatchDiscriminator().to(device).train()
     opt_g = torch.optim.Adam(model.parameters(), lr=args.learning_rate, betas=(0.5, 0.9))
@@ -113,8 +125,7 @@ def main(argv=None) -> dict:
     gen = make_generator(args.seed)
     counts = torch.zeros(cfg.num_codebook_vectors, dtype=torch.long)
     step = 0
-    last_path = os.path.join(args.out_dir, "last.pt")
-    if args.resume and os.path.exists(last_path):
+    if args.resume:
         ck = load_checkpoint(last_path, "VQGAN training checkpoint")
         model.load_state_dict(ck["model"])
         disc.load_state_dict(ck["disc"])
@@ -127,9 +138,6 @@ def main(argv=None) -> dict:
         set_rng_state(ck["rng"])
         log.info("resumed from %s at step %d", last_path, step)
 
-    images = load_image_stack(args.data, cfg.img_resolution, args.resize, args.limit, not args.no_progress)
-    val_images = (load_image_stack(args.val_data, cfg.img_resolution, args.resize, 512, False) if args.val_data
-                  else images[-min(256, len(images)):])
     n_params = sum(p.numel() for p in model.parameters())
     log.info("VQGAN %.2fM params, %d training images, device %s, precision %s", n_params / 1e6, len(images), device,
              precision)
@@ -225,7 +233,9 @@ def main(argv=None) -> dict:
         pbar.close()
         save()
         if stop.stop:
-            log.info("stopped by signal %s at step %d; checkpoint saved to %s", stop.signal, step, last_path)
+            metrics.close()
+            raise Interrupted(f"stopped by signal {stop.signal} at step {step}; checkpoint saved, continue with "
+                              f"--resume ({last_path})")
     if args.half:
         atomic_save({k: v.half() for k, v in model.state_dict().items()}, os.path.join(args.out_dir, "vqgan_fp16.pt"))
     metrics.plot(["rec_loss", "q_loss"], os.path.join(args.out_dir, "loss.png"), "VQGAN training losses")
@@ -233,9 +243,8 @@ def main(argv=None) -> dict:
     final_psnr, usage = evaluate(model, val_images, device, precision)
     log.info("done: %d steps, %.1f images/s, val PSNR %.2f dB, codebook usage %.1f%%, weights %s", step,
              seen / max(1e-9, time.time() - t0), final_psnr, 100 * usage, os.path.join(args.out_dir, "vqgan.pt"))
-    return {"step": step, "first_rec": first_rec, "last_rec": rec_v, "val_psnr": final_psnr,
-            "code_usage": usage}
+    return {"step": step, "first_rec": first_rec, "last_rec": rec_v, "val_psnr": final_psnr, "code_usage": usage}
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

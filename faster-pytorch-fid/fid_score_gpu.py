@@ -9,7 +9,6 @@ Prints ``FID:  <value>``.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -20,12 +19,16 @@ import numpy as np  # noqa: E402
 
 from utils.fid import (FIDError, activations, frechet_distance, get_model, gt_statistics,  # noqa: E402
                        image_files, kernel_inception_distance, statistics)
+from utils.cli import ArgumentParser, run_cli  # noqa: E402
+from utils.data import unreadable_images  # noqa: E402
 from utils.runtime import create_logger, get_device  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="FID (pytorch-fid features) of predicted images vs ground truth")
-    p.add_argument("--predicted-path", default="../test_results", help="folder of predicted images")
+    p = ArgumentParser(description="FID (pytorch-fid features) of predicted images vs ground truth")
+    p.add_argument("--predicted-path", default="../test_results",
+                   help="folder of predicted images to score (the lab's spelling; in inpainting.py the same flag "
+                        "names the folder it writes)")
     p.add_argument("--gtcsv-path", default="./test_gt.csv",
                    help="ground truth: the lab's CSV (one row of 12,288 HWC pixels per image), a folder of "
                         "images, or an .npz with mu/sigma")
@@ -55,6 +58,11 @@ def main(argv=None) -> dict:
         (0 if device.type == "cpu" else min(8, os.cpu_count() or 1))
     progress = not args.no_progress
     t0 = time.time()
+    pred = [] if args.save_stats else image_files(args.predicted_path)  # inputs first, before any model work
+    unreadable_images(pred, f"predicted images in {args.predicted_path}")
+    if not (os.path.exists(args.gtcsv_path)):
+        raise FIDError(f"ground truth {args.gtcsv_path} does not exist: pass --gtcsv-path (the lab's test_gt.csv, "
+                       f"a folder of originals, or an .npz of mu/sigma)")
     model = get_model(args.dims, args.inception_weights)
     log.info("Inception weights: %s", model.weights_source)
     if args.save_stats:
@@ -64,7 +72,6 @@ def main(argv=None) -> dict:
         np.savez(path, mu=mu, sigma=sigma, feats=feats.astype(np.float32))
         print(f"saved statistics of {args.gtcsv_path} to {path}")
         return {"saved": path}
-    pred = image_files(args.predicted_path)
     names = None
     if args.match_names:
         if not os.path.isdir(args.gtcsv_path):
@@ -91,7 +98,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FIDError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
+    run_cli(main)

@@ -17,8 +17,12 @@ python training_transformer.py --train_d_path "$DATA/train" --val_d_path "$DATA/
   --cache-dir "$OUT/cache" --batch-size 256 --learning-rate 1e-3 --warmup-steps 300 --hflip \
   --time-budget-min "$T_MIN" --device "$DEVICE" --no-progress
 python - "$OUT" <<'PY'
-import sys, torch
+import sys
+from collections import OrderedDict
+import torch
 out = sys.argv[1]
-sd = torch.load(f"{out}/transformer_small/transformer_best.pth", map_location="cpu")
-torch.save({k: v.half() for k, v in sd.items()}, f"{out}/transformer_small/transformer_small_fp16.pth")
+sd = torch.load(f"{out}/transformer_small/transformer_best.pth", map_location="cpu", weights_only=True)
+half = OrderedDict((k, v.half()) for k, v in sd.items())
+half._metadata = sd._metadata  # keeps the stored config (utils.checkpoint.lab_state_dict)
+torch.save(half, f"{out}/transformer_small/transformer_small_fp16.pth")
 PY

@@ -1,11 +1,14 @@
 import os
+import shutil
 import sys
 import tempfile
 
 import pytest
 import torch
 
-# keep the tests' caches (converted Inception weights, FID statistics) out of the user's cache
+# keep the tests' caches (converted Inception weights, FID statistics) out of the user's cache; the folder
+# is removed when the session ends (pytest_unconfigure), so a run leaves nothing in the temp folder
+_OWN_CACHE = "MASKGIT_CACHE" not in os.environ
 os.environ.setdefault("MASKGIT_CACHE", tempfile.mkdtemp(prefix="maskgit-test-cache-"))
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -20,6 +23,17 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long-running check (run with --runslow)")
     config.addinivalue_line("markers", "gpu: needs CUDA")
+
+
+def pytest_unconfigure(config):
+    if _OWN_CACHE:
+        shutil.rmtree(os.environ["MASKGIT_CACHE"], ignore_errors=True)
+    base = getattr(getattr(config, "_tmp_path_factory", None), "_basetemp", None)
+    if base is not None and config.getoption("basetemp") is None:  # pytest-of-<user>, emptied by the
+        try:  # retention policy of pytest.ini: remove it when nothing else is left in it
+            os.rmdir(os.path.dirname(base))
+        except OSError:
+            pass
 
 
 def pytest_addoption(parser):

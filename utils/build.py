@@ -8,11 +8,14 @@ import torch
 from models import MaskGit, load_transformer_state
 from models.convert import CheckpointLayoutError, describe_mismatch, unwrap_state_dict
 
-from .checkpoint import load_checkpoint
-from .config import resolve_path
+from .checkpoint import load_checkpoint, stored_config
+from .config import ConfigError, apply_overrides, complete_config, load_maskgit_config, resolve_path
 
-VQGAN_HINT = ("put the lab's VQGAN.pt there, pass --vqgan-ckpt PATH, use a bundled tokenizer "
-              "(see the README's model zoo) or train one with train_vqgan.py")
+BUNDLED_CONFIG = "config/MaskGit_small.yml"  # the bundled small models (README, model zoo)
+BUNDLED_TRANSFORMER = "checkpoints/transformer_small_fp16.pth"
+VQGAN_HINT = ("put the lab's VQGAN.pt there, or pass --vqgan-ckpt PATH together with the tokenizer config it was "
+              "trained with (model_param.VQ_Configs.VQ_config_path in the --MaskGitConfig YAML), use a bundled "
+              "tokenizer (see the README's model zoo) or train one with train_vqgan.py")
 
 
 def load_vqgan_weights(vqgan: torch.nn.Module, path: str) -> None:
@@ -24,14 +27,19 @@ def load_vqgan_weights(vqgan: torch.nn.Module, path: str) -> None:
     sd = {k[len("vqgan."):] if k.startswith("vqgan.") else k: v for k, v in sd.items()}
     problem = describe_mismatch(vqgan.state_dict(), sd)
     if problem:
-        raise CheckpointLayoutError(f"VQGAN checkpoint {path} does not fit the VQGAN config: {problem}")
+        raise CheckpointLayoutError(f"VQGAN checkpoint {path} does not fit the tokenizer config (a checkpoint needs the "
+                                    f"config it was trained with: model_param.VQ_Configs.VQ_config_path in the "
+                                    f"--MaskGitConfig YAML): {problem}")
     vqgan.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
 
 
 def build_maskgit(cfg: dict, load_vqgan: bool = True, vqgan_ckpt: str | None = None) -> MaskGit:
     """MaskGit from a resolved config (``utils.config.load_maskgit_config``); loads the frozen
     tokenizer from ``vqgan_ckpt`` or ``model_param.VQ_Configs.VQ_CKPT_path``."""
-    model = MaskGit(cfg["model_param"], cfg["vqgan"])
+    try:
+        model = MaskGit(cfg["model_param"], cfg["vqgan"])
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"config: {e}") from e
     if load_vqgan:
         path = vqgan_ckpt or (cfg["model_param"].get("VQ_Configs") or {}).get("VQ_CKPT_path")
         if not path:
@@ -40,12 +48,33 @@ def build_maskgit(cfg: dict, load_vqgan: bool = True, vqgan_ckpt: str | None = N
     return model
 
 
-def load_transformer_checkpoint(model: MaskGit, path: str) -> dict:
+def load_transformer_checkpoint(model: MaskGit, path: str, obj=None) -> dict:
     """Load a transformer checkpoint (lab raw state_dict, students' layouts, or ours) into
-    ``model.transformer``. Returns the checkpoint object (for its config, if any)."""
-    obj = load_checkpoint(resolve_path(path) if path else path, "transformer checkpoint")
+    ``model.transformer``; ``obj``: the file's content when already read. Returns the checkpoint
+    object (for its config, if any)."""
+    if obj is None:
+        obj = load_checkpoint(resolve_path(path) if path else path, "transformer checkpoint")
     try:
         load_transformer_state(model.transformer, obj)
     except CheckpointLayoutError as e:
         raise CheckpointLayoutError(f"{path}: {e}") from e
     return obj if isinstance(obj, dict) else {}
+
+
+def checkpoint_config(ckpt_path: str, config_path: str | None = None, overrides: list | None = None):
+    """(resolved config, checkpoint object) for inference: the config stored in our checkpoints, else
+    ``config_path`` (default config/MaskGit.yml), with ``overrides`` (``--set``) on top. Reads the
+    checkpoint as data only and builds nothing, so inputs can be checked before any model work."""
+    obj = load_checkpoint(resolve_path(ckpt_path), "transformer checkpoint")
+    stored = stored_config(obj)
+    cfg = stored if config_path is None and stored is not None else load_maskgit_config(config_path or
+                                                                                        "config/MaskGit.yml")
+    return apply_overrides(complete_config(cfg), overrides, where="config"), obj
+
+
+def load_inference_model(cfg: dict, obj, ckpt_path: str, vqgan_ckpt: str | None = None) -> MaskGit:
+    """MaskGit built from ``cfg`` with the tokenizer and the transformer checkpoint (``obj``, read
+    by :func:`checkpoint_config`) loaded, in eval mode on the CPU."""
+    model = build_maskgit(cfg, vqgan_ckpt=vqgan_ckpt)
+    load_transformer_checkpoint(model, ckpt_path, obj)
+    return model.eval()

@@ -12,10 +12,13 @@ from pathlib import Path
 
 import yaml
 
+from models.config_base import check_type
+from models.Transformer import TransformerConfig
 from models.VQGAN import VQGANConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TOP_LEVEL_KEYS = {"MODEL_NAME", "model_param", "training_param"}
+VQ_CONFIGS_KEYS = {"VQ_config_path", "VQ_CKPT_path"}
 
 
 class ConfigError(ValueError):
@@ -57,7 +60,18 @@ def apply_overrides(cfg: dict, overrides: list[str] | None, where: str = "config
             node = node[p]
         if parts[-1] not in node:
             raise ConfigError(f"override {item!r}: {where} has no key {key!r} (known: {sorted(node)})")
-        node[parts[-1]] = yaml.safe_load(value)
+        try:
+            new = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({' '.join(str(e).split())})") from e
+        old = node[parts[-1]]
+        if old is not None and not isinstance(old, dict):  # the new value must be of the old one's kind
+            try:
+                check_type(key, new, {bool: "bool", int: "float" if isinstance(old, float) else "int",
+                                      float: "float", str: "str", list: "list"}.get(type(old), ""), "override")
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+        node[parts[-1]] = new
     return cfg
 
 
@@ -84,10 +98,24 @@ def load_maskgit_config(path: str, overrides: list[str] | None = None) -> dict:
            "training_param": raw.get("training_param", raw["model_param"].get("training_param", {})) or {}}
     cfg["model_param"] = {k: v for k, v in cfg["model_param"].items() if k != "training_param"}
     vq_paths = cfg["model_param"].get("VQ_Configs") or {}
+    unknown = sorted(set(vq_paths) - VQ_CONFIGS_KEYS)
+    if unknown:
+        raise ConfigError(f"{resolve_path(path)}: unknown keys {unknown} in model_param.VQ_Configs; known: "
+                          f"{sorted(VQ_CONFIGS_KEYS)}")
     if "vqgan" in raw:  # a resolved config saved by us
         cfg["vqgan"] = VQGANConfig.from_dict(raw["vqgan"]).to_dict()
     elif "VQ_config_path" in vq_paths:
         cfg["vqgan"] = load_vqgan_config(vq_paths["VQ_config_path"]).to_dict()
     else:
         raise ConfigError(f"{resolve_path(path)}: model_param.VQ_Configs.VQ_config_path is missing")
-    return apply_overrides(cfg, overrides, where=resolve_path(path))
+    return apply_overrides(complete_config(cfg), overrides, where=resolve_path(path))
+
+
+def complete_config(cfg: dict) -> dict:
+    """Fill ``model_param.Transformer_param`` with the defaults of the keys the YAML leaves out
+    (the lab's MaskGit.yml names 5 of them), so that ``--set`` reaches every key and the stored
+    config says everything: defaults < YAML < CLI."""
+    cfg = copy.deepcopy(cfg)
+    mp = cfg["model_param"]
+    mp["Transformer_param"] = {**TransformerConfig().to_dict(), **(mp.get("Transformer_param") or {})}
+    return cfg

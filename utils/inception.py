@@ -23,6 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .checkpoint import load_checkpoint
+
 log = logging.getLogger("maskgit")
 
 PT_FID_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"
@@ -99,12 +101,12 @@ def find_weights(explicit: str | None = None) -> tuple[dict, str]:
     if explicit:
         if not os.path.isfile(explicit):
             raise FileNotFoundError(f"Inception weights not found: {explicit}")
-        return torch.load(explicit, map_location="cpu"), explicit
+        return load_checkpoint(explicit, "Inception weights"), explicit
     hub = os.path.join(torch.hub.get_dir(), "checkpoints", PT_FID_WEIGHTS)
     if os.path.isfile(hub):
-        return torch.load(hub, map_location="cpu"), hub
+        return load_checkpoint(hub, "Inception weights"), hub
     if os.path.isfile(CONVERTED):
-        return torch.load(CONVERTED, map_location="cpu"), CONVERTED
+        return load_checkpoint(CONVERTED, "converted Inception weights"), CONVERTED
     ts = torchscript_path()
     if ts is None:
         raise FileNotFoundError(HOW_TO_GET.format(hub=torch.hub.get_dir()))

@@ -77,16 +77,23 @@ def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Gener
 
 
 def rng_state() -> dict:
-    """Every RNG state a resumed run needs to continue exactly."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG state a resumed run needs to continue exactly, as plain data (tensors, ints,
+    floats, lists) so that the checkpoint loads with ``weights_only=True``."""
+    version, internal, gauss_next = random.getstate()
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, torch.tensor(internal, dtype=torch.int64), gauss_next],
+             "numpy": [torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(int(v) for v in internal.tolist()), gauss_next))
+    keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

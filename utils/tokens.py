@@ -12,7 +12,7 @@ import os
 import torch
 from tqdm import tqdm
 
-from .checkpoint import atomic_save
+from .checkpoint import atomic_save, load_checkpoint
 from .data import list_images, load_image_stack, uint8_to_normalized
 from .runtime import autocast
 
@@ -27,9 +27,10 @@ def state_dict_fingerprint(module: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def folder_fingerprint(folder: str) -> str:
+def folder_fingerprint(folder: str, limit: int | None = None) -> str:
+    """Content hash of the first ``limit`` images of ``folder`` (all by default)."""
     h = hashlib.sha256()
-    for p in list_images(folder):
+    for p in list_images(folder)[:limit]:
         h.update(os.path.basename(p).encode())
         with open(p, "rb") as f:
             h.update(hashlib.sha1(f.read()).digest())
@@ -51,44 +52,54 @@ def encode_images(vqgan, images_u8: torch.Tensor, device, precision: str = "fp32
 
 
 def cached_tokens(vqgan, folder: str, cache_dir: str, device, image_size: int, hflip: bool = False,
-                  precision: str = "fp32", progress: bool = True, vq_key: str | None = None) -> dict:
-    """Token ids of every image in ``folder`` (and of its mirror images when ``hflip``).
+                  precision: str = "fp32", progress: bool = True, vq_key: str | None = None, limit: int | None = None,
+                  resize: bool = False, skip_bad: bool = False) -> dict:
+    """Token ids of the first ``limit`` images in ``folder`` (all by default; and of their mirror
+    images when ``hflip``). Every image is checked first: unusable ones are listed together in one
+    error, or left out with ``skip_bad`` (see :func:`utils.data.load_image_stack`).
 
-    Returns {"ids": (N or 2N, h*w) int16, "n_images": N, "key": cache key, "folder_key": content hash
-    of the folder}.
+    Returns {"ids": (N or 2N, h*w) int16, "n_images": N, "key": cache key, "files": the N file
+    names encoded, "folder_key": content hash of those files}.
     """
     vq_key = vq_key or state_dict_fingerprint(vqgan)
-    folder_key = folder_fingerprint(folder)
-    key = f"{vq_key}_{folder_key}_{'flip' if hflip else 'noflip'}_{precision}"
+    folder_key = folder_fingerprint(folder, limit)
+    key = (f"{vq_key}_{folder_key}_{'flip' if hflip else 'noflip'}_{precision}"
+           f"{'_resize' if resize else ''}{'_skipbad' if skip_bad else ''}")
     path = os.path.join(cache_dir, f"tokens_{key}.pt")
     if os.path.exists(path):
-        data = torch.load(path, map_location="cpu")
+        data = load_checkpoint(path, "token cache")
         if data.get("key") == key:
             log.info("token cache hit: %s (%d sequences)", path, len(data["ids"]))
             return {**data, "folder_key": folder_key}
-    images = load_image_stack(folder, image_size, progress=progress)
+    images, files = load_image_stack(folder, image_size, resize, limit, progress, skip_bad, return_names=True)
     ids = encode_images(vqgan, images, device, precision, desc=f"encoding {os.path.basename(folder.rstrip('/'))}",
                         progress=progress)
     if hflip:
         ids = torch.cat([ids, encode_images(vqgan, images.flip(-1), device, precision, desc="encoding flips",
                                             progress=progress)])
-    data = {"ids": ids, "n_images": len(images), "key": key, "folder": os.path.abspath(folder)}
+    data = {"ids": ids, "n_images": len(images), "key": key, "folder": os.path.abspath(folder), "files": files}
     atomic_save(data, path)
     data["folder_key"] = folder_key
     log.info("encoded %d images of %s once; cached at %s", len(images), folder, path)
     return data
 
 
-def unseen_indices(val_folder: str, train_folder: str) -> torch.Tensor:
-    """Indices of val images whose pixels occur nowhere in train (exact duplicates removed):
-    the only val images that measure generalization."""
-    def digests(folder):
+def unseen_indices(val_folder: str, train_folder: str, val_files: list | None = None,
+                   train_files: list | None = None) -> torch.Tensor:
+    """Indices into ``val_files`` (default: every image of ``val_folder``) of the val images whose
+    pixels occur nowhere in ``train_files`` of ``train_folder`` (exact duplicates removed): the
+    only val images that measure generalization. Pass the ``files`` of :func:`cached_tokens` so
+    the indices match the cached ids."""
+    from PIL import Image
+
+    def digests(folder, files):
+        paths = [os.path.join(folder, f) for f in files] if files is not None else list_images(folder)
         out = []
-        for p in list_images(folder):
-            from PIL import Image
+        for p in paths:
             with Image.open(p) as im:
                 out.append(hashlib.sha1(im.convert("RGB").tobytes()).digest())
         return out
 
-    train = set(digests(train_folder))
-    return torch.tensor([i for i, d in enumerate(digests(val_folder)) if d not in train], dtype=torch.long)
+    train = set(digests(train_folder, train_files))
+    return torch.tensor([i for i, d in enumerate(digests(val_folder, val_files)) if d not in train],
+                        dtype=torch.long)

@@ -1,14 +1,36 @@
+import copy
+import csv
+import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
 
 import pytest
 import torch
+import yaml
 
 import training_transformer as tt
+import utils.train_engine as engine
 from conftest import ROOT
-from utils.checkpoint import atomic_save
+from models import MaskGit
+from models.Transformer import BidirectionalTransformer
+from utils.checkpoint import atomic_save, load_checkpoint
+from utils.cli import run_cli
+from utils.train_engine import StepConfig, evaluate, make_parts, masked_token_loss, train_step
+from utils.train_options import RunConfig
+from utils.checkpoint import CONFIG_KEY, stored_config
+from utils.train_utils import EMA
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The tiny models run fastest on one thread (and two threads contend on a shared 2-core machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def _args(w, out, *extra):
@@ -18,19 +40,52 @@ def _args(w, out, *extra):
             *extra]
 
 
+def _metric_rows(out, key):
+    with open(out / "metrics.csv") as f:
+        return [(int(float(r["step"])), float(r[key])) for r in csv.DictReader(f) if r.get(key)]
+
+
+def _signal_at_step(monkeypatch, at):
+    """Deliver SIGINT to this process right after training step ``at`` (as Ctrl-C would); returns
+    the unpatched step."""
+    orig = engine.train_step
+
+    def step(parts, cfg, ids, step):
+        out = orig(parts, cfg, ids, step)
+        if step + 1 == at:
+            signal.raise_signal(signal.SIGINT)
+        return out
+
+    monkeypatch.setattr(engine, "train_step", step)
+    return orig
+
+
 @pytest.mark.parametrize("hole_frac", ["0", "0.5"])
-def test_resume_is_exact(tiny_world, tmp_path, hole_frac):
+def test_resume_is_exact(tiny_world, tmp_path, monkeypatch, hole_frac):
+    monkeypatch.setattr(engine, "HOLE_BANK_SIZE", 256)  # 4,096 generated holes take ~20 s at 16x16
     full = tt.main(_args(tiny_world, tmp_path / "full", "--hole-frac", hole_frac))
     assert full["step"] == 18 and len(full["losses"]) == 18
-    part = tt.main(_args(tiny_world, tmp_path / "part", "--stop-after-steps", "8", "--hole-frac", hole_frac))
-    assert part["stopped"] and part["step"] == 8
+    if hole_frac == "0":  # stopped by --stop-after-steps
+        part = tt.main(_args(tiny_world, tmp_path / "part", "--stop-after-steps", "8", "--hole-frac", hole_frac))
+        assert part["stopped"] and part["step"] == 8
+        assert max(abs(a - b) for a, b in zip(full["losses"], part["losses"])) < 1e-6
+    else:  # stopped by Ctrl-C: last.pt saved, exit status 130
+        orig = _signal_at_step(monkeypatch, 8)
+        with pytest.raises(SystemExit) as e:
+            run_cli(tt.main, _args(tiny_world, tmp_path / "part", "--hole-frac", hole_frac))
+        assert e.value.code == 130
+        monkeypatch.setattr(engine, "train_step", orig)
+    assert load_checkpoint(str(tmp_path / "part" / "last.pt"))["step"] == 8
     rest = tt.main(_args(tiny_world, tmp_path / "part", "--resume", "--hole-frac", hole_frac))
-    resumed = part["losses"] + rest["losses"]
-    assert len(resumed) == 18
-    assert max(abs(a - b) for a, b in zip(full["losses"], resumed)) < 1e-6
+    assert rest["step"] == 18 and len(rest["losses"]) == 10
+    assert max(abs(a - b) for a, b in zip(full["losses"][8:], rest["losses"])) < 1e-6
     a = torch.load(tmp_path / "full" / "transformer_last.pth")
     b = torch.load(tmp_path / "part" / "transformer_last.pth")
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    # the epoch mean of epoch 2 (steps 7-12, resumed after step 8) averages all six steps
+    full_means, part_means = (_metric_rows(tmp_path / d, "epoch_train_loss") for d in ("full", "part"))
+    assert [s for s, _ in part_means] == [6, 12, 18]
+    assert max(abs(x - y) for (_, x), (_, y) in zip(full_means, part_means)) < 1e-6
 
 
 def test_outputs_cache_and_lab_layout(tiny_world, tmp_path):
@@ -41,39 +96,165 @@ def test_outputs_cache_and_lab_layout(tiny_world, tmp_path):
                  "metrics.csv", "loss.png"):
         assert (out / name).exists(), name
     assert any(p.startswith("events") for p in os.listdir(out / "tb"))
-    ck = torch.load(out / "last.pt", weights_only=False)
-    assert ck["config"]["model_param"]["Transformer_param"]["dim"] == 32 and ck["epoch"] == 2
-    raw = torch.load(out / "transformer_best.pth")
-    assert "blocks.0.Attention.qkv.weight" in raw and "pos_emb" in raw  # raw lab layout, no wrapper
+    ck = load_checkpoint(str(out / "last.pt"))  # weights_only=True
+    cfg = ck["config"]
+    assert cfg["model_param"]["Transformer_param"]["dim"] == 32 and ck["epoch"] == 2
+    for name in ("transformer_best.pth", "transformer_last.pth", "epoch_1.pth"):
+        raw = torch.load(out / name, weights_only=True)
+        assert "blocks.0.Attention.qkv.weight" in raw and "pos_emb" in raw  # raw lab layout, no wrapper
+        assert all(v.device.type == "cpu" for v in raw.values())
+        assert raw._metadata[CONFIG_KEY]["config"] == cfg and stored_config(raw) == cfg  # config rides along
+        net = BidirectionalTransformer(cfg["model_param"]["Transformer_param"])
+        net.load_state_dict(raw)  # the lab's strict load_state_dict(torch.load(path)) still works
+    # loss.png plots like with like: the unsmoothed train CE per epoch at the steps of the val loss
+    ce, val = _metric_rows(out, "epoch_train_ce"), _metric_rows(out, "val_loss")
+    assert [s for s, _ in ce] == [s for s, _ in val][1:] == [12, 24]  # 96 sequences with flips: 12 steps/epoch
+    assert all(x > y for (_, x), (_, y) in zip(_metric_rows(out, "epoch_train_loss"), ce))  # label smoothing is on
     # validation reported on all val and on val images that never occur in train (12 of 16)
     assert {"val_loss", "val_unseen_loss", "val_acc"} <= set(res["history"][0]) and res["history"][0]["step"] == 0
-    caches = sorted(os.listdir(str(out) + "_cache"))
-    assert len([c for c in caches if c.startswith("tokens_")]) == 2  # train (with flips) + val
-    unseen = torch.load(os.path.join(str(out) + "_cache", [c for c in caches if c.startswith("unseen")][0]))
+    cache = str(out) + "_cache"
+    assert len([c for c in os.listdir(cache) if c.startswith("tokens_")]) == 2  # train (with flips) + val
+    unseen = load_checkpoint(os.path.join(cache, next(c for c in os.listdir(cache) if c.startswith("unseen"))))
     assert unseen.tolist() == list(range(4, 16))
-    # a changed tokenizer changes the cache key: the stale cache is not used
+    # a changed tokenizer changes the cache key: the stale cache is not used; --partial encodes only what it uses
     vq = torch.load(tiny_world["vqgan"])
     vq["codebook.embedding.weight"] += 1
     torch.save(vq, tiny_world["vqgan"])
-    tt.main(_args(tiny_world, tmp_path / "run2", "--epochs", "1", "--cache-dir", str(out) + "_cache"))
-    assert len([c for c in os.listdir(str(out) + "_cache") if c.startswith("tokens_")]) == 4
+    tt.main(_args(tiny_world, tmp_path / "run2", "--epochs", "1", "--cache-dir", cache, "--partial", "0.5"))
+    new = [load_checkpoint(os.path.join(cache, c)) for c in os.listdir(cache) if c.startswith("tokens_")]
+    assert len(new) == 4 and sorted(len(c["ids"]) for c in new) == [16, 16, 24, 96]
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_world, tmp_path, monkeypatch):
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_world, tmp_path, monkeypatch, capsys):
     tt.main(_args(tiny_world, tmp_path / "nan", "--epochs", "1"))
     before = (tmp_path / "nan" / "last.pt").read_bytes()
     calls = {"n": 0}
-    orig = torch.nn.functional.cross_entropy
+    orig = engine.masked_token_loss
 
-    def poisoned(*a, **k):
+    def poisoned(*a, **k):  # calls 1-2: the step-0 validation; NaN from the second training step on
         calls["n"] += 1
-        out = orig(*a, **k)
-        return out * float("nan") if calls["n"] > 3 else out
+        loss, *rest = orig(*a, **k)
+        return (loss * float("nan") if calls["n"] > 3 else loss, *rest)
 
-    monkeypatch.setattr(torch.nn.functional, "cross_entropy", poisoned)
-    with pytest.raises(tt.NonFiniteLoss, match="nan"):
-        tt.main(_args(tiny_world, tmp_path / "nan", "--epochs", "1"))
+    monkeypatch.setattr(engine, "masked_token_loss", poisoned)
+    with pytest.raises(SystemExit) as e:
+        run_cli(tt.main, _args(tiny_world, tmp_path / "nan", "--epochs", "1"))
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "error: " in err.splitlines()[-1] and "nan" in err.splitlines()[-1]
+    assert "Traceback" not in err
     assert (tmp_path / "nan" / "last.pt").read_bytes() == before
+
+
+def test_input_errors_are_one_line_before_any_output(tiny_world, tmp_path, capsys):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        run_cli(tt.main, _args(tiny_world, out, "--train_d_path", str(tmp_path / "missing")))
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 1 and "does not exist" in err and "missing" in err and len(err.splitlines()) == 1
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    os.replace(tmp_path / "bad.png", os.path.join(tiny_world["train"], "image_99999.png"))
+    with pytest.raises(SystemExit) as e:
+        run_cli(tt.main, _args(tiny_world, out))
+    err = capsys.readouterr().err
+    last = err.splitlines()[-1]
+    assert e.value.code == 1 and "image_99999.png" in last and "--skip-bad-images" in last and "Traceback" not in err
+    assert not out.exists()  # nothing written before the check failed
+    res = tt.main(_args(tiny_world, out, "--skip-bad-images", "--epochs", "1"))
+    assert res["step"] == 6  # the 48 good images: 6 steps of 8
+
+
+def test_every_option_has_help():
+    assert all(f.metadata["help"] for f in dataclasses.fields(RunConfig))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        tt.parse_options([]).epochs = 3  # read once, never changed
+
+
+# --- the training step, against closed forms ---------------------------------------------------
+
+def _tiny_model(tiny_cfg, seed=0, dropout=0.0):
+    cfg = copy.deepcopy(tiny_cfg)
+    cfg["model_param"]["Transformer_param"].update(dropout=dropout, attn_dropout=dropout)
+    torch.manual_seed(seed)
+    return MaskGit(cfg["model_param"], cfg["vqgan"])
+
+
+def _ids(n, seed=1):
+    return torch.randint(0, 32, (n, 16), generator=torch.Generator().manual_seed(seed))
+
+
+def test_step_masks_are_the_lab_mvtm_keyed_on_seed_and_step(tiny_cfg):
+    parts = make_parts(_tiny_model(tiny_cfg), torch.device("cpu"), "fp32", lr=1e-3)
+    cfg = StepConfig(seed=5)
+    m0, m0_again, m1 = (engine.step_masks(parts, cfg, 64, s) for s in (0, 0, 1))
+    assert torch.equal(m0, m0_again) and not torch.equal(m0, m1)  # a new draw every step, reproducible
+    counts = m0.sum(1)
+    assert counts.min() >= 1 and counts.max() <= 16 and len(set(counts.tolist())) > 4  # r ~ U(0, 1) per row
+    assert torch.equal(engine.step_masks(parts, StepConfig(seed=6), 64, 0), m0) is False
+
+
+def test_loss_falls_when_overfitting_a_tiny_batch(tiny_cfg):
+    model = _tiny_model(tiny_cfg)
+    parts = make_parts(model, torch.device("cpu"), "fp32", lr=1e-2, weight_decay=0.0)
+    ids = _ids(2).repeat(2, 1)  # two sequences, twice
+    before = evaluate(model, model.transformer, ids)["loss"]  # ~ln(33): chance
+    for step in range(40):
+        train_step(parts, StepConfig(batch_size=4, label_smoothing=0.0), ids, step)
+    after = evaluate(model, model.transformer, ids)["loss"]  # ~0.5 (which of the two, when all is masked)
+    assert after < 0.25 * before, (before, after)
+
+
+def test_gradient_accumulation_equals_the_larger_batch(tiny_cfg):
+    """Same masks (keyed on seed and step over the step's global batch), fp32, no dropout: 2 x 6
+    accumulated equals one batch of 12, in the gradients and in the weights after two steps."""
+    ids = _ids(12)
+    grads, weights = [], []
+    for accum in (1, 2, 3):
+        model = _tiny_model(tiny_cfg)
+        parts = make_parts(model, torch.device("cpu"), "fp32", lr=1e-3)
+        cfg = StepConfig(batch_size=12 // accum, accum_grad=accum, clip_grad=1e9, label_smoothing=0.1)
+        for step in range(2):
+            train_step(parts, cfg, ids, step)
+        grads.append(torch.cat([p.grad.flatten() for p in model.transformer.parameters()]))
+        weights.append(torch.cat([p.detach().flatten() for p in model.transformer.parameters()]))
+    for g, w in zip(grads[1:], weights[1:]):
+        assert (g - grads[0]).abs().max() < 1e-6 and (w - weights[0]).abs().max() < 1e-6
+
+
+def test_label_smoothing_against_its_closed_form():
+    torch.manual_seed(0)
+    B, N, V, eps = 3, 5, 7, 0.2
+    logits, ids = torch.randn(B, N, V) * 3, torch.randint(0, V, (B, N))
+    mask = torch.rand(B, N) < 0.5
+    logits[~mask] = 1e4 * torch.randn(int((~mask).sum()), V)  # garbage where not masked: must not count
+    idx = mask.reshape(-1).nonzero().squeeze(1)
+    loss, ce = masked_token_loss(logits, ids, idx, eps)[:2]
+    expected, plain = 0.0, 0.0
+    for b in range(B):
+        for n in range(N):
+            if mask[b, n]:
+                p = torch.softmax(logits[b, n].double(), 0)
+                nll = -torch.log(p[ids[b, n]])
+                expected += (1 - eps) * nll + eps * (-torch.log(p)).mean()
+                plain += nll
+    assert abs(loss.item() - float(expected)) < 1e-4 and abs(ce.item() - float(plain)) < 1e-4
+    ref = torch.nn.functional.cross_entropy(logits.reshape(-1, V)[idx], ids.reshape(-1)[idx], label_smoothing=eps,
+                                            reduction="sum")
+    assert abs(loss.item() - ref.item()) < 1e-4
+
+
+def test_weight_ema_follows_the_formula():
+    torch.manual_seed(0)
+    net, d = torch.nn.Linear(3, 2), 0.9
+    ema = EMA(net, d)
+    expected = [p.detach().clone() for p in net.parameters()]
+    for _ in range(4):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn_like(p))
+        ema.update(net)
+        expected = [d * e + (1 - d) * p.detach() for e, p in zip(expected, net.parameters())]
+    for e, got in zip(expected, ema.model.parameters()):
+        assert torch.allclose(got, e, atol=1e-6)
 
 
 def test_atomic_save_leaves_old_file_on_failure(tmp_path):
@@ -90,14 +271,51 @@ def test_atomic_save_leaves_old_file_on_failure(tmp_path):
     assert os.listdir(tmp_path) == ["ck.pt"]  # no temp file left behind
 
 
-def test_ddp_gloo_two_processes_identical_weights(tiny_world, tmp_path):
-    out = tmp_path / "ddp"
+def test_ddp_two_processes_equal_one_process_of_the_same_global_batch(tiny_world, tmp_path):
+    """2 processes x 4 rows (gloo, CPU) against 1 process x 8 rows: the masks depend only on (seed,
+    step, place in the global batch), the loss is normalised by the global masked count, and
+    dropout is off, so the weights agree to float rounding."""
+    cfg = yaml.safe_load(open(tiny_world["config"]))
+    cfg["model_param"]["Transformer_param"].update(dropout=0.0, attn_dropout=0.0)
+    cfg_path = tmp_path / "no_dropout.yml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    out, single = tmp_path / "ddp", tmp_path / "single"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
-           os.path.join(ROOT, "training_transformer.py"), *_args(tiny_world, out, "--epochs", "1")]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+           os.path.join(ROOT, "training_transformer.py"),
+           *_args(tiny_world, out, "--epochs", "1", "--MaskGitConfig", str(cfg_path), "--log-every", "1")]
+    (tmp_path / "tmp").mkdir()  # torchrun's own temp folders (torchelastic_*) go here, not in /tmp
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, TMPDIR=str(tmp_path / "tmp"))
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     check = json.loads((out / "ddp_check.json").read_text())
-    sums = check["weight_sums"]
-    assert len(sums) == 2 and sums[0] == sums[1]
-    assert (out / "transformer_last.pth").exists()
+    assert len(check["weight_sums"]) == 2 and check["weight_sums"][0] == check["weight_sums"][1]
+    res = tt.main(_args(tiny_world, single, "--epochs", "1", "--MaskGitConfig", str(cfg_path),
+                        "--cache-dir", str(out) + "_cache", "--log-every", "1"))
+    assert len(res["losses"]) == 6 and max(abs(a - b) for a, b in zip(check["losses"], res["losses"])) < 1e-5
+    norms = [[x for _, x in _metric_rows(d, "grad_norm")] for d in (out, single)]  # the gradients' scale too
+    assert len(norms[0]) == 6 and max(abs(a - b) for a, b in zip(*norms)) < 1e-5
+    a, b = (torch.load(d / "transformer_last.pth") for d in (out, single))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
+@pytest.mark.gpu
+def test_cuda_step_has_no_host_sync_and_matches_the_cpu_step(tiny_cfg):
+    """The device path (token cache on the GPU, masks drawn on the CPU, fused AdamW, foreach EMA)
+    never waits for the GPU inside a step, and in fp32 gives the CPU step's loss (same masks)."""
+    ids, losses = _ids(8), []
+    for device in ("cpu", "cuda"):
+        model = _tiny_model(tiny_cfg).to(device)
+        parts = make_parts(model, torch.device(device), "fp32", lr=1e-3, warmup_steps=2, total_steps=lambda: 10,
+                           ema=0.9)
+        cfg, batch = StepConfig(batch_size=8), ids.to(device)
+        stats = [train_step(parts, cfg, batch, 0)[0]]  # warm-up (library initialisation may sync)
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            stats += [train_step(parts, cfg, batch, s)[0] for s in range(1, 4)]
+        finally:
+            if device == "cuda":
+                torch.cuda.set_sync_debug_mode("default")
+        losses.append(torch.stack(stats).cpu())
+    assert torch.allclose(losses[0], losses[1], atol=1e-4)

@@ -1,8 +1,11 @@
-"""Plumbing shared by the two trainers: LR schedule, EMA, logging sinks, signals, NaN guard."""
+"""Plumbing shared by the two trainers: LR schedule, EMA, logging sinks, signals, NaN guard,
+options declared once as fields of a frozen run config, raw state_dicts that carry their config."""
 from __future__ import annotations
 
+import argparse
 import copy
 import csv
+import dataclasses
 import math
 import os
 import signal
@@ -20,22 +23,50 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float = 0.05) -
 
 
 class EMA:
-    """Exponential moving average of a model's parameters (buffers copied)."""
+    """Exponential moving average of a model's parameters, e_t = d e_(t-1) + (1 - d) p_t, in one
+    fused ``_foreach_lerp_`` (no Python loop over tensors); buffers are copied."""
 
     def __init__(self, model: torch.nn.Module, decay: float = 0.999):
         self.decay = decay
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self._params, self._buffers = list(self.model.parameters()), list(self.model.buffers())
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
-        for e, p in zip(self.model.parameters(), model.parameters()):
-            e.lerp_(p.detach(), 1 - self.decay)
-        for e, b in zip(self.model.buffers(), model.buffers()):
-            e.copy_(b)
+        torch._foreach_lerp_(self._params, [p.detach() for p in model.parameters()], 1 - self.decay)
+        if self._buffers:
+            torch._foreach_copy_(self._buffers, list(model.buffers()))
 
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+def option(default, *flags: str, help: str, **argparse_kw):
+    """A field of a frozen run-config dataclass that is also a command-line option: its flags
+    (default ``--field-name``), help text and other ``add_argument`` keywords. A bool is a switch."""
+    return dataclasses.field(default=default, metadata={"flags": flags, "help": help, **argparse_kw})
+
+
+def add_options(parser: argparse.ArgumentParser, config_cls) -> None:
+    """Add every :func:`option` field of ``config_cls`` to ``parser`` (dest = the field name)."""
+    for f in dataclasses.fields(config_cls):
+        meta = dict(f.metadata)
+        flags = meta.pop("flags") or (f"--{f.name.replace('_', '-')}",)
+        if isinstance(f.default, bool):
+            meta["action"] = "store_true"
+        elif isinstance(f.default, tuple):
+            meta.setdefault("nargs", "*")
+        elif f.default is not None and "type" not in meta:
+            meta["type"] = type(f.default)
+        parser.add_argument(*flags, dest=f.name, default=f.default, **meta)
+
+
+def config_from_args(config_cls, args: argparse.Namespace):
+    """The frozen run config of parsed arguments (lists become tuples; extra arguments such as
+    ``--debug`` are left out)."""
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    return config_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items() if k in names})
 
 
 def check_finite(loss: torch.Tensor, step: int) -> None:

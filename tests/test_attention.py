@@ -1,8 +1,13 @@
+"""The hand-written attention (the lab's reference) against torch.nn.MultiheadAttention, and the
+opt-in fused path (F.scaled_dot_product_attention) pinned to it: equal in eval, same dropout rate
+and same expected output in training, never called unless asked for."""
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from models import MultiHeadAttention
+from conftest import TINY_T
+from models import BidirectionalTransformer, MultiHeadAttention, TransformerConfig
 
 
 @pytest.mark.parametrize("B,N", [(1, 1), (2, 7), (3, 64), (5, 256)])
@@ -37,7 +42,7 @@ def test_cuda_bf16_autocast_keeps_maps_in_bf16_and_matches_fp64():
     with torch.autocast("cuda", torch.bfloat16):
         out, attn = m(x, return_attention=True)
         q, k, _ = m.qkv(x).view(2, 64, 3, 16, 6).permute(2, 0, 3, 1, 4).unbind(0)
-        scores = (q * m.scale) @ k.transpose(-2, -1)
+        scores = (q @ k.transpose(-2, -1)) * m.scale
     assert attn.dtype == torch.bfloat16 and scores.dtype == torch.bfloat16
     torch.testing.assert_close(attn.double(), torch.softmax(scores.double(), dim=-1), atol=4e-3, rtol=8e-3)
     torch.testing.assert_close(out.float(), m(x), atol=0.05, rtol=0.05)  # the block stays near fp32
@@ -59,9 +64,182 @@ def test_lab_size_layout_and_dropout_active_in_train():
     assert torch.equal(m(x), m(x))
 
 
-def test_no_ready_made_attention_in_model_code():
-    import inspect
+def _pair(dim, heads, p=0.0, seed=0):
+    """A hand-written and a fused attention with the same random weights, large enough for peaked
+    (not near-uniform) attention maps at every width."""
+    torch.manual_seed(seed)
+    ref = MultiHeadAttention(dim, heads, attn_drop=p)
+    with torch.no_grad():
+        for w in ref.parameters():
+            w.normal_(0, 2 * dim ** -0.5)
+    fused = MultiHeadAttention(dim, heads, attn_drop=p, fused_attn=True)
+    fused.load_state_dict(ref.state_dict())  # same parameter names: a checkpoint serves both paths
+    return ref, fused
 
-    import models.Transformer.modules.layers as layers
-    src = inspect.getsource(layers)
-    assert "scaled_dot_product_attention" not in src and "nn.MultiheadAttention" not in src
+
+@pytest.mark.parametrize("B,N,dim,heads", [(1, 1, 32, 4), (2, 7, 96, 16), (3, 64, 64, 2), (2, 256, 768, 16)])
+def test_fused_equals_hand_written_in_eval(B, N, dim, heads):
+    ref, fused = _pair(dim, heads, p=0.1, seed=B * 1000 + N)  # dropout must be off in eval on both paths
+    ref.eval(), fused.eval()
+    x = torch.randn(B, N, dim, requires_grad=True)
+    out_ref, out_fused = ref(x), fused(x)
+    torch.testing.assert_close(out_fused, out_ref, atol=1e-5, rtol=1e-5)
+    # backward too: the gradients the fused path trains with are those of the reference
+    g = torch.randn_like(out_ref)
+    grads_ref = torch.autograd.grad(out_ref, [x, *ref.parameters()], g)
+    grads_fused = torch.autograd.grad(out_fused, [x, *fused.parameters()], g)
+    for a, b in zip(grads_fused, grads_ref):  # sums over B*N: compare in norm, relative
+        assert (a - b).norm() <= 1e-5 * b.norm()
+    # return_attention needs the weights, so it takes the hand-written path on a fused module too
+    out_w, attn = fused(x, return_attention=True)
+    torch.testing.assert_close(out_w, out_ref, atol=1e-5, rtol=1e-5)
+    assert attn.shape == (B, heads, N, N)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,N,dim,heads", [(2, 64, 96, 16), (4, 256, 768, 16)])
+def test_cuda_bf16_fused_equals_hand_written(B, N, dim, heads):
+    ref, fused = _pair(dim, heads, seed=N)
+    ref.cuda().eval(), fused.cuda().eval()
+    x = torch.randn(B, N, dim, device="cuda")
+    with torch.no_grad():
+        exact = ref(x)  # fp32
+        with torch.autocast("cuda", torch.bfloat16):
+            out_ref, out_fused = ref(x), fused(x)
+    assert out_ref.dtype == out_fused.dtype == torch.bfloat16
+    scale = exact.abs().max().item()
+    for out in (out_ref, out_fused):  # each path within bf16 rounding of the fp32 reference
+        torch.testing.assert_close(out.float(), exact, atol=2e-2 * scale, rtol=2e-2)
+    torch.testing.assert_close(out_fused.float(), out_ref.float(), atol=2e-2 * scale, rtol=2e-2)
+
+
+def _probe(p, fused, heads=4, head_dim=32, device="cpu"):
+    """An attention whose output IS its attention weights after dropout: q = k = 0 gives uniform
+    weights 1/N; v = x and proj = identity; the input x[b, j, h*D + d] = (j == d) with N = D tokens
+    makes v one-hot per head, so out[b, i, h*D + j] = dropout(attn)[b, h, i, j]."""
+    dim = heads * head_dim
+    m = MultiHeadAttention(dim, heads, attn_drop=p, fused_attn=fused).to(device).train()
+    with torch.no_grad():
+        m.qkv.weight.zero_()
+        m.qkv.bias.zero_()
+        m.qkv.weight[2 * dim:].copy_(torch.eye(dim))  # rows [q; k; v]: v = x
+        m.proj.weight.copy_(torch.eye(dim))
+        m.proj.bias.zero_()
+    x = torch.eye(head_dim, device=device).repeat(1, heads)  # (N, H*D), N = D
+    return m, x.expand(8, head_dim, dim)  # (B, N, C)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_rate_on_attention_weights(p, fused, device):
+    """Both paths drop each attention weight with probability p and scale the kept ones by
+    1/(1-p) (8*4*32*32 = 32768 weights: the zero fraction is within 0.01 of p at > 4 sigma)."""
+    m, x = _probe(p, fused, device=device)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        dropped = m(x)  # (B, N, H*D): the dropped attention weights
+    n = x.shape[1]
+    zero = dropped == 0
+    assert abs(zero.float().mean().item() - p) < 0.01
+    torch.testing.assert_close(dropped[~zero], torch.full_like(dropped[~zero], 1 / (n * (1 - p))))
+    m.eval()
+    torch.testing.assert_close(m(x), torch.full_like(dropped, 1 / n))  # the probe itself: uniform weights
+
+
+def test_hand_written_dropout_acts_on_the_softmax_weights():
+    """With random weights: the Dropout module sees the softmax maps (rows sum to 1), zeroes a
+    fraction p of them and scales the rest by 1/(1-p)."""
+    torch.manual_seed(0)
+    m = MultiHeadAttention(64, 4, attn_drop=0.1).train()
+    seen = {}
+    m.attn_drop.register_forward_hook(lambda mod, inp, out: seen.update(attn=inp[0], dropped=out))
+    m(torch.randn(8, 32, 64))
+    attn, dropped = seen["attn"], seen["dropped"]
+    assert attn.shape == (8, 4, 32, 32)
+    torch.testing.assert_close(attn.sum(-1), torch.ones(8, 4, 32))
+    zero = dropped == 0
+    assert abs(zero.float().mean().item() - 0.1) < 0.01
+    torch.testing.assert_close(dropped[~zero], attn[~zero] / 0.9)
+
+
+def test_training_mode_same_expected_output_and_spread():
+    """Random weights, 2000 training-mode copies of one input per path (one batch: independent
+    dropout masks per copy). Dropout is unbiased, so each path's mean converges to the eval output
+    (within 5 standard errors; a missing or wrong 1/(1-p) is off by ~10%), and the spread around
+    it, which grows like p/(1-p), is the same for both (the p=0.5 spread is ~9x the p=0.1 one)."""
+    S = 2000
+    ref, fused = _pair(32, 4, p=0.1, seed=1)
+    x = torch.randn(2, 16, 32)
+    with torch.no_grad():
+        expected = ref.eval()(x)
+        torch.testing.assert_close(fused.eval()(x), expected, atol=1e-5, rtol=1e-5)
+        ref.train(), fused.train()
+        spread = {}
+        for name, m in (("ref", ref), ("fused", fused)):
+            torch.manual_seed(0)
+            outs = m(x.repeat(S, 1, 1)).view(S, *x.shape)  # (S*B, N, C) -> (S, B, N, C)
+            se = outs.std(0) / S ** 0.5
+            assert ((outs.mean(0) - expected).abs() < 5 * se + 1e-6).all(), name
+            spread[name] = outs.var(0).mean().item()
+    assert 0.9 < spread["fused"] / spread["ref"] < 1.1
+
+
+def _tiny(fused_attn):
+    return BidirectionalTransformer(TransformerConfig(**TINY_T, fused_attn=fused_attn))
+
+
+def test_transformer_fused_equals_hand_written_logits():
+    torch.manual_seed(0)
+    ref, fused = _tiny(False), _tiny(True)
+    fused.load_state_dict(ref.state_dict())  # strict: the same checkpoint keys
+    assert all(b.Attention.fused_attn for b in fused.blocks) and not any(b.Attention.fused_attn for b in ref.blocks)
+    ids = torch.randint(0, TINY_T["num_codebook_vectors"] + 1, (3, TINY_T["num_image_tokens"]))
+    with torch.no_grad():
+        torch.testing.assert_close(fused.eval()(ids), ref.eval()(ids), atol=1e-5, rtol=1e-5)
+
+
+def test_fused_attn_config_key(tiny_cfg):
+    from utils.build import build_maskgit
+    from utils.config import apply_overrides
+    assert TransformerConfig().fused_attn is False  # off by default
+    cfg = dict(tiny_cfg)
+    cfg["model_param"] = dict(tiny_cfg["model_param"], Transformer_param=dict(TINY_T, fused_attn=False))
+    on = apply_overrides(cfg, ["model_param.Transformer_param.fused_attn=true"])
+    blocks = build_maskgit(on, load_vqgan=False).transformer.blocks
+    assert all(b.Attention.fused_attn for b in blocks)
+    with pytest.raises(ValueError, match="fused_attn"):
+        TransformerConfig.from_dict(dict(TINY_T, fused_attn="yes"))
+
+
+def test_ready_made_attention_only_on_the_opt_in_path(monkeypatch):
+    """The lab's rule, checked by behaviour: with the default config the model trains and evaluates
+    with F.scaled_dot_product_attention (and nn.MultiheadAttention's functional) made to raise; with
+    fused_attn=True every layer calls it once per forward."""
+    real, calls = F.scaled_dot_product_attention, []
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("ready-made attention called")
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", forbidden)
+    monkeypatch.setattr(F, "multi_head_attention_forward", forbidden)
+    torch.manual_seed(0)
+    ids = torch.randint(0, TINY_T["num_codebook_vectors"] + 1, (2, TINY_T["num_image_tokens"]))
+    model = _tiny(False)
+    assert not any(isinstance(m, nn.MultiheadAttention) for m in model.modules())
+    model.train()(ids).sum().backward()
+    with torch.no_grad():
+        model.eval()(ids)
+    with pytest.raises(AssertionError, match="ready-made attention called"):
+        _tiny(True)(ids)
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("dropout_p"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", counting)
+    fused = _tiny(True)
+    fused.train()(ids)
+    with torch.no_grad():
+        fused.eval()(ids)
+    assert calls == [0.1] * TINY_T["n_layers"] + [0.0] * TINY_T["n_layers"]

@@ -1,4 +1,5 @@
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -7,8 +8,8 @@ import torch
 from PIL import Image
 
 from conftest import ROOT, TEST_GT
-from utils.fid import (FIDError, activations, compute_fid, frechet_distance, get_model, gt_statistics,
-                       kernel_inception_distance, read_gt_csv, statistics)
+from utils.fid import (STATS_DIR, FIDError, activations, compute_fid, frechet_distance, get_model, gt_statistics,
+                       image_files, kernel_inception_distance, read_gt_csv, source_key, statistics)
 from utils.inception import convert_tf_torchscript, torchscript_path
 
 
@@ -47,6 +48,20 @@ def test_frechet_closed_forms():
     a, b = np.diag(np.arange(1.0, 6.0)), np.diag(np.arange(2.0, 7.0))
     expected = ((np.sqrt(np.arange(1.0, 6.0)) - np.sqrt(np.arange(2.0, 7.0))) ** 2).sum()
     assert frechet_distance(np.zeros(5), a, np.zeros(5), b) == pytest.approx(expected, rel=1e-9)
+
+
+def test_frechet_of_affine_features_closed_form():
+    """Features y = c x + b: mu_y = c mu_x + b and S_y = c^2 S_x, so sqrt(S_x S_y) = c S_x and the
+    distance is ||(c-1) mu_x + b||^2 + (1-c)^2 tr(S_x), through statistics() as compute_fid uses it."""
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(500, 32)) @ rng.normal(size=(32, 32)) + rng.normal(size=32)  # (500, 32) features
+    c, b = 1.7, rng.normal(size=32)
+    mu_x, s_x = statistics(x)
+    mu_y, s_y = statistics(c * x + b)
+    d = (c - 1) * mu_x + b
+    expected = d @ d + (1 - c) ** 2 * np.trace(s_x)
+    assert _scipy_fid(mu_x, s_x, mu_y, s_y) == pytest.approx(expected, rel=1e-6)
+    assert frechet_distance(mu_x, s_x, mu_y, s_y) == pytest.approx(expected, rel=1e-9)
 
 
 def test_frechet_rank_deficient_matches_scipy():
@@ -115,8 +130,30 @@ def test_fid_of_a_set_with_itself_is_zero_and_csv_equals_folder(model, tmp_path,
     mu, s = statistics(fa)
     assert abs(frechet_distance(mu, s, mu, s)) < 1e-6
     assert abs(compute_fid(str(folder), str(csv))) < 1e-6
-    # cached statistics give the same answer
-    assert compute_fid(str(folder), str(folder)) == pytest.approx(compute_fid(str(folder), str(folder)), abs=1e-9)
+
+
+def test_compute_fid_of_two_sets_matches_scipy(tmp_path, lab3):
+    """End to end on two different sets of real images: compute_fid equals the reference formula
+    with scipy.linalg.sqrtm on the sets' own features, with the ground-truth statistics computed and
+    then read from the cache, and both ways round. 64-d features: 12 images give a rank-11
+    covariance that sqrtm still handles to ~1e-8, and sqrtm of 2048x2048 takes minutes on CPU."""
+    model = get_model(64)
+    files = sorted(os.listdir(TEST_GT))[:24]
+    a, b = tmp_path / "a", tmp_path / "b"
+    for folder, names in ((a, files[:12]), (b, files[12:])):
+        folder.mkdir()
+        for f in names:
+            shutil.copy(os.path.join(TEST_GT, f), folder / f)
+    fa = activations(image_files(str(a)), model, progress=False)  # (12, 64)
+    fb = activations(image_files(str(b)), model, progress=False)
+    expected = _scipy_fid(*statistics(fa), *statistics(fb))
+    assert expected > 1.0  # different images: far from zero
+    cached = os.path.join(STATS_DIR, source_key(str(b), 64, model.weights_source) + ".npz")
+    assert not os.path.exists(cached)
+    assert compute_fid(str(a), str(b), dims=64, device="cpu") == pytest.approx(expected, rel=1e-6)
+    assert os.path.isfile(cached)  # the second call reads b's statistics from here
+    assert compute_fid(str(a), str(b), dims=64, device="cpu") == pytest.approx(expected, rel=1e-6)
+    assert compute_fid(str(b), str(a), dims=64, device="cpu") == pytest.approx(expected, rel=1e-6)
 
 
 def test_fid_matches_pytorch_fid_pipeline_on_real_images(model, lab3):

@@ -20,6 +20,7 @@ class TransformerConfig(StrictConfig):
     num_heads: int = 16
     dropout: float = 0.1
     attn_dropout: float = 0.1
+    fused_attn: bool = False  # opt-in F.scaled_dot_product_attention; the hand-written path is the reference
 
 
 def weights_init(m: nn.Module) -> None:
@@ -46,8 +47,8 @@ class BidirectionalTransformer(nn.Module):
         self.vocab_size = cfg.num_codebook_vectors + 1  # + the mask token (id = num_codebook_vectors)
         self.tok_emb = nn.Embedding(self.vocab_size, cfg.dim)
         self.pos_emb = nn.Parameter(torch.zeros(cfg.num_image_tokens, cfg.dim))
-        self.blocks = nn.Sequential(*[Encoder(cfg.dim, cfg.hidden_dim, cfg.num_heads, cfg.dropout, cfg.attn_dropout)
-                                      for _ in range(cfg.n_layers)])
+        self.blocks = nn.Sequential(*[Encoder(cfg.dim, cfg.hidden_dim, cfg.num_heads, cfg.dropout, cfg.attn_dropout,
+                                              cfg.fused_attn) for _ in range(cfg.n_layers)])
         self.Token_Prediction = TokenPredictor(cfg.dim)
         self.LN = nn.LayerNorm(cfg.dim, eps=1e-12)
         self.drop = nn.Dropout(cfg.dropout)

@@ -7,29 +7,24 @@ Writes ``test_results/``, ``mask_scheduling/`` and ``imga/`` (the lab's files) i
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
 
-import torch
 from torchvision.utils import save_image
 
-from models import SCHEDULES, image_generators
-from utils.build import build_maskgit, load_transformer_checkpoint
-from utils.checkpoint import load_checkpoint
-from utils.config import REPO_ROOT, load_maskgit_config, resolve_path
-from utils.data import (BLENDS, PREFILLS, TEST_MEAN, TEST_STD, MaskedImageSet, default_data_root, denormalize,
-                        find_lab_layout)
-from utils.inpaint import InpaintOptions, run_inpainting, schedule_report
-from utils.runtime import autocast, create_logger, get_device, resolve_precision
+from models import CONFIDENCES, ORDERS, SCHEDULES
+from utils.build import BUNDLED_CONFIG, BUNDLED_TRANSFORMER, checkpoint_config, load_inference_model
+from utils.cli import ArgumentParser, UserError, run_cli
+from utils.config import REPO_ROOT, resolve_path
+from utils.data import BLENDS, PREFILLS, MaskedImageSet, default_data_root, find_lab_layout
+from utils.inpaint import InpaintOptions, generate_images, run_inpainting, schedule_report
+from utils.runtime import create_logger, get_device, resolve_precision
 
-BUNDLED_CONFIG = "config/MaskGit_small.yml"
-BUNDLED_TRANSFORMER = "checkpoints/transformer_small_fp16.pth"
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="MaskGIT inpainting")
+    p = ArgumentParser(description="MaskGIT inpainting")
     # the lab's flags
     p.add_argument("--device", default="auto", help="cuda | cpu | auto")
     p.add_argument("--batch-size", type=int, default=32)
@@ -41,17 +36,33 @@ def parse_args(argv=None):
     p.add_argument("--test-mask-path", default=None, help="masks, 0 = hole (default: <data>/mask64)")
     p.add_argument("--sweet-spot", type=int, default=0, help="stop after this many steps (0: run all)")
     p.add_argument("--total-iter", type=int, default=10, help="decoding steps T")
-    p.add_argument("--mask-func", default=None, choices=SCHEDULES, help="mask schedule (default: the config's)")
+    p.add_argument("--mask-func", default=None, choices=SCHEDULES,
+                   help="mask schedule (default: the config's): the lab's cosine, linear, square; the paper's cubic, "
+                        "sqrt; the official code's log, exp (these depend on the hole size)")
     # ours
     p.add_argument("--data", default=None, help="a lab dataset root (lab3_dataset or lab5_dataset layout)")
     p.add_argument("--out-dir", "--predicted-path", dest="out_dir", default=".",
-                   help="where test_results/, mask_scheduling/, imga/ go")
+                   help="where test_results/, mask_scheduling/, imga/ go (--predicted-path is the lab's spelling; "
+                        "here it names the OUTPUT folder, in fid_score_gpu.py the folder of predictions it reads)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="override config keys, e.g. model_param.Transformer_param.dim=256 (also on the config "
+                        "stored in a checkpoint)")
+    p.add_argument("--invert-mask", action="store_true",
+                   help="masks are 255 = hole, 0 = known (the lab's are 0 = hole, 255 = known)")
+    p.add_argument("--resize", action="store_true",
+                   help="resize images and masks of another size to the model's (default: such files are an error)")
     p.add_argument("--vqgan-ckpt", default=None, help="tokenizer weights (default: VQ_CKPT_path of the config)")
     p.add_argument("--bundled", action="store_true", help="use the bundled small tokenizer + transformer")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--token-choice", choices=["sample", "argmax"], default="argmax",
                    help="argmax: most probable token (default; FID 94.5 vs 143.0 for sample on 94 lab test "
                         "images with the bundled model); sample: draw from the softmax as in the MaskGIT paper")
+    p.add_argument("--confidence", choices=CONFIDENCES, default="prob",
+                   help="confidence of a decoded token: prob = p(token) + noise (the lab's, default); logprob = "
+                        "log p(token) + noise (the official MaskGIT code's); noise = temperature * (1 - r) * Gumbel")
+    p.add_argument("--order", choices=ORDERS, default="confidence",
+                   help="which hole tokens a step commits: confidence (the most confident, MaskGIT; default) or "
+                        "halton (the next ones in a fixed 2-D Halton order of the grid, Besnier et al. 2025)")
     p.add_argument("--choice-temperature", type=float, default=None, help="Gumbel noise scale (default: config's)")
     p.add_argument("--mask-rule", choices=["lab", "dilated"], default="lab",
                    help="pixel->token rule: lab (token known if all its pixels are) or dilated (+1 token ring)")
@@ -74,26 +85,40 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def load_model(args, device):
-    """Build MaskGit from the config (or the one stored in our checkpoint) and load both stages."""
-    ckpt_path = args.load_transformer_ckpt_path
-    config_path, vq_ckpt = args.MaskGitConfig, args.vqgan_ckpt
+def load_config(args) -> tuple[dict, object, str]:
+    """(resolved config, checkpoint object, checkpoint path); builds nothing (see
+    :func:`utils.build.checkpoint_config`)."""
+    ckpt_path, config_path = args.load_transformer_ckpt_path, args.MaskGitConfig
     if args.bundled:
         ckpt_path = ckpt_path or str(REPO_ROOT / BUNDLED_TRANSFORMER)
         config_path = config_path or str(REPO_ROOT / BUNDLED_CONFIG)
     if not ckpt_path:
-        raise SystemExit("error: no transformer checkpoint: pass --load-transformer-ckpt-path PATH "
-                         "(a lab .pth or one of ours), or --bundled for the bundled small models")
-    obj = load_checkpoint(resolve_path(ckpt_path), "transformer checkpoint")
-    if config_path is None and isinstance(obj, dict) and isinstance(obj.get("config"), dict):
-        cfg = obj["config"]  # our checkpoints rebuild their own architecture
-    else:
-        cfg = load_maskgit_config(config_path or "config/MaskGit.yml")
-    model = build_maskgit(cfg, vqgan_ckpt=vq_ckpt)
-    load_transformer_checkpoint(model, resolve_path(ckpt_path))
-    if args.choice_temperature is not None:
-        model.choice_temperature = args.choice_temperature
-    return model.to(device).eval(), cfg
+        raise UserError("no transformer checkpoint: pass --load-transformer-ckpt-path PATH (a lab .pth or one of "
+                        "ours), or --bundled for the bundled small models")
+    cfg, obj = checkpoint_config(ckpt_path, config_path, args.set)
+    return cfg, obj, resolve_path(ckpt_path)
+
+
+def test_set(args, image_size: int) -> MaskedImageSet:
+    """The masked test images and their masks, every file checked (before any model work)."""
+    if args.test_maskedimage_path is None or args.test_mask_path is None:
+        data = args.data or default_data_root()
+        if data is None:
+            raise UserError("no test data: pass --data LAB_DATASET_ROOT or --test-maskedimage-path and "
+                            "--test-mask-path")
+        lay = find_lab_layout(resolve_path(data))
+    ds = MaskedImageSet(args.test_maskedimage_path or lay.masked_image, args.test_mask_path or lay.mask64,
+                        image_size, resize=args.resize, limit=args.limit, invert_mask=args.invert_mask)
+    ds.check()
+    return ds
+
+
+def report_ids(args, n: int) -> list:
+    ids = [int(i) for i in args.report_ids.split(",") if i.strip()]
+    bad = [i for i in ids if not 0 <= i < n]
+    if bad:
+        raise UserError(f"--report-ids {bad} out of range 0..{n - 1}")
+    return ids
 
 
 def main(argv=None) -> dict:
@@ -101,22 +126,20 @@ def main(argv=None) -> dict:
     log = create_logger()
     device = get_device(args.device)
     precision = resolve_precision(args.precision, device)
-    model, cfg = load_model(args, device)
-    data = args.data or default_data_root()
-    if args.test_maskedimage_path is None or args.test_mask_path is None:
-        if data is None:
-            raise SystemExit("error: no test data: pass --data LAB_DATASET_ROOT or --test-maskedimage-path and "
-                             "--test-mask-path")
-        lay = find_lab_layout(resolve_path(data))
-    img_dir = args.test_maskedimage_path or lay.masked_image
-    mask_dir = args.test_mask_path or lay.mask64
-    ds = MaskedImageSet(img_dir, mask_dir, cfg["vqgan"]["img_resolution"], limit=args.limit)
+    cfg, obj, ckpt_path = load_config(args)
+    ds = test_set(args, cfg["vqgan"]["img_resolution"])  # every input checked before the model is built
+    ids = report_ids(args, len(ds)) if args.report_ids else []
+    model = load_inference_model(cfg, obj, ckpt_path, args.vqgan_ckpt).to(device)
+    if args.choice_temperature is not None:
+        model.choice_temperature = args.choice_temperature
     opts = InpaintOptions(total_iter=args.total_iter, mask_func=args.mask_func or model.gamma_type,
                           sweet_spot=args.sweet_spot, seed=args.seed, token_choice=args.token_choice,
+                          confidence=args.confidence, order=args.order,
                           mask_rule=args.mask_rule, prefill=args.prefill, paste_known=args.paste_known,
                           blend=args.blend, visualize=not args.no_vis, gif=args.gif, precision=precision)
-    log.info("inpainting %d images from %s (masks %s) on %s/%s: %s schedule, T=%d%s", len(ds), img_dir, mask_dir,
-             device, precision, opts.mask_func, opts.total_iter,
+    log.info("inpainting %d images from %s (masks %s) on %s/%s: %s schedule, T=%d, %s order%s%s", len(ds),
+             os.path.dirname(ds.images[0]), os.path.dirname(ds.masks[0]), device, precision, opts.mask_func,
+             opts.total_iter, opts.order, f" ({opts.confidence})" if opts.order == "confidence" else "",
              f", sweet spot {opts.sweet_spot}" if opts.sweet_spot else "")
     t0 = time.time()
     summary = run_inpainting(model, ds, args.out_dir, opts, device, args.batch_size, args.gt_path,
@@ -128,38 +151,26 @@ def main(argv=None) -> dict:
         log.info("vs ground truth (%d images): hole PSNR %.2f dB, SSIM %.3f, L1 %.4f | whole PSNR %.2f dB, "
                  "SSIM %.3f, L1 %.4f -> %s", summary["gt_matched"], summary["psnr_hole"], summary["ssim_hole"],
                  summary["l1_hole"], summary["psnr"], summary["ssim"], summary["l1"], summary["metrics_csv"])
-    if args.report_ids:
-        ids = [int(i) for i in args.report_ids.split(",") if i.strip()]
-        bad = [i for i in ids if not 0 <= i < len(ds)]
-        if bad:
-            raise SystemExit(f"error: --report-ids {bad} out of range 0..{len(ds) - 1}")
+    if ids:
         path = os.path.join(args.out_dir, "report.png")
         schedule_report(model, ds, ids, ["cosine", "linear", "square"], opts, device, path)
         log.info("schedule comparison -> %s", path)
     if args.unconditional:
         summary["generated"] = generate(model, args.unconditional, opts, device, os.path.join(args.out_dir, "generated"))
         log.info("%d unconditional samples -> %s", args.unconditional, summary["generated"])
-    with open(os.path.join(args.out_dir, "inpainting_summary.json"), "w") as f:
+    with open(os.path.join(args.out_dir, "test_results", "inpainting_summary.json"), "w") as f:
         json.dump({**summary, "args": vars(args)}, f, indent=1, default=str)
     return summary
 
 
-@torch.no_grad()
 def generate(model, n: int, opts: InpaintOptions, device, out_dir: str) -> str:
-    """Unconditional samples: every token starts masked."""
+    """Unconditional samples (every token starts masked) -> out_dir/image_XXX.png and grid.png."""
     os.makedirs(out_dir, exist_ok=True)
-    N = model.num_image_tokens
-    ids = torch.zeros(n, N, dtype=torch.long, device=device)
-    mask = torch.ones(n, N, dtype=torch.bool, device=device)
-    res = model.inpaint(ids, mask, opts.total_iter, image_generators(opts.seed + 1, range(n), device), opts.mask_func,
-                        0, opts.token_choice, autocast_ctx=lambda: autocast(device, opts.precision))
-    with autocast(device, opts.precision):
-        imgs = denormalize(model.decode_tokens(res.ids).float(), TEST_MEAN, TEST_STD)
+    imgs, _, _ = generate_images(model, n, opts, device)  # (n, 3, H, W) in [0, 1]
     for i, im in enumerate(imgs):
         save_image(im, os.path.join(out_dir, f"image_{i:03d}.png"))
     save_image(imgs, os.path.join(out_dir, "grid.png"), nrow=8)
     return out_dir
 
-
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -8,10 +8,11 @@ Quality sets:
   val-unseen  val images that never occur in train, holed with the lab's masks (1,118)
 Methods: ours (bundled small model; lab protocol = no pasting; composited = known pixels
 pasted back; composited, seamless = pasted with the hole corrected to meet them, as
-`inpainting.py --paste-known` does) for cosine / linear / square and T in {4, 8, 12}; OpenCV
-Telea and Navier-Stokes;
-scikit-image biharmonic; and the tokenizer's own reconstruction (encode -> decode of the
-originals), the floor of the lab protocol. Metrics: FID (our FID, pytorch-fid features) and
+`inpainting.py --paste-known` does) for cosine / linear / square and T in {4, 8, 12} (or the
+settings of --combos, e.g. cosine:10:halton for the Halton order, cosine:10:logprob for the
+official log-probability confidence); OpenCV Telea and Navier-Stokes; scikit-image biharmonic;
+and the tokenizer's own reconstruction (encode -> decode of the originals), the floor of the lab
+protocol. Metrics: FID (our FID, pytorch-fid features) and
 PSNR / SSIM / L1 on the hole region. Speed: training and decoding throughput ratios.
 Writes bench/results/quality.csv and speed.csv and prints both tables.
 """
@@ -21,6 +22,7 @@ import argparse
 import os
 import shutil
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -41,15 +43,40 @@ from utils.tokens import unseen_indices
 
 
 def parse_combos(parser, text: str) -> list:
-    """'cosine:10,linear:8' -> [("cosine", 10), ("linear", 8)]."""
-    from models.schedules import SCHEDULES
+    """'cosine:10,linear:8:halton,cosine:10:logprob' -> [Combo("cosine", 10), Combo("linear", 8, "halton"),
+    Combo("cosine", 10, confidence="logprob")]: schedule:T, then optionally an order and/or a confidence."""
+    from models import CONFIDENCES, ORDERS, SCHEDULES
     combos = []
     for item in text.split(","):
-        name, _, t = item.strip().partition(":")
-        if name not in SCHEDULES or not t.isdigit() or int(t) < 1:
-            parser.error(f"--combos: {item!r} is not schedule:T with schedule in {sorted(SCHEDULES)} and T >= 1")
-        combos.append((name, int(t)))
+        name, t, *extra = item.strip().split(":") + [""] * (":" not in item)
+        orders, confs = [e for e in extra if e in ORDERS], [e for e in extra if e in CONFIDENCES]
+        if (name not in SCHEDULES or not t.isdigit() or int(t) < 1 or len(orders) > 1 or len(confs) > 1
+                or len(orders) + len(confs) != len(extra)):
+            parser.error(f"--combos: {item!r} is not schedule:T[:order][:confidence] with schedule in "
+                         f"{list(SCHEDULES)}, T >= 1, order in {list(ORDERS)}, confidence in {list(CONFIDENCES)}")
+        combos.append(Combo(name, int(t), (orders or ["confidence"])[0], (confs or ["prob"])[0]))
     return combos
+
+
+@dataclass(frozen=True)
+class Combo:
+    """One of our decoding settings."""
+    schedule: str
+    steps: int
+    order: str = "confidence"
+    confidence: str = "prob"
+
+    def label(self) -> str:
+        """'cosine T=10', plus the order / confidence where they are not the defaults."""
+        extra = [e for e, default in ((self.order, "confidence"), (self.confidence, "prob")) if e != default]
+        return " ".join([f"{self.schedule} T={self.steps}", *extra])
+
+    def dirname(self) -> str:
+        return "ours_" + self.label().replace(" T=", "_T").replace(" ", "_")
+
+    def options(self) -> InpaintOptions:
+        return InpaintOptions(total_iter=self.steps, mask_func=self.schedule, order=self.order,
+                              confidence=self.confidence, visualize=False)
 
 
 def build_sets(work: str, n: int | None, data: str, gt: str, wanted=("test", "val-unseen")) -> dict:
@@ -168,15 +195,16 @@ def main(argv=None):
                    help="skip the tokenizer floor and the classical baselines (they do not depend on our model)")
     p.add_argument("--sets", default="test,val-unseen", help="comma-separated subset of: test, val-unseen")
     p.add_argument("--combos", default=None,
-                   help="our settings as schedule:T pairs, e.g. cosine:10,linear:8 (default: the grid)")
+                   help="our settings as schedule:T[:order][:confidence], e.g. cosine:10,linear:8,cosine:10:halton,"
+                        "cosine:10:logprob (default: the grid, confidence order, prob confidence)")
     args = p.parse_args(argv)
     wanted = [s.strip() for s in args.sets.split(",") if s.strip()]
     unknown = sorted(set(wanted) - {"test", "val-unseen"})
     if unknown or not wanted:
         p.error(f"--sets: {args.sets!r} names no known set {unknown}; choose from test, val-unseen")
     combos = parse_combos(p, args.combos) if args.combos else (
-        [("cosine", 8), ("linear", 8), ("square", 8), ("cosine", 4)] if args.quick
-        else [(s, t) for s in ("cosine", "linear", "square") for t in (4, 8, 12)])
+        [Combo("cosine", 8), Combo("linear", 8), Combo("square", 8), Combo("cosine", 4)] if args.quick
+        else [Combo(s, t) for s in ("cosine", "linear", "square") for t in (4, 8, 12)])
     log = create_logger()
     t_start = time.time()
     device = get_device(args.device)
@@ -205,16 +233,15 @@ def main(argv=None):
         if not args.only_ours:
             rec = reconstruction(model, root, os.path.join(work, set_name, "recon"), device)
             score(set_name, root, "tokenizer reconstruction (floor)", rec, "no holes")
-        for s, T in combos:
-            d = os.path.join(work, set_name, f"ours_{s}_T{T}")
+        for c in combos:
+            d = os.path.join(work, set_name, c.dirname())
             t0 = time.time()
-            run_inpainting(model, ds, d, InpaintOptions(total_iter=T, mask_func=s, visualize=False), device, 8,
-                           progress=False)
+            run_inpainting(model, ds, d, c.options(), device, 8, progress=False)
             sec = time.time() - t0
-            score(set_name, root, f"ours {s} T={T}", os.path.join(d, "test_results"), "lab (no paste)", sec)
+            score(set_name, root, f"ours {c.label()}", os.path.join(d, "test_results"), "lab (no paste)", sec)
             for blend, protocol in (("hard", "composited"), ("seamless", "composited, seamless")):
                 comp = composite(os.path.join(d, "test_results"), root, os.path.join(d, f"composited_{blend}"), blend)
-                score(set_name, root, f"ours {s} T={T}", comp, protocol)
+                score(set_name, root, f"ours {c.label()}", comp, protocol)
         for method in () if args.only_ours else ("telea", "ns", "biharmonic"):
             t0 = time.time()
             d = classical(root, os.path.join(work, set_name, method), method)
@@ -231,8 +258,8 @@ def main(argv=None):
         decode_main(["--bundled", "--device", str(device), "--images", "32" if args.quick else "128",
                      "--csv", os.path.join(out, "speed_decode.csv")])
         t0 = time.time()
-        first_set, (sched, steps) = next(iter(sets)), combos[0]
-        compute_fid(os.path.join(work, first_set, f"ours_{sched}_T{steps}", "test_results"),
+        first_set, first = next(iter(sets)), combos[0]
+        compute_fid(os.path.join(work, first_set, first.dirname(), "test_results"),
                     os.path.join(work, first_set, "originals"), device=device)
         n_fid = len(list_images(os.path.join(work, first_set, "originals")))
         print(f"\nFID of {n_fid} vs {n_fid} images with cached ground-truth statistics: {time.time() - t0:.1f} s "

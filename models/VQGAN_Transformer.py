@@ -68,7 +68,7 @@ class MaskGit(nn.Module):
 
     def mask_tokens(self, ids: torch.Tensor, generator: torch.Generator | None = None,
                     region: torch.Tensor | None = None):
-        """MVTM masking. Per sample a ratio r ~ U(0,1); exactly ceil(gamma(r) * N) tokens
+        """MVTM masking. Per sample a ratio r ~ U(0,1); exactly ceil(gamma(r, N) * N) tokens
         (at least 1) are masked, at uniformly random positions.
 
         ``region`` (B, N) bool, optional: per sample, only its True positions may be masked and
@@ -87,7 +87,7 @@ class MaskGit(nn.Module):
             region = region | ~region.any(-1, keepdim=True)  # empty row -> whole image
             scores = scores.masked_fill(~region, 2.0)  # outside the region: ranked last
             size = region.sum(-1)
-        n_masked = torch.minimum(torch.ceil(self.gamma(r.double()) * size).long().clamp_(min=1), size)  # (B,)
+        n_masked = torch.minimum(torch.ceil(self.gamma(r.double(), size) * size).long().clamp_(min=1), size)  # (B,)
         rank = scores.argsort(dim=-1).argsort(dim=-1)  # (B, N) a random permutation per row
         mask = (rank < n_masked[:, None]).to(ids.device)  # (B, N)
         return ids.masked_fill(mask, self.mask_token_id), mask
@@ -113,9 +113,10 @@ class MaskGit(nn.Module):
 
     @torch.no_grad()
     def inpaint(self, ids: torch.Tensor, mask: torch.Tensor, total_iter: int, generators, mask_func: str | None = None,
-                sweet_spot: int = 0, token_choice: str = "argmax", autocast_ctx=None):
+                sweet_spot: int = 0, token_choice: str = "argmax", autocast_ctx=None, confidence: str = "prob",
+                order: str = "confidence"):
         """Fill the masked tokens (True = masked) of ``ids`` (B, N); see ``models.decoding``."""
         gamma = self.gamma if mask_func is None else self.gamma_func(mask_func)
         return iterative_decode(self.transformer, ids, mask, gamma, total_iter, generators, self.mask_token_id,
-                                self.choice_temperature, sweet_spot, token_choice, autocast_ctx)
+                                self.choice_temperature, sweet_spot, token_choice, autocast_ctx, confidence, order)
 

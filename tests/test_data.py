@@ -1,4 +1,3 @@
-import logging
 import os
 
 import numpy as np
@@ -6,8 +5,9 @@ import pytest
 import torch
 from PIL import Image
 
-from utils.data import (TEST_MEAN, TEST_STD, DataError, ImageFolder, MaskedImageSet, denormalize, fill_holes,
-                        find_lab_layout, load_mask, normalize, paste_known, pixel_to_token_mask)
+from utils.data import (TEST_MEAN, TEST_STD, TRAIN_MEAN, TRAIN_STD, DataError, ImageFolder, MaskedImageSet,
+                        denormalize, fill_holes, find_lab_layout, load_mask, normalize, paste_known,
+                        pixel_to_token_mask, uint8_to_normalized)
 
 
 def test_token_mask_rule_on_real_lab_masks(lab3):
@@ -59,7 +59,7 @@ def _write(folder, n, size=64, mode="RGB", value=None):
         Image.fromarray(arr, mode).save(folder / f"image_{i:03d}.png")
 
 
-def test_bad_inputs(tmp_path, caplog):
+def test_bad_inputs(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="not found"):
         ImageFolder(str(tmp_path / "missing"))
     (tmp_path / "empty").mkdir()
@@ -77,9 +77,18 @@ def test_bad_inputs(tmp_path, caplog):
         ImageFolder(str(tmp_path / "big"))[0]
     assert ImageFolder(str(tmp_path / "big"), resize=True)[0].shape == (3, 64, 64)
     _write(tmp_path / "gray", 1, mode="L", value=200)
-    with caplog.at_level(logging.WARNING, logger="maskgit"):
-        m = load_mask(str(tmp_path / "gray" / "image_000.png"))
-    assert "not binary" in caplog.text and (m == 1).all()
+    assert (load_mask(str(tmp_path / "gray" / "image_000.png")) == 1).all()  # thresholded at 128
+    _write(tmp_path / "one", 1)
+    with pytest.raises(DataError, match="image_000.png: not a binary mask"):  # 200 everywhere: not a mask
+        MaskedImageSet(str(tmp_path / "one"), str(tmp_path / "gray")).check()
+    jpeg_like = np.full((64, 64), 255, np.uint8)
+    jpeg_like[:8, :8], jpeg_like[0, 0] = 0, 7  # one pixel off {0, 255}: JPEG noise, thresholded
+    Image.fromarray(jpeg_like, "L").save(tmp_path / "gray" / "image_000.png")
+    import utils.data as data_mod
+    seen = []
+    monkeypatch.setattr(data_mod.log, "warning", lambda msg, *a: seen.append(msg % a))
+    stats = MaskedImageSet(str(tmp_path / "one"), str(tmp_path / "gray")).check()
+    assert any("not exactly {0,255}" in m for m in seen) and abs(stats["hole_fraction"] - 64 / 4096) < 1e-9
 
 
 def _ramp(h=64, w=64):
@@ -173,3 +182,30 @@ def test_bench_composites_keep_known_pixels_and_the_seamless_one_removes_a_colou
         assert np.array_equal(out[~hole], orig[~hole])
         err = np.abs(out[hole].astype(int) - orig[hole]).max()
         assert err <= 1 if blend == "seamless" else err == 30
+
+
+def test_normalization_constants_are_the_labs():
+    assert TRAIN_MEAN == (0.4816, 0.4324, 0.3845) and TRAIN_STD == (0.2602, 0.2518, 0.2537)
+    assert TEST_MEAN == (0.4868, 0.4341, 0.3844) and TEST_STD == (0.2620, 0.2527, 0.2543)
+
+
+def test_normalize_and_denormalize_by_hand(tmp_path):
+    """A pixel of 200 in every channel, worked out by hand with the lab's numbers (train constants
+    in, test constants out): a wrong constant, swapped mean and std, or swapped train/test defaults
+    change these values, which a round trip alone would not notice."""
+    x = torch.zeros(3, 2, 2)
+    x[:, 1, 0] = 200 / 255
+    by_hand = torch.tensor([1.16339, 1.39759, 1.57593])  # (200/255 - 0.4816)/0.2602, .../0.2518, .../0.2537
+    torch.testing.assert_close(normalize(x)[:, 1, 0], by_hand, atol=1e-5, rtol=0)
+    torch.testing.assert_close(uint8_to_normalized(torch.full((1, 3, 2, 2), 200, dtype=torch.uint8))[0, :, 1, 0],
+                               by_hand, atol=1e-5, rtol=0)
+    _write(tmp_path / "img", 1, value=200)  # the training set's loader uses the train constants
+    torch.testing.assert_close(ImageFolder(str(tmp_path / "img"))[0][:, 5, 7], by_hand, atol=1e-5, rtol=0)
+    z = torch.zeros(3, 2, 2)
+    z[:, 0, 1] = 1.0
+    z[:, 1, 1] = -1.0
+    out = denormalize(z)
+    torch.testing.assert_close(out[:, 0, 0], torch.tensor([0.4868, 0.4341, 0.3844]), atol=1e-6, rtol=0)  # 0 -> mean
+    torch.testing.assert_close(out[:, 0, 1], torch.tensor([0.7488, 0.6868, 0.6387]), atol=1e-6, rtol=0)  # mean + std
+    torch.testing.assert_close(out[:, 1, 1], torch.tensor([0.2248, 0.1814, 0.1301]), atol=1e-6, rtol=0)  # mean - std
+    torch.testing.assert_close(denormalize(torch.full((3, 1, 1), -2.0)).flatten(), torch.zeros(3))  # clamped at 0

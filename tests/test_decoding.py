@@ -9,7 +9,8 @@ from PIL import Image
 
 import inpainting
 from conftest import ROOT, TINY_T
-from models import BidirectionalTransformer, gamma_func, image_generators, iterative_decode
+from models import BidirectionalTransformer, gamma_func, halton_order, image_generators, iterative_decode
+from models import decoding
 from models.decoding import decode_step
 
 
@@ -32,18 +33,21 @@ def _mixed_batch(B=6, N=16, seed=0):
     return ids, mask
 
 
-@pytest.mark.parametrize("mode", ["cosine", "linear", "square", "cubic", "sqrt", "log"])
-@pytest.mark.parametrize("choice", ["sample", "argmax"])
-def test_schedule_counts_known_tokens_and_full_unmask(mode, choice):
+@pytest.mark.parametrize("mode", ["cosine", "linear", "square", "cubic", "sqrt", "log", "exp"])
+@pytest.mark.parametrize("choice,order", [("sample", "confidence"), ("argmax", "confidence"), ("argmax", "halton")])
+def test_schedule_counts_known_tokens_and_full_unmask(mode, choice, order):
     ids, mask = _mixed_batch()
     T = 7
     res = iterative_decode(_model(), ids, mask, gamma_func(mode), T, image_generators(0, range(6), "cpu"), 32,
-                           token_choice=choice)
-    n_hole = mask.sum(1).double()
+                           token_choice=choice, order=order)
+    n_hole = mask.sum(1).tolist()
+    unknown = list(n_hole)
     for t, (step_ids, step_mask) in enumerate(zip(res.ids_per_step, res.mask_per_step)):
         r = (t + 1) / T
-        expected = torch.floor(gamma_func(mode)(r) * n_hole).long()
-        assert torch.equal(step_mask.sum(1), expected), (t, step_mask.sum(1), expected)
+        # the official count: max(1, min(unknown - 1, floor(N gamma(r, N)))) before the last step, 0 at it
+        unknown = [0 if t == T - 1 else min(u, max(1, min(u - 1, math.floor(n * gamma_func(mode)(r, n)))))
+                   for u, n in zip(unknown, n_hole)]
+        assert step_mask.sum(1).tolist() == unknown, (t, step_mask.sum(1), unknown)
         assert torch.equal(step_ids[~mask], ids[~mask])  # known tokens never change
         assert not (step_mask & ~mask).any()  # only hole tokens can be masked
         assert (step_ids < 32).all()  # the mask id is never emitted
@@ -54,18 +58,22 @@ def test_schedule_counts_known_tokens_and_full_unmask(mode, choice):
         assert torch.equal(res.ids_per_step[t][done], res.ids_per_step[-1][done])
 
 
-def test_batched_equals_batch_one():
+@pytest.mark.parametrize("kw", [{}, {"confidence": "logprob"}, {"order": "halton", "token_choice": "sample"},
+                                {"token_choice": "sample", "confidence": "logprob"}])
+def test_batched_equals_batch_one(kw):
     ids, mask = _mixed_batch(B=6, seed=3)
     m = _model(1)
-    full = iterative_decode(m, ids, mask, gamma_func("cosine"), 8, image_generators(5, range(6), "cpu"), 32)
+    full = iterative_decode(m, ids, mask, gamma_func("cosine"), 8, image_generators(5, range(6), "cpu"), 32, **kw)
     for b in range(6):
         one = iterative_decode(m, ids[b:b + 1], mask[b:b + 1], gamma_func("cosine"), 8,
-                               image_generators(5, [b], "cpu"), 32)
-        assert torch.equal(one.ids[0], full.ids[b])
-    again = iterative_decode(m, ids, mask, gamma_func("cosine"), 8, image_generators(5, range(6), "cpu"), 32)
+                               image_generators(5, [b], "cpu"), 32, **kw)
+        assert torch.equal(one.ids[0], full.ids[b]) and torch.equal(one.mask_per_step[2][0], full.mask_per_step[2][b])
+    again = iterative_decode(m, ids, mask, gamma_func("cosine"), 8, image_generators(5, range(6), "cpu"), 32, **kw)
     assert torch.equal(again.ids, full.ids)  # deterministic given the seed
-    other = iterative_decode(m, ids, mask, gamma_func("cosine"), 8, image_generators(6, range(6), "cpu"), 32)
-    assert not torch.equal(other.ids, full.ids)
+    if kw.get("order") != "halton" or kw.get("token_choice") == "sample":  # the seed matters where noise does
+        other = iterative_decode(m, ids, mask, gamma_func("cosine"), 8, image_generators(6, range(6), "cpu"), 32,
+                                 **kw)
+        assert not torch.equal(other.ids, full.ids)
 
 
 def test_sweet_spot_stops_early_and_keeps_decoded_tokens():
@@ -77,8 +85,9 @@ def test_sweet_spot_stops_early_and_keeps_decoded_tokens():
     assert part.steps == 4 and len(part.ids_per_step) == 4
     for t in range(4):  # identical trajectory up to the sweet spot
         assert torch.equal(part.ids_per_step[t], full.ids_per_step[t])
-    expected = torch.floor(0.6 * mask.sum(1).double()).long()
-    assert torch.equal(part.mask.sum(1), expected)
+    # holes 1, 3, 7, 11, 16, 5; floor((1 - r) N) at r = .1 .. .4 with the clamp (see test_schedules.py):
+    # 7: 6, 5, 4, 4 -> 3; 5: 4, 4 -> 3, 3 -> 2, 3 -> 1; 1 and 3 wait at 1
+    assert part.mask.sum(1).tolist() == [1, 1, 3, 6, 9, 1]
     assert torch.equal(part.ids[~mask], ids[~mask])
 
 
@@ -99,6 +108,108 @@ def test_confidence_picks_most_probable_without_noise():
     assert new_ids[0].tolist() == [0, 1, 1, 0, 1, 1]
 
 
+def _two_code_logits(p_chosen, mask_logit=50.0):
+    """(B, N, 3) logits: code 0 with probability p, code 1 with 1 - p, and a large mask-token column
+    that must never be chosen."""
+    p = torch.tensor(p_chosen, dtype=torch.float64)
+    return torch.stack([p.log(), (1 - p).log(), torch.full_like(p, mask_logit)], -1).float()
+
+
+def _fixed_noise(monkeypatch, sample=None, confidence=None):
+    """Replace the Gumbel draws of decode_step by fixed tensors: (B, N, K) for token sampling,
+    (B, N) for the confidence noise."""
+    def fake(generators, shape, device):
+        noise = sample if len(shape) == 2 else confidence
+        assert noise is not None and tuple(noise.shape[1:]) == tuple(shape), shape
+        return noise.to(device)
+    monkeypatch.setattr(decoding, "gumbel_like", fake)
+
+
+@pytest.mark.parametrize("confidence", ["prob", "logprob"])
+def test_sample_draws_with_the_noise_and_scores_the_drawn_token(monkeypatch, confidence):
+    # token 0: p = .5 .3 .2, token 1: p = .4 .35 .25; sampling noise (0, 1, 0) on token 0 makes
+    # log .3 + 1 = -0.20 beat log .5 = -0.69: code 1 is drawn; token 1 draws code 0 (no noise).
+    # Confidence (no confidence noise): p(drawn) = .3 < .4 -> token 0 stays masked. Argmax draws codes
+    # 0, 0 with p = .5, .4 -> token 1 stays masked (as would scoring the most probable code, not the drawn one).
+    logits = torch.tensor([[[.5, .3, .2, 1e9], [.4, .35, .25, 1e9]]]).log()
+    logits[..., -1] = 50.0  # the mask token: never chosen
+    _fixed_noise(monkeypatch, sample=torch.tensor([[[0.0, 1.0, 0.0], [0.0, 0.0, 0.0]]]),
+                 confidence=torch.zeros(1, 2))
+    ids, mask = torch.tensor([[7, 7]]), torch.ones(1, 2, dtype=torch.bool)
+    for choice, want_ids, want_mask in (("sample", [1, 0], [True, False]), ("argmax", [0, 0], [False, True])):
+        new_ids, new_mask = decode_step(logits, ids, mask, mask.sum(1), 0.5, gamma_func("linear"), [None], 4.5,
+                                        choice, confidence)
+        assert new_ids[0].tolist() == want_ids and new_mask[0].tolist() == want_mask, choice
+
+
+def test_confidence_noise_annealed_and_p_versus_log_p(monkeypatch):
+    """Two images of two hole tokens A, B (argmax picks code 0 with probability p); one stays masked
+    (linear, N = 2, at r = 1/4 and 3/4). Noise 0 on A, g on B, temperature 2, so A stays masked iff
+    s(p_A) - s(p_B) < 2 (1 - r) g, with s = p or log p.
+      X: p = .9, .6, g = .5: diff .30 (p), .405 (log p); threshold .75 at r = 1/4, .25 at r = 3/4
+      Y: p = .9, .55, g = .8: diff .35 (p), .49 (log p); threshold 1.2 at r = 1/4, .4 at r = 3/4
+    Without the (1 - r) annealing X keeps A masked at 3/4; with p and log p swapped Y flips at 3/4."""
+    logits = _two_code_logits([[0.9, 0.6], [0.9, 0.55]])
+    _fixed_noise(monkeypatch, confidence=torch.tensor([[0.0, 0.5], [0.0, 0.8]]))
+    ids, mask = torch.zeros(2, 2, dtype=torch.long), torch.ones(2, 2, dtype=torch.bool)
+    A, B = [True, False], [False, True]
+    expected = {("prob", 0.25): [A, A], ("prob", 0.75): [B, A],
+                ("logprob", 0.25): [A, A], ("logprob", 0.75): [B, B]}
+    for (confidence, r), want in expected.items():
+        new_ids, new_mask = decode_step(logits, ids, mask, mask.sum(1), r, gamma_func("linear"), [None, None],
+                                        choice_temperature=2.0, confidence=confidence)
+        assert new_mask.tolist() == want, (confidence, r)
+        assert new_ids.tolist() == [[0, 0], [0, 0]]  # argmax: code 0, never the mask column
+
+
+class _FixedLogits(torch.nn.Module):
+    """A stand-in transformer: the same logits whatever the input; argmax of token n is code n."""
+    def forward(self, inputs):
+        B, N = inputs.shape
+        logits = torch.zeros(B, N, 33)
+        logits[:, torch.arange(N), torch.arange(N)] = 5.0
+        return logits  # (B, N, V)
+
+
+def test_halton_order_commits_the_hole_in_halton_order():
+    # 4x4 grid, Halton order 6, 9, 3, 4, 14, 1, 11, 12, 2, 5, 0, ... (test_schedules.py); hole = those first
+    # eight plus 0 and 15. Linear, T = 4, N = 10: 7, 5, 2, 0 stay masked -> 3, 5, 8, 10 committed
+    hole = [6, 9, 3, 4, 14, 1, 11, 12, 0, 15]
+    mask = torch.zeros(2, 16, dtype=torch.bool)
+    mask[0, hole] = True
+    ids = torch.full((2, 16), 20)
+    res = iterative_decode(_FixedLogits(), ids, mask, gamma_func("linear"), 4, image_generators(0, range(2), "cpu"),
+                           32, order="halton")
+    committed = [[6, 9, 3], [6, 9, 3, 4, 14], [6, 9, 3, 4, 14, 1, 11, 12], hole]
+    for t, want in enumerate(committed):
+        done = (mask[0] & ~res.mask_per_step[t][0]).nonzero().flatten().tolist()
+        assert sorted(done) == sorted(want), t
+    assert res.ids[0, hole].tolist() == hole  # tokens still chosen by argmax (code n at token n)
+    assert torch.equal(res.ids[1], ids[1]) and not any(m[1].any() for m in res.mask_per_step)  # no hole: unchanged
+    # any hole: the first tokens committed are the hole's first ones in halton_order
+    mask = torch.rand(1, 16, generator=torch.Generator().manual_seed(1)) < 0.6
+    res = iterative_decode(_FixedLogits(), ids[:1], mask, gamma_func("cosine"), 3, image_generators(0, [0], "cpu"),
+                           32, order="halton")
+    in_order = [i for i in halton_order(4) if mask[0, i]]
+    k = int((mask[0] & ~res.mask_per_step[0][0]).sum())
+    assert 1 <= k < len(in_order)
+    assert sorted((mask[0] & ~res.mask_per_step[0][0]).nonzero().flatten().tolist()) == sorted(in_order[:k])
+
+
+def test_cubic_clamp_no_wasted_step_end_to_end():
+    """cubic, T = 10 (the issue's case): every step before the last commits at least one token of
+    every hole with more than one left, and none unmasks its whole hole early."""
+    ids, mask = _mixed_batch()
+    res = iterative_decode(_model(), ids, mask, gamma_func("cubic"), 10, image_generators(0, range(6), "cpu"), 32)
+    before = mask.sum(1)
+    for t, m in enumerate(res.mask_per_step):
+        after = m.sum(1)
+        if t < 9:
+            assert (after >= 1).all() and (after[before > 1] < before[before > 1]).all(), t
+        before = after
+    assert not res.mask.any()
+
+
 def test_inpainting_script_writes_lab_outputs(tiny_world, tmp_path):
     import training_transformer as tt
     tt.main(["--train_d_path", tiny_world["train"], "--val_d_path", tiny_world["val"], "--MaskGitConfig",
@@ -114,7 +225,8 @@ def test_inpainting_script_writes_lab_outputs(tiny_world, tmp_path):
                          "--total-iter", "5", "--batch-size", "4", "--out-dir", str(out), "--device", "cpu",
                          "--gif", "--report-ids", "0,1", "--gt-path", str(gt), "--unconditional", "3",
                          "--no-progress"])
-    assert sorted(os.listdir(out / "test_results")) == [f"image_{i:03d}.png" for i in range(6)]
+    assert sorted(os.listdir(out / "test_results")) == [f"image_{i:03d}.png" for i in range(6)] + [
+        "inpainting_summary.json"]  # the lab's images, and our run summary beside them
     assert sorted(os.listdir(out / "mask_scheduling")) == sorted(f"test_{i}.png" for i in range(6))
     assert sorted(os.listdir(out / "imga")) == sorted(f"test_{i}.png" for i in range(6))
     assert len(os.listdir(out / "gifs")) == 6 and (out / "report.png").exists()
@@ -145,8 +257,36 @@ def test_inpainting_script_writes_lab_outputs(tiny_world, tmp_path):
     assert not np.array_equal(outs["hard"][~known], outs["seamless"][~known])
 
 
+def test_order_and_confidence_reach_the_decoder_from_the_cli_and_the_bench(tiny_world, tmp_path, monkeypatch):
+    import inspect
+    seen, orig = set(), decoding.decode_step
+    sig = inspect.signature(orig)
+
+    def spy(*a, **k):
+        b = sig.bind(*a, **k)
+        b.apply_defaults()
+        seen.add((b.arguments["order"], b.arguments["confidence"]))
+        return orig(*a, **k)
+    monkeypatch.setattr(decoding, "decode_step", spy)
+    torch.save(BidirectionalTransformer(TINY_T).state_dict(), tmp_path / "t.pth")
+    base = ["--load-transformer-ckpt-path", str(tmp_path / "t.pth"), "--MaskGitConfig", tiny_world["config"],
+            "--data", tiny_world["root"], "--device", "cpu", "--no-vis", "--total-iter", "2", "--no-progress"]
+    for extra, want in (([], ("confidence", "prob")), (["--order", "halton"], ("halton", "prob")),
+                        (["--confidence", "logprob"], ("confidence", "logprob"))):
+        seen.clear()
+        inpainting.main(base + ["--out-dir", str(tmp_path / "_".join(want))] + extra)
+        assert seen == {want}, extra
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    from run import parse_combos
+    combos = parse_combos(None, "cosine:10,exp:4:halton,cosine:10:logprob,linear:8:logprob:halton")
+    assert [(c.options().mask_func, c.options().total_iter, c.options().order, c.options().confidence)
+            for c in combos] == [("cosine", 10, "confidence", "prob"), ("exp", 4, "halton", "prob"),
+                                 ("cosine", 10, "confidence", "logprob"), ("linear", 8, "halton", "logprob")]
+
+
 def test_inpainting_clear_errors(tiny_world, tmp_path):
-    with pytest.raises(FileNotFoundError, match="transformer checkpoint not found"):
+    from utils.checkpoint import CheckpointError
+    with pytest.raises(CheckpointError, match="transformer checkpoint not found"):
         inpainting.main(["--load-transformer-ckpt-path", str(tmp_path / "none.pth"), "--MaskGitConfig",
                          tiny_world["config"], "--data", tiny_world["root"], "--device", "cpu"])
     big = BidirectionalTransformer(dict(TINY_T, n_layers=3)).state_dict()
@@ -208,7 +348,8 @@ def test_bench_seed_loop_does_the_same_work_as_ours(tiny_cfg):
         torch.testing.assert_close(seed_img[0], out[b], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("bad", [{"prefill": "blur"}, {"blend": "poisson"}])
+@pytest.mark.parametrize("bad", [{"prefill": "blur"}, {"blend": "poisson"}, {"confidence": "logit"},
+                                 {"order": "raster"}])
 def test_inpaint_options_reject_unknown_prefill_or_blend(bad):
     from utils.inpaint import InpaintOptions
     with pytest.raises(ValueError, match=repr(next(iter(bad.values())))):

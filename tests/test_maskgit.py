@@ -4,27 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models import SCHEDULES, BidirectionalTransformer, MaskGit, gamma_func
+from models import BidirectionalTransformer, MaskGit
 from utils.build import build_maskgit
 from utils.config import ConfigError, load_maskgit_config
-
-
-@pytest.mark.parametrize("mode", SCHEDULES)
-def test_gamma_endpoints_and_monotone(mode):
-    g = gamma_func(mode)
-    assert g(0.0) == pytest.approx(1.0, abs=1e-12) and g(1.0) == pytest.approx(0.0, abs=1e-12)
-    r = torch.linspace(0, 1, 1001, dtype=torch.float64)
-    v = g(r)
-    assert (v[1:] <= v[:-1] + 1e-12).all()
-
-
-def test_gamma_closed_forms():
-    r = 0.3
-    assert gamma_func("linear")(r) == pytest.approx(0.7)
-    assert gamma_func("cosine")(r) == pytest.approx(math.cos(math.pi * 0.3 / 2))
-    assert gamma_func("square")(r) == pytest.approx(1 - 0.09)
-    with pytest.raises(ValueError, match="unknown mask schedule"):
-        gamma_func("bogus")
 
 
 def test_exact_masked_counts_per_sample(tiny_cfg):
@@ -59,6 +41,24 @@ def test_region_masking_confined_with_exact_counts(tiny_cfg):
     full = model.mask_tokens(ids, torch.Generator().manual_seed(0), torch.ones(64, 16, dtype=torch.bool))
     plain = model.mask_tokens(ids, torch.Generator().manual_seed(0))
     assert torch.equal(full[1], plain[1])
+
+
+@pytest.mark.parametrize("mode", ["log", "exp"])
+def test_mvtm_counts_with_schedules_that_depend_on_n(tiny_cfg, mode):
+    """log and exp take N = the tokens that may be masked: 16 without a region, the region's size with one."""
+    tiny_cfg["model_param"]["gamma_type"] = mode
+    model = build_maskgit(tiny_cfg, load_vqgan=False)
+    region = torch.zeros(64, 16, dtype=torch.bool)
+    for b in range(64):
+        region[b, : 2 + b % 13] = True  # 2..14 tokens
+    ids = torch.randint(0, 32, (64, 16))
+    for reg, size in ((None, [16] * 64), (region, [2 + b % 13 for b in range(64)])):
+        _, mask = model.mask_tokens(ids, torch.Generator().manual_seed(3), reg)
+        r = torch.rand(64, generator=torch.Generator().manual_seed(3)).double().tolist()
+        official = {"log": lambda a, n: -math.log2(a) / math.log2(n),
+                    "exp": lambda a, n: 1 - 2 ** (-math.log2(n) * (1 - a))}[mode]
+        expected = [min(max(1, math.ceil(min(max(official(a, n), 1e-6), 1.0) * n)), n) for a, n in zip(r, size)]
+        assert mask.sum(1).tolist() == expected
 
 
 def test_loss_ignores_unmasked_positions(tiny_cfg):

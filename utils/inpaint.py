@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
-from models import image_generators
+from models import CONFIDENCES, ORDERS, image_generators
 
 from .data import (BLENDS, PREFILLS, TEST_MEAN, TEST_STD, denormalize, fill_holes, pil_to_tensor01,
                    paste_known, pixel_to_token_mask, read_image, to_uint8)
@@ -36,6 +36,8 @@ class InpaintOptions:
     sweet_spot: int = 0
     seed: int = 0
     token_choice: str = "argmax"
+    confidence: str = "prob"  # prob (the lab's) | logprob (the official MaskGIT code's)
+    order: str = "confidence"  # confidence (MaskGIT) | halton (fixed Halton order over the hole)
     mask_rule: str = "lab"
     prefill: str = "smooth"
     paste_known: bool = False
@@ -48,6 +50,9 @@ class InpaintOptions:
         if self.prefill not in PREFILLS or self.blend not in BLENDS:
             raise ValueError(f"prefill must be one of {PREFILLS} and blend one of {BLENDS}, got {self.prefill!r}, "
                              f"{self.blend!r}")
+        if self.confidence not in CONFIDENCES or self.order not in ORDERS:
+            raise ValueError(f"confidence must be one of {CONFIDENCES} and order one of {ORDERS}, got "
+                             f"{self.confidence!r}, {self.order!r}")
 
 
 def latent_mask_images(mask: torch.Tensor, res: int) -> torch.Tensor:
@@ -69,7 +74,8 @@ def inpaint_batch(model, x: torch.Tensor, pixel_mask: torch.Tensor, indices, opt
     token_mask = pixel_to_token_mask(pixel_mask, res, opts.mask_rule).to(device)  # (B, N) True = masked
     gens = image_generators(opts.seed, indices, device)
     result = model.inpaint(ids, token_mask, opts.total_iter, gens, opts.mask_func, opts.sweet_spot, opts.token_choice,
-                           autocast_ctx=(lambda: autocast(device, opts.precision)))
+                           autocast_ctx=(lambda: autocast(device, opts.precision)), confidence=opts.confidence,
+                           order=opts.order)
     seq = result.ids_per_step if with_steps else [result.ids]  # S x (B, N)
     with autocast(device, opts.precision):  # one step at a time: memory and cache stay at batch scale
         imgs = torch.stack([model.decode_tokens(ids).float() for ids in seq], 1)  # (B, S, 3, H, W)
@@ -183,3 +189,26 @@ def schedule_report(model, dataset, ids: list, schedules: list, opts: InpaintOpt
         i, s = ids[r // (2 * len(schedules))], schedules[(r // 2) % len(schedules)]
         d.text((6, int(r * row_h + row_h / 2)), f"image {i}\n{s}", fill=(0, 0, 0))
     canvas.save(path)
+
+
+@torch.no_grad()
+def generate_images(model, n: int, opts: InpaintOptions, device, seed_offset: int = 1, with_steps: bool = False):
+    """Unconditional samples: every token starts masked and is decoded as in :func:`inpaint_batch`
+    (schedule, T, token choice, confidence, order of ``opts``; no sweet spot, no pixels to paste).
+
+    Image i draws its noise from ``image_generators(opts.seed + seed_offset, [i])`` (offset 1: the
+    seeds of ``inpainting.py --unconditional``). Returns (images in [0,1] (n,3,H,W), DecodeResult,
+    decoded image after every step (n, S, 3, H, W) in [0,1] or None).
+    """
+    N = model.num_image_tokens
+    ids = torch.zeros(n, N, dtype=torch.long, device=device)  # (n, N) any ids: every position is masked
+    mask = torch.ones(n, N, dtype=torch.bool, device=device)  # (n, N) True = masked
+    gens = image_generators(opts.seed + seed_offset, range(n), device)
+    result = model.inpaint(ids, mask, opts.total_iter, gens, opts.mask_func, 0, opts.token_choice,
+                           autocast_ctx=(lambda: autocast(device, opts.precision)), confidence=opts.confidence,
+                           order=opts.order)
+    seq = result.ids_per_step if with_steps else [result.ids]  # S x (n, N)
+    with autocast(device, opts.precision):
+        imgs = torch.stack([model.decode_tokens(ids).float() for ids in seq], 1)  # (n, S, 3, H, W)
+    imgs = denormalize(imgs, TEST_MEAN, TEST_STD)  # in [0, 1]
+    return imgs[:, -1], result, (imgs if with_steps else None)

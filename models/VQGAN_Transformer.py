@@ -57,9 +57,10 @@ class MaskGit(nn.Module):
 
     @torch.no_grad()
     def encode_to_z(self, x: torch.Tensor):
-        """Images (B,3,H,W), normalized -> (z_q (B,D,h,w), token ids (B, h*w))."""
-        z_q, indices, _ = self.vqgan.encode(x)
-        return z_q, indices.view(z_q.shape[0], -1)  # (B*h*w,) -> (B, h*w) raster order
+        """Images (B,3,H,W), normalized -> (z_q (B,D,h,w), token ids (B, h*w) raster order)."""
+        ids = self.vqgan.encode_indices(x)  # (B, h*w)
+        r = self.vqgan.cfg.latent_resolution
+        return self.vqgan.codebook.lookup(ids, r, r), ids  # (B, D, h, w), (B, h*w)
 
     @torch.no_grad()
     def decode_tokens(self, ids: torch.Tensor) -> torch.Tensor:

@@ -110,3 +110,24 @@ def test_cuda_bf16_groupnorm_stays_in_activation_dtype():
         y = gn(x.bfloat16())
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y.double(), _groupnorm_closed_form(gn, x), atol=0.05, rtol=0.02)
+
+
+def test_one_path_from_images_to_tokens(tiny_cfg):
+    """encode_indices (token cache, inpainting) names the same codes as the lab's encode, and
+    MaskGit.encode_to_z returns the z_q of those codes."""
+    from models import MaskGit
+    from utils.tokens import encode_images
+    torch.manual_seed(0)
+    model = MaskGit(tiny_cfg["model_param"], tiny_cfg["vqgan"]).eval()
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        z_q, idx, _ = model.vqgan.encode(x)
+        ids = model.vqgan.encode_indices(x)
+        z_q2, ids2 = model.encode_to_z(x)
+    assert ids.shape == (3, 16) and torch.equal(ids.flatten(), idx)
+    assert torch.equal(ids2, ids) and torch.allclose(z_q2, z_q, atol=1e-6)
+    u8 = torch.randint(0, 256, (3, 3, 16, 16), dtype=torch.uint8)
+    from utils.data import uint8_to_normalized
+    with torch.no_grad():
+        ref = model.vqgan.encode(uint8_to_normalized(u8))[1].view(3, -1)
+    assert torch.equal(encode_images(model.vqgan, u8, "cpu", progress=False).long(), ref)

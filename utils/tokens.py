@@ -45,9 +45,8 @@ def encode_images(vqgan, images_u8: torch.Tensor, device, precision: str = "fp32
     for i in tqdm(range(0, len(images_u8), batch_size), desc=desc, disable=not progress, leave=False):
         x = uint8_to_normalized(images_u8[i:i + batch_size].to(device))
         with autocast(device, precision):
-            z = vqgan.quant_conv(vqgan.encoder(x))
-        idx = vqgan.codebook.quantize_indices(z.float().permute(0, 2, 3, 1).reshape(-1, z.shape[1]))  # (B*h*w,)
-        out.append(idx.view(x.shape[0], -1).to("cpu", torch.int16))  # (B, h*w)
+            ids = vqgan.encode_indices(x)  # (B, h*w)
+        out.append(ids.to("cpu", torch.int16))
     return torch.cat(out)
 
 

@@ -237,6 +237,15 @@ class VQGAN(nn.Module):
         """(B,3,H,W) normalized -> (z_q (B,D,h,w), indices (B*h*w,), q_loss)."""
         return self.codebook(self.quant_conv(self.encoder(x)))
 
+    def encode_indices(self, x: torch.Tensor) -> torch.Tensor:
+        """(B,3,H,W) normalized -> token ids (B, h*w) in raster order: the one path from images to
+        tokens (token cache, inpainting, MaskGit.encode_to_z); ``encode`` adds the straight-through
+        z_q and the loss for training. The nearest-code search runs in fp32 under any autocast."""
+        z = self.quant_conv(self.encoder(x))  # (B, D, h, w)
+        B, D = z.shape[:2]
+        idx = self.codebook.quantize_indices(z.float().permute(0, 2, 3, 1).reshape(-1, D))  # (B*h*w,)
+        return idx.view(B, -1)  # (B, h*w)
+
     def decode(self, z_q):
         return self.decoder(self.post_quant_conv(z_q))
 

@@ -107,7 +107,8 @@ def write_html(root: str, summary: dict, has_originals: bool, n_dark: int | None
     gifs = sorted(os.listdir(os.path.join(root, "inpaint_cosine", "gifs")), key=natural_key)
     dark = "" if n_dark is None else f"""<h2>Why some generated cats are near-black</h2>
 <p>{n_dark} of the {summary['images']} generated cats (the "original" row) have a mean brightness below {DARK}.
-They are black cats, not a decoding or normalisation bug (their eyes and noses are there): the demo decodes with
+They are dark cats, not a decoding or normalisation bug (the same code and constants give bright cats for the other
+seeds, and most dark ones show faint eyes and noses): the demo decodes with
 <code>--token-choice argmax</code>, which from an empty canvas commits the most probable token everywhere, and
 the most confident tokens of a blank canvas are flat dark or white fur, so greedy decoding over-produces the
 modes of the data. Of the lab's training images 3.0% are that dark (every 4th of the 12,000 measured); with

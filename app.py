@@ -39,6 +39,7 @@ except ImportError as e:  # the core install stays the lab's packages
     raise SystemExit(f"app.py needs the web packages ({e.name} is missing): pip install -r requirements-app.txt")
 
 from models import SCHEDULES
+from models.decoding import TOKEN_CHOICES
 from utils.build import BUNDLED_CONFIG, BUNDLED_TRANSFORMER, checkpoint_config, load_inference_model
 from utils.config import REPO_ROOT, resolve_path
 from utils.data import (HOLE_GRAY, TEST_MEAN, TEST_STD, DataError, default_data_root, find_lab_layout, list_images,
@@ -48,7 +49,6 @@ from utils.runtime import create_logger, get_device, resolve_precision
 
 WEB_DIR = REPO_ROOT / "web"
 EXAMPLES_DIR = WEB_DIR / "examples"
-TOKEN_CHOICES = ("argmax", "sample")
 MAX_PIXELS = 50_000_000  # uploads with more pixels are refused before decoding
 STORE_SIZE = 256  # uploaded and result images kept in memory (64x64x3 bytes each)
 
@@ -73,18 +73,12 @@ class DecodeRequest(BaseModel):
     paste_known: bool = False
     seed: int = Field(0, ge=0, le=2**31 - 1)
 
-    @field_validator("mask_func")
+    @field_validator("mask_func", "token_choice")
     @classmethod
-    def _schedule(cls, v):
-        if v not in SCHEDULES:
-            raise ValueError(f"unknown schedule {v!r}; choose from {', '.join(SCHEDULES)}")
-        return v
-
-    @field_validator("token_choice")
-    @classmethod
-    def _choice(cls, v):
-        if v not in TOKEN_CHOICES:
-            raise ValueError(f"token choice must be one of {', '.join(TOKEN_CHOICES)}")
+    def _one_of(cls, v, info):
+        choices = {"mask_func": SCHEDULES, "token_choice": TOKEN_CHOICES}[info.field_name]
+        if v not in choices:
+            raise ValueError(f"{info.field_name} must be one of {', '.join(choices)}, got {v!r}")
         return v
 
 

@@ -25,7 +25,8 @@ from utils.build import BUNDLED_CONFIG, BUNDLED_TRANSFORMER, build_maskgit, load
 from utils.cli import ArgumentParser, run_cli
 from utils.config import REPO_ROOT, load_maskgit_config
 from utils.data import MaskedImageSet, find_lab_layout, to_uint8
-from utils.inpaint import InpaintOptions, generate_images, run_inpainting, schedule_report
+from utils.inpaint import InpaintOptions, generate_images
+from utils.outputs import run_inpainting, schedule_report
 from utils.masks import generate_mask
 from utils.runtime import create_logger, get_device, resolve_precision
 

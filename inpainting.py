@@ -17,8 +17,10 @@ from models import CONFIDENCES, ORDERS, SCHEDULES
 from utils.build import BUNDLED_CONFIG, BUNDLED_TRANSFORMER, checkpoint_config, load_inference_model
 from utils.cli import ArgumentParser, UserError, run_cli
 from utils.config import REPO_ROOT, resolve_path
-from utils.data import BLENDS, PREFILLS, MaskedImageSet, default_data_root, find_lab_layout
-from utils.inpaint import InpaintOptions, generate_images, run_inpainting, schedule_report
+from utils.composite import BLENDS, PREFILLS
+from utils.data import MaskedImageSet, default_data_root, find_lab_layout
+from utils.inpaint import InpaintOptions, generate_images
+from utils.outputs import run_inpainting, schedule_report
 from utils.runtime import create_logger, get_device, resolve_precision
 
 

@@ -32,10 +32,12 @@ from common import SHARED_DATA, device_name, print_table, write_csv
 from inpainting import BUNDLED_CONFIG, BUNDLED_TRANSFORMER
 from utils.build import build_maskgit, load_transformer_checkpoint
 from utils.config import REPO_ROOT, load_maskgit_config
+from utils.composite import paste_known
 from utils.data import (TEST_MEAN, TEST_STD, MaskedImageSet, denormalize, list_images, normalize, pil_to_tensor01,
-                        paste_known, to_uint8)
+                        to_uint8)
 from utils.fid import compute_fid
-from utils.inpaint import InpaintOptions, run_inpainting
+from utils.inpaint import InpaintOptions
+from utils.outputs import run_inpainting
 from utils.metrics import paired_metrics
 from utils.runtime import create_logger, get_device
 from utils.tokens import unseen_indices

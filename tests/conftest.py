@@ -20,20 +20,24 @@ SPEC = os.path.join(SHARED, "spec")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+_OWN_BASETEMP = None
+
+
+@pytest.hookimpl(tryfirst=True)
 def pytest_configure(config):
+    # tmp_path folders live in a fresh folder of this session (removed in pytest_unconfigure), not in the
+    # shared pytest-of-<user>: a run leaves nothing behind, and two runs at once cannot clean up each other's
+    global _OWN_BASETEMP
+    if config.option.basetemp is None:
+        _OWN_BASETEMP = config.option.basetemp = tempfile.mkdtemp(prefix="maskgit-pytest-")
     config.addinivalue_line("markers", "slow: long-running check (run with --runslow)")
     config.addinivalue_line("markers", "gpu: needs CUDA")
 
 
 def pytest_unconfigure(config):
-    if _OWN_CACHE:
-        shutil.rmtree(os.environ["MASKGIT_CACHE"], ignore_errors=True)
-    base = getattr(getattr(config, "_tmp_path_factory", None), "_basetemp", None)
-    if base is not None and config.getoption("basetemp") is None:  # pytest-of-<user>, emptied by the
-        try:  # retention policy of pytest.ini: remove it when nothing else is left in it
-            os.rmdir(os.path.dirname(base))
-        except OSError:
-            pass
+    for path in (os.environ["MASKGIT_CACHE"] if _OWN_CACHE else None, _OWN_BASETEMP):
+        if path:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def pytest_addoption(parser):

@@ -5,9 +5,9 @@ import pytest
 import torch
 from PIL import Image
 
+from utils.composite import fill_holes, paste_known
 from utils.data import (TEST_MEAN, TEST_STD, TRAIN_MEAN, TRAIN_STD, DataError, ImageFolder, MaskedImageSet,
-                        denormalize, fill_holes, find_lab_layout, load_mask, normalize, paste_known,
-                        pixel_to_token_mask, uint8_to_normalized)
+                        denormalize, find_lab_layout, load_mask, normalize, pixel_to_token_mask, uint8_to_normalized)
 
 
 def test_token_mask_rule_on_real_lab_masks(lab3):

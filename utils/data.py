@@ -112,8 +112,12 @@ def load_mask(path: str, size: int | None = None, resize: bool = False, invert: 
     Non-binary masks (e.g. JPEG-saved) are thresholded at 128 (:meth:`MaskedImageSet.check` warns).
     """
     arr = np.asarray(read_image(path, size, resize, mode="L"), dtype=np.uint8)
-    known = (arr < 128) if invert else (arr >= 128)
-    return torch.from_numpy(known.astype(np.float32))[None]  # (1, H, W)
+    return torch.from_numpy(known_pixels(arr, invert).astype(np.float32))[None]  # (1, H, W)
+
+
+def known_pixels(arr: np.ndarray, invert: bool = False) -> np.ndarray:
+    """The one rule of mask polarity on disk: bool array, True = known (>= 128; < 128 with ``invert``)."""
+    return (arr < 128) if invert else (arr >= 128)
 
 
 MAX_NON_BINARY = 0.05  # masks with more pixels outside {0, 255} than this are not masks
@@ -166,8 +170,7 @@ class MaskedImageSet(Dataset):
                                    f"nor 255)")
                         continue
                     fuzzy += bool(off.any())
-                    holes = arr >= 128 if self.invert_mask else arr < 128
-                    hole_fracs.append(float(holes.mean()))
+                    hole_fracs.append(float(1.0 - known_pixels(arr, self.invert_mask).mean()))
         if bad:
             raise DataError(bad_files_message(bad, "inputs", "fix or remove them (masked images and masks are paired "
                                                              "by sorted order)"))

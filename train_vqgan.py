@@ -3,16 +3,20 @@
     python train_vqgan.py --data ../shared/data/lab3_dataset/train \
         --config models/VQGAN/config/VQGAN_small.yml --steps 6000 --out-dir runs/vqgan_small
 
-Writes ``<out-dir>/last.pt`` (resumable: model, discriminator, optimizers, step, RNG),
-``<out-dir>/vqgan.pt`` (a plain fp32 state_dict that loads like the lab's VQGAN.pt),
-reconstruction grids, TensorBoard scalars, ``metrics.csv`` and ``loss.png``.
-Perceptual (LPIPS/VGG) loss is not used: its weights cannot be fetched offline.
+Writes ``<out-dir>/last.pt`` (resumable: model, discriminator, optimizers, codebook statistics,
+step, the step total fixed by a time budget, RNG), ``<out-dir>/vqgan.pt`` (a plain fp32
+state_dict that loads like the lab's VQGAN.pt; the EMA weights with ``--ema``), reconstruction
+grids, TensorBoard scalars, ``metrics.csv`` and ``loss.png``.
+Losses: L1 + L2 (+ SSIM) reconstruction, codebook/commitment, PatchGAN (hinge or BCE, adaptive
+weight, optional LeCam regulariser). Perceptual (LPIPS/VGG) loss is not used: its weights cannot
+be fetched offline, and an ImageNet network in the loss would game FID.
 """
 from __future__ import annotations
 
 import math
 import os
 import time
+from dataclasses import dataclass
 
 import torch
 from torchvision.utils import save_image
@@ -20,6 +24,7 @@ from tqdm import tqdm
 
 from models import VQGAN
 from models.VQGAN.discriminator import PatchDiscriminator, d_loss_fn, g_loss_fn
+from models.VQGAN.training import EMACodebook, LeCam, kmeans, restart_dead_codes, ssim_loss
 from utils.checkpoint import atomic_save, load_checkpoint
 from utils.cli import ArgumentParser, Interrupted, UserError, run_cli
 from utils.config import ConfigError, apply_overrides, load_vqgan_config
@@ -27,7 +32,9 @@ from utils.data import TRAIN_MEAN, TRAIN_STD, denormalize, load_image_stack, uin
 from utils.metrics import psnr
 from utils.runtime import (autocast, create_logger, get_device, grad_scaler, make_generator, resolve_precision,
                            rng_state, seed_everything, set_rng_state)
-from utils.train_utils import MetricLog, StopFlag, check_finite, warmup_cosine
+from utils.train_utils import EMA, MetricLog, StopFlag, check_finite, warmup_cosine
+
+BUDGET_WARMUP, BUDGET_PROBE = 20, 60  # steps skipped, then steps timed, to fit --time-budget-min
 
 
 def parse_args(argv=None):
@@ -43,14 +50,22 @@ def parse_args(argv=None):
     p.add_argument("--warmup-steps", type=int, default=200, help="linear learning-rate warmup steps")
     p.add_argument("--l1-weight", type=float, default=1.0, help="weight of the L1 reconstruction loss")
     p.add_argument("--l2-weight", type=float, default=1.0, help="weight of the L2 reconstruction loss")
+    p.add_argument("--ssim-weight", type=float, default=0.0, help="weight of 1 - SSIM on [0,1] pixels (0: off)")
+    p.add_argument("--ssim-window", type=int, default=7, help="Gaussian SSIM window size (sigma 1.5)")
     p.add_argument("--disc-start", type=int, default=-1, help="step at which the GAN loss starts (-1: never)")
     p.add_argument("--disc-start-frac", type=float, default=None,
                    help="start the GAN loss at this fraction of --steps (overrides --disc-start)")
     p.add_argument("--time-budget-min", type=float, default=0,
                    help="fit the run into this many minutes: --steps is set from the throughput of the first "
-                        "steps (GAN steps assumed 1.5x as costly)")
+                        "steps (GAN steps assumed 1.5x as costly) and kept on --resume")
     p.add_argument("--disc-weight", type=float, default=0.1, help="GAN loss weight (times the adaptive weight)")
     p.add_argument("--disc-loss", choices=["hinge", "bce"], default="hinge", help="discriminator loss")
+    p.add_argument("--lecam-weight", type=float, default=0.0, help="LeCam regulariser of the discriminator (0: off)")
+    p.add_argument("--ema-codebook", type=float, default=0.0,
+                   help="learn the codebook by EMA updates with this decay, e.g. 0.99 (0: by gradient)")
+    p.add_argument("--kmeans-init", action="store_true", help="initialise the codebook by k-means on the first batch")
+    p.add_argument("--ema", type=float, default=0.0,
+                   help="EMA decay of the tokenizer weights, e.g. 0.999 (0: off); evaluation and vqgan.pt use them")
     p.add_argument("--restart-every", type=int, default=200, help="dead-code restart period in steps (0: off)")
     p.add_argument("--hflip", action="store_true", help="random horizontal flips")
     p.add_argument("--resize", action="store_true", help="resize images of another size instead of failing")
@@ -68,9 +83,163 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+@dataclass
+class Stage1:
+    """Everything one training step reads or updates."""
+    model: VQGAN
+    disc: PatchDiscriminator
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    gen: torch.Generator
+    counts: torch.Tensor  # (K,) code assignments since the last restart, on the device
+    ema: EMA | None  # weight EMA
+    ema_codebook: EMACodebook | None
+    lecam: LeCam | None
+    step: int = 0
+    total_steps: int = 0
+    disc_start: int = -1
+    budget_fixed: bool = False  # total_steps set by --time-budget-min (kept on --resume)
+
+    def eval_model(self) -> VQGAN:
+        return self.ema.model if self.ema is not None else self.model
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "disc": self.disc.state_dict(), "opt_g": self.opt_g.state_dict(),
+                "opt_d": self.opt_d.state_dict(), "sched": self.sched.state_dict(), "scaler": self.scaler.state_dict(),
+                "counts": self.counts.cpu(), "step": self.step, "total_steps": self.total_steps,
+                "disc_start": self.disc_start, "budget_fixed": self.budget_fixed, "gen": self.gen.get_state(), "rng": rng_state(),
+                "ema": self.ema.model.state_dict() if self.ema else None,
+                "ema_codebook": self.ema_codebook.state_dict() if self.ema_codebook else None,
+                "lecam": self.lecam.state_dict() if self.lecam else None}
+
+    def load_state_dict(self, ck: dict) -> None:
+        self.model.load_state_dict(ck["model"])
+        self.disc.load_state_dict(ck["disc"])
+        for name in ("opt_g", "opt_d", "sched", "scaler"):
+            getattr(self, name).load_state_dict(ck[name])
+        self.counts.copy_(ck["counts"])
+        self.step, self.total_steps, self.disc_start = ck["step"], ck["total_steps"], ck["disc_start"]
+        self.budget_fixed = ck["budget_fixed"]
+        self.gen.set_state(ck["gen"])
+        set_rng_state(ck["rng"])
+        for name in ("ema", "ema_codebook", "lecam"):
+            part = getattr(self, name)
+            if (part is None) != (ck.get(name) is None):
+                raise UserError(f"--resume: the checkpoint was trained {'with' if ck.get(name) is not None else 'without'}"
+                                f" --{name.replace('_', '-')}; resume with the same options")
+            if part is not None:
+                (part.model if name == "ema" else part).load_state_dict(ck[name])
+
+
+def build(args, raw_cfg: dict, device) -> Stage1:
+    try:
+        model = VQGAN(raw_cfg).to(device).train()
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{args.config}: {e}") from e
+    ema_codebook = EMACodebook(model.codebook.embedding, args.ema_codebook) if args.ema_codebook else None
+    disc = PatchDiscriminator().to(device).train()
+    opt_g = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate, betas=(0.5, 0.9))
+    opt_d = torch.optim.Adam(disc.parameters(), lr=args.learning_rate, betas=(0.5, 0.9))
+    st = Stage1(model, disc, opt_g, opt_d, None, grad_scaler(device, args.precision), make_generator(args.seed),
+                torch.zeros(model.cfg.num_codebook_vectors, dtype=torch.long, device=device),
+                EMA(model, args.ema) if args.ema else None, ema_codebook,
+                LeCam() if args.lecam_weight else None, total_steps=args.steps)
+    st.sched = torch.optim.lr_scheduler.LambdaLR(opt_g, lambda s: warmup_cosine(s, args.warmup_steps, st.total_steps))
+    st.disc_start = disc_start(args, st.total_steps)
+    return st
+
+
+def disc_start(args, total_steps: int) -> int:
+    return int(args.disc_start_frac * total_steps) if args.disc_start_frac is not None else args.disc_start
+
+
+def flat_latents(model: VQGAN, z_e: torch.Tensor) -> torch.Tensor:
+    """(B, D, h, w) encoder latents -> (B*h*w, D) rows as the codebook searches them."""
+    return model.codebook.project(z_e.detach().float().permute(0, 2, 3, 1).reshape(-1, z_e.shape[1]))
+
+
+def generator_step(st: Stage1, x: torch.Tensor, args, device) -> dict:
+    """Reconstruction + codebook (+ SSIM, + adaptive-weight GAN) loss, one optimizer step.
+    Returns the step's tensors (no host sync)."""
+    model, use_disc = st.model, 0 <= st.disc_start <= st.step
+    with autocast(device, args.precision):
+        z_e = model.quant_conv(model.encoder(x))  # (B, D, h, w)
+        z_q, codes, q_loss = model.codebook(z_e)
+        xr = model.decode(z_q)
+    err = xr.float() - x
+    rec = args.l1_weight * err.abs().mean() + args.l2_weight * err.pow(2).mean()
+    if args.ssim_weight:
+        rec = rec + args.ssim_weight * ssim_loss(denormalize(xr.float(), TRAIN_MEAN, TRAIN_STD),
+                                                 denormalize(x, TRAIN_MEAN, TRAIN_STD), args.ssim_window)
+    loss = rec + q_loss.float()
+    gan_w = torch.zeros((), device=x.device)
+    if use_disc:
+        with autocast(device, args.precision):
+            g_gan = g_loss_fn(args.disc_loss, st.disc(xr).float())
+        last_layer = model.decoder.model[-1].weight
+        g_rec = torch.autograd.grad(rec, last_layer, retain_graph=True)[0]
+        g_adv = torch.autograd.grad(g_gan, last_layer, retain_graph=True)[0]
+        gan_w = (g_rec.norm() / (g_adv.norm() + 1e-4)).clamp(0, 1e4).detach() * args.disc_weight
+        loss = loss + gan_w * g_gan
+    check_finite(loss, st.step)
+    st.opt_g.zero_grad(set_to_none=True)
+    st.scaler.scale(loss).backward()
+    st.scaler.unscale_(st.opt_g)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    st.scaler.step(st.opt_g)
+    st.scaler.update()
+    st.sched.step()
+    return {"rec": rec.detach(), "q": q_loss.detach(), "gan_w": gan_w, "xr": xr.detach(), "z_e": z_e.detach(),
+            "codes": codes, "use_disc": use_disc}
+
+
+def discriminator_step(st: Stage1, x: torch.Tensor, xr: torch.Tensor, args, device) -> torch.Tensor:
+    with autocast(device, args.precision):
+        real, fake = st.disc(x).float(), st.disc(xr).float()
+    d_loss = d_loss_fn(args.disc_loss, real, fake)
+    if st.lecam is not None:
+        d_loss = d_loss + args.lecam_weight * st.lecam(real, fake)
+    st.opt_d.zero_grad(set_to_none=True)
+    d_loss.backward()
+    st.opt_d.step()
+    return d_loss.detach()
+
+
+@torch.no_grad()
+def codebook_step(st: Stage1, z_e: torch.Tensor, codes: torch.Tensor, args) -> int | None:
+    """k-means seeding on the first step, EMA codebook update, usage counts and the periodic
+    dead-code restart. Returns the number of restarted codes on restart steps, else None."""
+    z = flat_latents(st.model, z_e)  # (B*h*w, D)
+    st.counts += torch.bincount(codes, minlength=len(st.counts))
+    if st.ema_codebook is not None:
+        st.ema_codebook.update(z, codes)
+    if not (args.restart_every and st.step % args.restart_every == 0 and st.step < 0.9 * st.total_steps):
+        return None
+    if st.ema_codebook is not None:
+        n_dead = st.ema_codebook.restart_dead(st.counts, z, st.gen)
+    else:
+        n_dead = restart_dead_codes(st.model.codebook.embedding, st.counts, z, st.gen)
+    st.counts.zero_()
+    return n_dead
+
+
+@torch.no_grad()
+def init_codebook(st: Stage1, x: torch.Tensor) -> None:
+    """k-means on the encoder's latents of one batch (the first step of a new run)."""
+    model = st.model
+    z = flat_latents(model, model.quant_conv(model.encoder(x)))
+    if st.ema_codebook is not None:
+        st.ema_codebook.init_kmeans(z, st.gen)
+    else:
+        model.codebook.embedding.weight.copy_(kmeans(z, len(st.counts), 10, st.gen)[0])
+
+
 @torch.no_grad()
 def evaluate(model, images_u8, device, precision, batch_size=128):
     """Mean reconstruction PSNR (dB) and codebook usage over uint8 images (N,3,H,W)."""
+    was_training = model.training
     model.eval()
     vals, used = [], torch.zeros(model.cfg.num_codebook_vectors, dtype=torch.bool)
     for i in range(0, len(images_u8), batch_size):
@@ -79,30 +248,55 @@ def evaluate(model, images_u8, device, precision, batch_size=128):
             xr, idx, _ = model(x)
         vals.append(psnr(denormalize(xr.float(), TRAIN_MEAN, TRAIN_STD), denormalize(x, TRAIN_MEAN, TRAIN_STD)).cpu())
         used[idx.cpu()] = True
-    model.train()
+    model.train(was_training)
     return torch.cat(vals).mean().item(), used.float().mean().item()
 
 
 @torch.no_grad()
-def restart_dead_codes(model: VQGAN, counts: torch.Tensor, z_e: torch.Tensor, generator: torch.Generator) -> int:
-    """Re-initialise codes unused since the last restart with random encoder outputs of the
-    current batch (plus a little noise). Returns how many were restarted."""
-    dead = (counts == 0).nonzero().flatten()
-    if len(dead) == 0:
-        return 0
-    pool = z_e.detach().float()  # (M, D)
-    pick = torch.randint(0, len(pool), (len(dead),), generator=generator, device=generator.device).to(pool.device)
-    noise = torch.randn(len(dead), pool.shape[1], generator=generator, device=generator.device).to(pool.device)
-    new = pool[pick] + 0.01 * pool.std() * noise
-    model.codebook.embedding.weight.data[dead.to(pool.device)] = new.to(model.codebook.embedding.weight.dtype)
-    return len(dead)
+def save_grid(model, val_images, device, precision, path: str) -> None:
+    was_training = model.training
+    xs = uint8_to_normalized(val_images[:16].to(device))
+    with autocast(device, precision):
+        rs = model.eval()(xs)[0].float()
+    model.train(was_training)
+    save_image(torch.cat([denormalize(xs, TRAIN_MEAN, TRAIN_STD), denormalize(rs, TRAIN_MEAN, TRAIN_STD)]), path, nrow=16)
+
+
+def sample_batch(images: torch.Tensor, st: Stage1, args, device) -> torch.Tensor:
+    idx = torch.randint(0, len(images), (args.batch_size,), generator=st.gen)
+    x = uint8_to_normalized(images[idx].to(device, non_blocking=True))  # (B, 3, H, W)
+    if args.hflip:
+        flip = (torch.rand(args.batch_size, generator=st.gen) < 0.5).to(device)
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    return x
+
+
+class BudgetProbe:
+    """Times steps BUDGET_WARMUP..BUDGET_WARMUP+BUDGET_PROBE of a new run and sets the step total
+    so that the run fits ``minutes`` (steps after the GAN start cost 1.5x)."""
+
+    def __init__(self, minutes: float, first_step: int):
+        self.minutes, self.t0 = minutes, None
+        self.start, self.end = first_step + BUDGET_WARMUP, first_step + BUDGET_WARMUP + BUDGET_PROBE
+
+    def __call__(self, st: Stage1, args) -> bool:
+        if st.step == self.start:
+            self.t0 = time.time()
+        if st.step != self.end or self.t0 is None:
+            return False
+        rate = BUDGET_PROBE / (time.time() - self.t0)  # steps/s without the GAN
+        f = args.disc_start_frac if args.disc_start_frac is not None else 1.0
+        st.total_steps = max(st.step + 1, int(self.minutes * 60 * rate / (f + 1.5 * (1 - f))))
+        st.disc_start = disc_start(args, st.total_steps)
+        st.budget_fixed = True
+        return True
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     log = create_logger("maskgit", os.path.join(args.out_dir, "train_vqgan.log"))
     device = get_device(args.device)
-    precision = resolve_precision(args.precision, device)
+    args.precision = resolve_precision(args.precision, device)
     seed_everything(args.seed)
     raw_cfg = apply_overrides(load_vqgan_config(args.config).to_dict(), args.set, where=args.config)
     size = raw_cfg["img_resolution"]
@@ -112,138 +306,71 @@ def main(argv=None) -> dict:
     last_path = os.path.join(args.out_dir, "last.pt")
     if args.resume and not os.path.exists(last_path):
         raise UserError(f"--resume: no checkpoint at {last_path} (drop --resume to start a new run)")
-    try:
-        model = VQGAN(raw_cfg).to(device).train()
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"{args.config}: {e}") from e
-    cfg = model.cfg
-    disc = PatchDiscriminator().to(device).train()
-    opt_g = torch.optim.Adam(model.parameters(), lr=args.learning_rate, betas=(0.5, 0.9))
-    opt_d = torch.optim.Adam(disc.parameters(), lr=args.learning_rate, betas=(0.5, 0.9))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt_g, lambda s: warmup_cosine(s, args.warmup_steps, args.steps))
-    scaler = grad_scaler(device, precision)
-    gen = make_generator(args.seed)
-    counts = torch.zeros(cfg.num_codebook_vectors, dtype=torch.long)
-    step = 0
+    st = build(args, raw_cfg, device)
     if args.resume:
-        ck = load_checkpoint(last_path, "VQGAN training checkpoint")
-        model.load_state_dict(ck["model"])
-        disc.load_state_dict(ck["disc"])
-        opt_g.load_state_dict(ck["opt_g"])
-        opt_d.load_state_dict(ck["opt_d"])
-        sched.load_state_dict(ck["sched"])
-        scaler.load_state_dict(ck["scaler"])
-        counts, step = ck["counts"], ck["step"]
-        gen.set_state(ck["gen"])
-        set_rng_state(ck["rng"])
-        log.info("resumed from %s at step %d", last_path, step)
-
-    n_params = sum(p.numel() for p in model.parameters())
-    log.info("VQGAN %.2fM params, %d training images, device %s, precision %s", n_params / 1e6, len(images), device,
-             precision)
+        st.load_state_dict(load_checkpoint(last_path, "VQGAN training checkpoint"))
+        if not st.budget_fixed:  # --steps may extend a finished run; a time budget's total is kept
+            st.total_steps, st.disc_start = args.steps, disc_start(args, args.steps)
+        log.info("resumed from %s at step %d of %d", last_path, st.step, st.total_steps)
+    probe = BudgetProbe(args.time_budget_min, st.step) if args.time_budget_min and not st.budget_fixed else None
+    log.info("VQGAN %.2fM params, %d training images, device %s, precision %s",
+             sum(p.numel() for p in st.model.parameters()) / 1e6, len(images), device, args.precision)
     metrics = MetricLog(args.out_dir)
 
     def save():
-        state = {"model": model.state_dict(), "disc": disc.state_dict(), "opt_g": opt_g.state_dict(),
-                 "opt_d": opt_d.state_dict(), "sched": sched.state_dict(), "scaler": scaler.state_dict(),
-                 "counts": counts, "step": step, "gen": gen.get_state(), "rng": rng_state(),
-                 "config": cfg.to_dict(), "args": vars(args)}
-        atomic_save(state, last_path)
-        atomic_save(model.state_dict(), os.path.join(args.out_dir, "vqgan.pt"))
+        atomic_save({**st.state_dict(), "config": st.model.cfg.to_dict(), "args": vars(args)}, last_path)
+        atomic_save(st.eval_model().state_dict(), os.path.join(args.out_dir, "vqgan.pt"))
         metrics.flush()
 
-    last_layer = model.decoder.model[-1].weight
-    t0, seen = time.time(), 0
-    pbar = tqdm(total=args.steps, initial=step, disable=args.no_progress, desc="vqgan")
-    first_rec, rec_v = None, math.nan
-    start_step, budget_probe, t_probe = step, step + 80, time.time()
+    t0, seen, first_rec, rec_v = time.time(), 0, None, math.nan
+    pbar = tqdm(total=st.total_steps, initial=st.step, disable=args.no_progress, desc="vqgan")
     with StopFlag() as stop:
-        while step < args.steps and not stop.stop:
-            idx = torch.randint(0, len(images), (args.batch_size,), generator=gen)
-            x = uint8_to_normalized(images[idx].to(device, non_blocking=True))
-            if args.hflip:
-                flip = torch.rand(args.batch_size, generator=gen) < 0.5
-                x[flip.to(device)] = x[flip.to(device)].flip(-1)
-            if args.disc_start_frac is not None:
-                args.disc_start = int(args.disc_start_frac * args.steps)
-            if args.time_budget_min and step == start_step + 20:
-                t_probe = time.time()  # measure after the warm-up steps
-            if args.time_budget_min and step == budget_probe:
-                rate = (step - start_step - 20) / (time.time() - t_probe)  # steps/s without the GAN
-                f = args.disc_start_frac if args.disc_start_frac is not None else 1.0
-                args.steps = max(step + 1, int(args.time_budget_min * 60 * rate / (f + 1.5 * (1 - f))))
-                pbar.total = args.steps
-                log.info("time budget %.1f min at %.2f steps/s: %d steps", args.time_budget_min, rate, args.steps)
-            use_disc = 0 <= args.disc_start <= step
-            with autocast(device, precision):
-                z_e = model.quant_conv(model.encoder(x))  # (B, D, h, w)
-                z_q, codes, q_loss = model.codebook(z_e)
-                xr = model.decode(z_q)
-            rec = args.l1_weight * (xr.float() - x).abs().mean() + args.l2_weight * (xr.float() - x).pow(2).mean()
-            loss = rec + q_loss.float()
-            gan_w = torch.zeros(())
-            if use_disc:
-                with autocast(device, precision):
-                    g_gan = g_loss_fn(args.disc_loss, disc(xr).float())
-                g_rec = torch.autograd.grad(rec, last_layer, retain_graph=True)[0]
-                g_adv = torch.autograd.grad(g_gan, last_layer, retain_graph=True)[0]
-                gan_w = (g_rec.norm() / (g_adv.norm() + 1e-4)).clamp(0, 1e4).detach() * args.disc_weight
-                loss = loss + gan_w * g_gan
-            check_finite(loss, step)
-            opt_g.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt_g)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            scaler.step(opt_g)
-            scaler.update()
-            sched.step()
-            d_loss = torch.zeros(())
-            if use_disc:
-                with autocast(device, precision):
-                    d_loss = d_loss_fn(args.disc_loss, disc(x).float(), disc(xr.detach()).float())
-                opt_d.zero_grad(set_to_none=True)
-                d_loss.backward()
-                opt_d.step()
-            counts += torch.bincount(codes.cpu(), minlength=cfg.num_codebook_vectors)
-            step += 1
+        while st.step < st.total_steps and not stop.stop:
+            x = sample_batch(images, st, args, device)
+            if st.step == 0 and args.kmeans_init:
+                init_codebook(st, x)
+            out = generator_step(st, x, args, device)
+            d_loss = discriminator_step(st, x, out["xr"], args, device) if out["use_disc"] else None
+            st.step += 1
             seen += args.batch_size
-            if args.restart_every and step % args.restart_every == 0 and step < 0.9 * args.steps:
-                n_dead = restart_dead_codes(model, counts, z_e.permute(0, 2, 3, 1).reshape(-1, cfg.latent_dim), gen)
-                metrics.log(step, dead_codes_restarted=n_dead, code_usage=(counts > 0).float().mean().item())
-                counts.zero_()
-            rec_v = rec.item()
-            first_rec = rec_v if first_rec is None else first_rec
-            if step % 10 == 0 or step == 1:
-                metrics.log(step, rec_loss=rec_v, q_loss=q_loss.item(), d_loss=d_loss.item(), gan_weight=float(gan_w),
-                            lr=sched.get_last_lr()[0])
+            n_dead = codebook_step(st, out["z_e"], out["codes"], args)
+            if st.ema is not None:
+                st.ema.update(st.model)
+            if n_dead is not None:
+                metrics.log(st.step, dead_codes_restarted=n_dead)
+            if probe is not None and probe(st, args):
+                pbar.total = st.total_steps
+                log.info("time budget %.1f min: %d steps", args.time_budget_min, st.total_steps)
+            if st.step % 10 == 0 or st.step == 1:  # host sync only here
+                rec_v = out["rec"].item()
+                first_rec = rec_v if first_rec is None else first_rec
+                metrics.log(st.step, rec_loss=rec_v, q_loss=out["q"].item(), gan_weight=out["gan_w"].item(),
+                            d_loss=d_loss.item() if d_loss is not None else 0.0, lr=st.sched.get_last_lr()[0])
+                pbar.set_postfix(rec=f"{rec_v:.4f}", img_s=f"{seen / (time.time() - t0):.0f}")
             pbar.update(1)
-            pbar.set_postfix(rec=f"{rec_v:.4f}", q=f"{q_loss.item():.4f}", img_s=f"{seen / (time.time() - t0):.0f}")
-            if step % args.eval_every == 0 or step == args.steps:
-                p, usage = evaluate(model, val_images, device, precision)
-                metrics.log(step, val_psnr=p, val_code_usage=usage)
-                log.info("step %d  rec %.4f  val PSNR %.2f dB  codebook usage %.1f%%", step, rec_v, p, 100 * usage)
-                with torch.no_grad():
-                    xs = uint8_to_normalized(val_images[:16].to(device))
-                    with autocast(device, precision):
-                        rs = model(xs)[0].float()
-                save_image(torch.cat([denormalize(xs, TRAIN_MEAN, TRAIN_STD), denormalize(rs, TRAIN_MEAN, TRAIN_STD)]),
-                           os.path.join(args.out_dir, f"recon_{step:06d}.png"), nrow=16)
-            if step % args.ckpt_every == 0:
+            if st.step % args.eval_every == 0 or st.step == st.total_steps:
+                p, usage = evaluate(st.eval_model(), val_images, device, args.precision)
+                metrics.log(st.step, val_psnr=p, val_code_usage=usage)
+                log.info("step %d  rec %.4f  val PSNR %.2f dB  codebook usage %.1f%%", st.step, rec_v, p, 100 * usage)
+                save_grid(st.eval_model(), val_images, device, args.precision,
+                          os.path.join(args.out_dir, f"recon_{st.step:06d}.png"))
+            if st.step % args.ckpt_every == 0:
                 save()
         pbar.close()
         save()
         if stop.stop:
             metrics.close()
-            raise Interrupted(f"stopped by signal {stop.signal} at step {step}; checkpoint saved, continue with "
+            raise Interrupted(f"stopped by signal {stop.signal} at step {st.step}; checkpoint saved, continue with "
                               f"--resume ({last_path})")
+    model = st.eval_model()
     if args.half:
         atomic_save({k: v.half() for k, v in model.state_dict().items()}, os.path.join(args.out_dir, "vqgan_fp16.pt"))
     metrics.plot(["rec_loss", "q_loss"], os.path.join(args.out_dir, "loss.png"), "VQGAN training losses")
     metrics.close()
-    final_psnr, usage = evaluate(model, val_images, device, precision)
-    log.info("done: %d steps, %.1f images/s, val PSNR %.2f dB, codebook usage %.1f%%, weights %s", step,
+    final_psnr, usage = evaluate(model, val_images, device, args.precision)
+    log.info("done: %d steps, %.1f images/s, val PSNR %.2f dB, codebook usage %.1f%%, weights %s", st.step,
              seen / max(1e-9, time.time() - t0), final_psnr, 100 * usage, os.path.join(args.out_dir, "vqgan.pt"))
-    return {"step": step, "first_rec": first_rec, "last_rec": rec_v, "val_psnr": final_psnr, "code_usage": usage}
+    return {"step": st.step, "first_rec": first_rec, "last_rec": rec_v, "val_psnr": final_psnr, "code_usage": usage}
 
 
 if __name__ == "__main__":

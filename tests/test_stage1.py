@@ -5,6 +5,7 @@ import torch
 import train_vqgan
 from conftest import TINY_VQ
 from models import VQGAN
+from models.VQGAN.training import restart_dead_codes
 from utils.build import load_vqgan_weights
 from utils.masks import KINDS, generate_mask, hole_fraction, token_hole_bank
 
@@ -45,7 +46,7 @@ def test_dead_code_restart_revives_unused_codes():
     with torch.no_grad():
         m.codebook.embedding.weight[5:] += 100.0  # dead codes far from every encoder output
     before = m.codebook.embedding.weight.detach().clone()
-    n = train_vqgan.restart_dead_codes(m, counts, z_e, torch.Generator().manual_seed(0))
+    n = restart_dead_codes(m.codebook.embedding, counts, z_e, torch.Generator().manual_seed(0))
     after = m.codebook.embedding.weight.detach()
     assert n == 27
     assert torch.equal(after[:5], before[:5]) and not torch.allclose(after[5:], before[5:])
@@ -81,3 +82,207 @@ def test_token_hole_bank_marks_every_token_touching_a_hole():
         any_hole = (pix.reshape(16, 4, 16, 4) == 0).any(axis=(1, 3)).reshape(-1)
         assert np.array_equal(bank[i].numpy(), any_hole)
     assert 0.2 < bank.float().mean().item() < 0.45  # lab test masks: 33% of tokens
+
+
+# ---- stage-1 recipe pieces (models/VQGAN/training.py): each against a closed form or a direct computation ----
+
+def _ssim_direct(x, y, window, sigma=1.5):
+    """SSIM map by explicit loops over pixels and window offsets (reflect padding), float64."""
+    x, y = x.double(), y.double()
+    g = torch.exp(-((torch.arange(window, dtype=torch.float64) - window // 2) ** 2) / (2 * sigma ** 2))
+    w = torch.outer(g, g) / g.sum() ** 2
+    r = window // 2
+    xp = torch.nn.functional.pad(x, (r,) * 4, mode="reflect")
+    yp = torch.nn.functional.pad(y, (r,) * 4, mode="reflect")
+    B, C, H, W = x.shape
+    out = torch.empty(B, C, H, W, dtype=torch.float64)
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    for i in range(H):
+        for j in range(W):
+            px, py = xp[:, :, i:i + window, j:j + window], yp[:, :, i:i + window, j:j + window]
+            mx, my = (px * w).sum((-1, -2)), (py * w).sum((-1, -2))
+            vx = (px * px * w).sum((-1, -2)) - mx ** 2
+            vy = (py * py * w).sum((-1, -2)) - my ** 2
+            cxy = (px * py * w).sum((-1, -2)) - mx * my
+            out[:, :, i, j] = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))
+    return out
+
+
+@pytest.mark.parametrize("window", [3, 7])
+def test_ssim_matches_a_direct_computation(window):
+    from utils.metrics import ssim_map
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 9, 10, generator=g)
+    y = (x + 0.2 * torch.randn(2, 3, 9, 10, generator=g)).clamp(0, 1)
+    torch.testing.assert_close(ssim_map(x, y, window).double(), _ssim_direct(x, y, window), atol=1e-5, rtol=1e-5)
+
+
+def test_ssim_loss_closed_forms():
+    from models.VQGAN.training import ssim_loss
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    assert abs(ssim_loss(x, x).item()) < 1e-6  # SSIM of an image with itself is 1
+    a, b = 0.3, 0.7  # constant images: variances vanish, SSIM = (2ab + c1) / (a^2 + b^2 + c1)
+    expect = (2 * a * b + 1e-4) / (a * a + b * b + 1e-4)
+    got = 1 - ssim_loss(torch.full((1, 3, 8, 8), a), torch.full((1, 3, 8, 8), b), window=3).item()
+    assert abs(got - expect) < 1e-4  # fp32: the variances cancel to ~1e-8, not 0
+    # gradients flow to the prediction and lower the loss
+    p = x.clone().mul(0.5).requires_grad_()
+    loss = ssim_loss(p, x)
+    loss.backward()
+    with torch.no_grad():
+        assert ssim_loss(p - 0.5 * p.grad / p.grad.abs().max(), x) < loss
+
+
+def test_kmeans_recovers_separated_clusters():
+    from models.VQGAN.training import kmeans
+    g = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0]])
+    z = (centres[:, None] + 0.1 * torch.randn(4, 50, 2, generator=g)).reshape(-1, 2)
+    for seed in range(5):  # an unlucky start may put two seeds in one cluster; Lloyd must still assign all
+        found, counts = kmeans(z, 4, 20, torch.Generator().manual_seed(seed))
+        if counts.min() > 0 and torch.cdist(centres, found).min(1).values.max() < 0.1:
+            break
+    else:
+        pytest.fail("k-means never recovered the four cluster centres")
+    assert sorted(counts.tolist()) == [50.0] * 4
+    truth = z.reshape(4, 50, 2).mean(1)  # each centre is the mean of its points
+    torch.testing.assert_close(found[torch.cdist(truth, found).argmin(1)], truth)
+
+
+def test_ema_codebook_update_closed_form():
+    from models.VQGAN.training import EMACodebook
+    emb = torch.nn.Embedding(3, 2)
+    cb = EMACodebook(emb, decay=0.75, eps=1e-12)
+    cb.cluster_size.copy_(torch.tensor([2.0, 4.0, 0.0]))
+    cb.embed_sum.copy_(torch.tensor([[2.0, 2.0], [4.0, 0.0], [0.0, 0.0]]))
+    z = torch.tensor([[1.0, 0.0], [3.0, 2.0], [0.0, 8.0]])
+    idx = torch.tensor([0, 0, 1])
+    cb.update(z, idx)
+    # N = 0.75 N0 + 0.25 n with n = [2, 1, 0]
+    torch.testing.assert_close(cb.cluster_size, torch.tensor([2.0, 3.25, 0.0]))
+    # m = 0.75 m0 + 0.25 (sum of the assigned latents) = 0.75 m0 + 0.25 [[4, 2], [0, 8], [0, 0]]
+    torch.testing.assert_close(cb.embed_sum, torch.tensor([[2.5, 2.0], [3.0, 2.0], [0.0, 0.0]]))
+    torch.testing.assert_close(emb.weight[:2], torch.tensor([[1.25, 1.0], [3.0 / 3.25, 2.0 / 3.25]]))
+    assert not emb.weight.requires_grad  # learned by EMA, not by the optimizer
+
+
+def test_ema_codebook_restart_bookkeeping():
+    from models.VQGAN.training import EMACodebook
+    emb = torch.nn.Embedding(6, 3)
+    cb = EMACodebook(emb, decay=0.9)
+    z = torch.randn(40, 3, generator=torch.Generator().manual_seed(0)) + 5
+    cb.init_kmeans(z, torch.Generator().manual_seed(0))
+    assert cb.initialised
+    before_w, before_n, before_m = emb.weight.clone(), cb.cluster_size.clone(), cb.embed_sum.clone()
+    counts = torch.tensor([3, 0, 1, 0, 0, 7])
+    n = cb.restart_dead(counts, z, torch.Generator().manual_seed(1))
+    dead, live = counts == 0, counts > 0
+    assert n == 3
+    assert torch.equal(emb.weight[live], before_w[live]) and torch.equal(cb.cluster_size[live], before_n[live])
+    assert torch.equal(cb.embed_sum[live], before_m[live])
+    # each restarted code sits on a latent of the batch and its statistics are that one point
+    assert torch.cdist(emb.weight[dead], z).min(1).values.max() < 1e-6
+    assert torch.equal(cb.cluster_size[dead], torch.ones(3))
+    torch.testing.assert_close(cb.embed_sum[dead], emb.weight[dead])
+    # the state round-trips through a weights_only checkpoint
+    cb2 = EMACodebook(torch.nn.Embedding(6, 3), decay=0.9)
+    cb2.load_state_dict(cb.state_dict())
+    assert torch.equal(cb2.embed_sum, cb.embed_sum) and cb2.initialised
+
+
+def test_codebook_step_restarts_on_schedule_and_resets_counts():
+    from types import SimpleNamespace
+    m = VQGAN(TINY_VQ)
+    st = SimpleNamespace(model=m, counts=torch.zeros(32, dtype=torch.long), ema_codebook=None,
+                         gen=torch.Generator().manual_seed(0), step=9, total_steps=100)
+    args = SimpleNamespace(restart_every=10)
+    z_e = torch.randn(2, TINY_VQ["latent_dim"], 4, 4)
+    codes = torch.zeros(32, dtype=torch.long)  # every latent assigned to code 0
+    assert train_vqgan.codebook_step(st, z_e, codes, args) is None and st.counts[0] == 32  # not a restart step
+    st.step = 10
+    assert train_vqgan.codebook_step(st, z_e, codes, args) == 31  # all codes but 0 were unused
+    assert st.counts.sum() == 0  # usage starts again after a restart
+    st.step = 95  # no restarts in the last 10% of training
+    assert train_vqgan.codebook_step(st, z_e, codes, args) is None
+
+
+def test_lecam_closed_form():
+    from models.VQGAN.training import LeCam
+    reg = LeCam(decay=0.0)  # the EMAs equal this batch's means
+    real, fake = torch.tensor([1.0, 3.0]), torch.tensor([-2.0, 4.0])  # means 2 and 1
+    # mean(relu(real - 1)^2) + mean(relu(2 - fake)^2) = (0 + 4)/2 + (16 + 0)/2
+    assert reg(real, fake).item() == pytest.approx(10.0)
+    reg = LeCam(decay=0.5)
+    reg(real, fake)  # EMAs: real 1.0, fake 0.5
+    assert reg.ema_real.item() == pytest.approx(1.0) and reg.ema_fake.item() == pytest.approx(0.5)
+    reg2 = LeCam(decay=0.5)
+    reg2.load_state_dict(reg.state_dict())
+    assert reg2.ema_real.item() == pytest.approx(1.0)
+
+
+def test_l2_normalised_codebook_picks_the_highest_cosine():
+    m = VQGAN({**TINY_VQ, "codebook_norm": True})
+    z = torch.randn(50, TINY_VQ["latent_dim"], generator=torch.Generator().manual_seed(0))
+    e = m.codebook.embedding.weight.detach()
+    cos = torch.nn.functional.normalize(z, dim=1) @ torch.nn.functional.normalize(e, dim=1).t()
+    assert torch.equal(m.codebook.quantize_indices(z), cos.argmax(1))
+    # the decoder receives unit codes, and the plain codebook's choice differs (else the flag does nothing)
+    zq = m.codebook.lookup(torch.arange(16)[None], 4, 4)
+    torch.testing.assert_close(zq.norm(dim=1), torch.ones(1, 4, 4))
+    plain = VQGAN(TINY_VQ)
+    plain.codebook.embedding.weight.data.copy_(e * torch.linspace(0.1, 3, len(e))[:, None])
+    m.codebook.embedding.weight.data.copy_(plain.codebook.embedding.weight.data)
+    assert not torch.equal(plain.codebook.quantize_indices(z), m.codebook.quantize_indices(z))
+
+
+def _run(tiny_world, tmp_path, *extra):
+    import yaml
+    cfg = tmp_path / "vq.yml"
+    cfg.write_text(yaml.safe_dump({"model_param": TINY_VQ}))
+    return train_vqgan.main(["--data", tiny_world["train"], "--config", str(cfg), "--out-dir", str(tmp_path / "vq"),
+                             "--batch-size", "16", "--learning-rate", "2e-3", "--warmup-steps", "5", "--device", "cpu",
+                             "--no-progress", "--eval-every", "1000", *extra])
+
+
+def test_every_recipe_option_trains_and_exports_the_ema_weights(tiny_world, tmp_path):
+    res = _run(tiny_world, tmp_path, "--steps", "40", "--ema-codebook", "0.9", "--kmeans-init", "--ssim-weight", "0.5",
+               "--ssim-window", "3", "--disc-start", "20", "--lecam-weight", "0.1", "--ema", "0.9",
+               "--restart-every", "10", "--set", "codebook_norm=true")
+    assert res["step"] == 40 and res["last_rec"] < 0.8 * res["first_rec"]
+    ck = torch.load(tmp_path / "vq" / "last.pt", weights_only=True)
+    exported = torch.load(tmp_path / "vq" / "vqgan.pt", weights_only=True)
+    assert all(torch.equal(exported[k], v) for k, v in ck["ema"].items())  # vqgan.pt holds the EMA weights
+    assert any(not torch.equal(exported[k], v) for k, v in ck["model"].items())
+    assert ck["ema_codebook"]["initialised"] and ck["lecam"]["ema_real"].ndim == 0
+    m = VQGAN({**TINY_VQ, "codebook_norm": True})
+    m.load_state_dict(exported, strict=True)  # the lab's layout: no extra tensors from the recipe
+
+
+def test_time_budget_total_survives_an_interrupted_run(tiny_world, tmp_path, monkeypatch):
+    from utils.cli import Interrupted
+    monkeypatch.setattr(train_vqgan, "BUDGET_WARMUP", 1)
+    monkeypatch.setattr(train_vqgan, "BUDGET_PROBE", 2)  # the step total is fixed after step 3
+
+    class StopAt:  # StopFlag that reports a signal once the loop has checked it n times
+        def __init__(self, n):
+            self.n, self.signal = n, "SIGTERM"
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        @property
+        def stop(self):
+            self.n -= 1
+            return self.n < 0
+
+    monkeypatch.setattr(train_vqgan, "StopFlag", lambda: StopAt(4))
+    with pytest.raises(Interrupted):
+        _run(tiny_world, tmp_path, "--time-budget-min", "0.05", "--steps", "100000", "--ckpt-every", "1000")
+    ck = torch.load(tmp_path / "vq" / "last.pt", weights_only=True)
+    assert ck["step"] == 4 and ck["budget_fixed"] and 4 < ck["total_steps"] < 100000
+    monkeypatch.undo()
+    res = _run(tiny_world, tmp_path, "--time-budget-min", "0.05", "--steps", "100000", "--resume")
+    assert res["step"] == ck["total_steps"]  # the budgeted total, not --steps and not a new probe

@@ -28,11 +28,11 @@ def _gaussian_window(size: int = 11, sigma: float = 1.5, channels: int = 3, dtyp
     return (g[:, None] * g[None, :]).expand(channels, 1, size, size).contiguous()  # (C, 1, k, k)
 
 
-def ssim_map(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """SSIM map (Wang et al. 2004: 11x11 Gaussian window, sigma 1.5, K1 0.01, K2 0.03, range 1),
-    computed with 'same' padding so it has one value per pixel: (B,C,H,W)."""
+def ssim_map(pred: torch.Tensor, target: torch.Tensor, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    """SSIM map (Wang et al. 2004: by default an 11x11 Gaussian window, sigma 1.5, K1 0.01,
+    K2 0.03, range 1), computed with reflect 'same' padding so it has one value per pixel: (B,C,H,W)."""
     C = pred.shape[1]
-    w = _gaussian_window(channels=C, dtype=pred.dtype).to(pred.device)
+    w = _gaussian_window(window, sigma, channels=C, dtype=pred.dtype).to(pred.device)
     pad = w.shape[-1] // 2
 
     def filt(x):

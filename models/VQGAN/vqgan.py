@@ -28,6 +28,7 @@ class VQGANConfig(StrictConfig):
     beta: float = 0.25
     enc_num_res_blocks: int = 2  # residual blocks per encoder stage (lab: 2)
     dec_num_res_blocks: int = 3  # residual blocks per decoder stage (lab: 3)
+    codebook_norm: bool = False  # l2-normalised lookup (ViT-VQGAN): nearest code by cosine (lab: False)
 
     @property
     def num_downsamplings(self) -> int:
@@ -189,26 +190,38 @@ class Decoder(nn.Module):
 
 
 class Codebook(nn.Module):
-    """Nearest-neighbour vector quantizer with a straight-through estimator."""
+    """Nearest-neighbour vector quantizer with a straight-through estimator.
 
-    def __init__(self, num_codebook_vectors: int, latent_dim: int, beta: float):
+    With ``norm`` (ViT-VQGAN's l2-normalised lookup) latents and codes are projected onto the unit
+    sphere before the search and the decoder receives the unit code: the nearest code is the one
+    of highest cosine similarity, so code norms cannot decide usage and more codes stay alive."""
+
+    def __init__(self, num_codebook_vectors: int, latent_dim: int, beta: float, norm: bool = False):
         super().__init__()
-        self.num_codebook_vectors, self.latent_dim, self.beta = num_codebook_vectors, latent_dim, beta
+        self.num_codebook_vectors, self.latent_dim, self.beta, self.norm = num_codebook_vectors, latent_dim, beta, norm
         self.embedding = nn.Embedding(num_codebook_vectors, latent_dim)
         self.embedding.weight.data.uniform_(-1.0 / num_codebook_vectors, 1.0 / num_codebook_vectors)
 
+    def project(self, v: torch.Tensor) -> torch.Tensor:
+        """The space the search runs in: v itself, or v / ||v|| over the last dim with ``norm``."""
+        return F.normalize(v, dim=-1) if self.norm else v
+
+    def codes(self) -> torch.Tensor:
+        """(K, D) code vectors as the decoder receives them."""
+        return self.project(self.embedding.weight)
+
     def quantize_indices(self, z_flat: torch.Tensor) -> torch.Tensor:
-        """(M, D) latents -> (M,) int64 index of the nearest code by squared L2."""
-        e = self.embedding.weight.float()  # (K, D)
-        z = z_flat.float()
+        """(M, D) latents -> (M,) int64 index of the nearest code by squared L2 (in the projected space)."""
+        e = self.codes().float()  # (K, D)
+        z = self.project(z_flat.float())
         d = (z.pow(2).sum(1, keepdim=True) - 2 * z @ e.t() + e.pow(2).sum(1)[None, :])  # (M, K)
         return d.argmin(dim=1)
 
     def forward(self, z: torch.Tensor):
         B, D, h, w = z.shape
-        z_bhwc = z.permute(0, 2, 3, 1).contiguous()  # (B, h, w, D)
+        z_bhwc = self.project(z.permute(0, 2, 3, 1).contiguous())  # (B, h, w, D)
         idx = self.quantize_indices(z_bhwc.view(-1, D))  # (B*h*w,) raster order b*h*w + i*w + j
-        z_q = self.embedding(idx).view(B, h, w, D).to(z.dtype)  # (B, h, w, D)
+        z_q = F.embedding(idx, self.codes()).view(B, h, w, D).to(z.dtype)  # (B, h, w, D)
         loss = F.mse_loss(z_q.detach(), z_bhwc) + self.beta * F.mse_loss(z_q, z_bhwc.detach())
         z_q = z_bhwc + (z_q - z_bhwc).detach()  # straight-through
         return z_q.permute(0, 3, 1, 2), idx, loss  # (B, D, h, w), (B*h*w,), scalar
@@ -216,7 +229,7 @@ class Codebook(nn.Module):
     def lookup(self, idx: torch.Tensor, h: int, w: int) -> torch.Tensor:
         """Token ids (B, h*w) -> z_q (B, D, h, w)."""
         B = idx.shape[0]
-        return self.embedding(idx.reshape(B, h, w)).permute(0, 3, 1, 2).contiguous()  # (B, D, h, w)
+        return F.embedding(idx.reshape(B, h, w), self.codes()).permute(0, 3, 1, 2).contiguous()  # (B, D, h, w)
 
 
 class VQGAN(nn.Module):
@@ -229,7 +242,7 @@ class VQGAN(nn.Module):
         self.cfg = cfg
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
-        self.codebook = Codebook(cfg.num_codebook_vectors, cfg.latent_dim, cfg.beta)
+        self.codebook = Codebook(cfg.num_codebook_vectors, cfg.latent_dim, cfg.beta, cfg.codebook_norm)
         self.quant_conv = nn.Conv2d(cfg.latent_dim, cfg.latent_dim, 1)
         self.post_quant_conv = nn.Conv2d(cfg.latent_dim, cfg.latent_dim, 1)
 

@@ -1,0 +1,132 @@
+"""Stage-1 recipe ablation: train one tokenizer per variant with the same steps and data, then
+score each on the recovered test originals (reconstruction PSNR and FID, no holes).
+
+    python bench/stage1_ablation.py --out bench/results/stage1_ablation            # CPU scale
+    python bench/stage1_ablation.py --scale h100 --device cuda --out runs/ablation   # GPU scale
+
+Each variant is one ``train_vqgan.py`` run (a subprocess, so variants cannot leak state) whose
+arguments differ from the base recipe by the listed options only. Finished variants are skipped
+on a rerun (their scores are kept in ``results.json``); ``results.md`` is the README table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+from common import SHARED_DATA  # noqa: F401  (puts the repository on sys.path)
+
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from models import VQGAN  # noqa: E402
+from utils.build import load_vqgan_weights  # noqa: E402
+from utils.config import load_vqgan_config, apply_overrides  # noqa: E402
+from utils.data import TEST_MEAN, TEST_STD, denormalize, list_images, load_image_stack, to_uint8  # noqa: E402
+from utils.data import uint8_to_normalized  # noqa: E402
+from utils.fid import compute_fid  # noqa: E402
+from utils.metrics import psnr  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A tokenizer small enough for the 2-core CPU (16/32/64 channels, 0.7 M parameters) with the lab's
+# token interface (64x64 -> 16x16 tokens, 1024 codes); the H100 scale uses VQGAN_small.yml.
+SCALES = {
+    "cpu": {"config": "models/VQGAN/config/VQGAN_small.yml", "steps": 300, "batch": 32,
+            "set": ["enc_channels=[16,32,64]", "dec_channels=[16,32,64]",
+                    "latent_dim=32"]},
+    "h100": {"config": "models/VQGAN/config/VQGAN_small.yml", "steps": 4000, "batch": 128, "set": []},
+}
+BASE = ["--learning-rate", "4e-4", "--warmup-steps", "50", "--hflip", "--restart-every", "100"]
+VARIANTS = {
+    "base": [],
+    "kmeans_init": ["--kmeans-init"],
+    "l2_codes": ["--set", "codebook_norm=true"],
+    "ema_codebook": ["--ema-codebook", "0.99", "--kmeans-init"],
+    "ssim": ["--ssim-weight", "0.5"],
+    "ema_weights": ["--ema", "0.99"],
+}
+
+
+@torch.no_grad()
+def reconstruct(model: VQGAN, src: str, dst: str, device) -> float:
+    """Encode -> decode every image of ``src`` into ``dst`` (the lab's test normalisation);
+    returns the mean PSNR (dB) against the originals."""
+    os.makedirs(dst, exist_ok=True)
+    paths = list_images(src)
+    u8 = load_image_stack(src, 64, False, None, False)  # (N, 3, 64, 64) uint8
+    vals = []
+    for i in range(0, len(u8), 64):
+        x = uint8_to_normalized(u8[i:i + 64].to(device), TEST_MEAN, TEST_STD)
+        out = denormalize(model.decode_indices(model.encode_indices(x)).float(), TEST_MEAN, TEST_STD).clamp(0, 1)
+        ref = u8[i:i + 64].to(device).float() / 255
+        vals.append(psnr(out, ref).cpu())
+        for j, img in enumerate(out):
+            Image.fromarray(to_uint8(img)).save(os.path.join(dst, os.path.basename(paths[i + j])))
+    return torch.cat(vals).mean().item()
+
+
+def run_variant(name: str, extra: list, scale: dict, args) -> dict:
+    out = os.path.join(args.out, name)
+    cmd = [sys.executable, "train_vqgan.py", "--data", os.path.join(args.data, "train"),
+           "--val-data", os.path.join(args.data, "val"), "--config", scale["config"], "--out-dir", out,
+           "--steps", str(args.steps or scale["steps"]), "--batch-size", str(scale["batch"]), "--device", args.device,
+           "--eval-every", "100000", "--ckpt-every", "100", "--no-progress", *BASE]
+    if os.path.exists(os.path.join(out, "last.pt")):
+        cmd.append("--resume")
+    sets = scale["set"] + [extra[i + 1] for i, a in enumerate(extra) if a == "--set"]
+    cmd += ["--set", *sets] if sets else []
+    cmd += [a for i, a in enumerate(extra) if a != "--set" and (i == 0 or extra[i - 1] != "--set")]
+    t0 = time.time()
+    subprocess.run(cmd, cwd=REPO, check=True)
+    train_s = time.time() - t0
+    cfg = apply_overrides(load_vqgan_config(os.path.join(REPO, scale["config"])).to_dict(), sets)
+    model = VQGAN(cfg).to(args.device).eval()
+    load_vqgan_weights(model, os.path.join(out, "vqgan.pt"))
+    rec_dir = os.path.join(out, "recon_test")
+    p = reconstruct(model, args.gt, rec_dir, args.device)
+    fid = compute_fid(rec_dir, args.gt, device=args.device, match_names=True)
+    return {"variant": name, "options": " ".join(extra) or "(base recipe)", "psnr": round(p, 2), "fid": round(fid, 2),
+            "train_s": round(train_s)}
+
+
+def write_table(results: list, path: str, scale_name: str, steps: int) -> None:
+    lines = [f"| variant ({scale_name} scale, {steps} steps each) | options | PSNR (dB) | recon FID | train s |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {r['variant']} | `{r['options']}` | {r['psnr']:.2f} | {r['fid']:.2f} | {r['train_s']} |"
+              for r in results]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--scale", choices=sorted(SCALES), default="cpu")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of: " + ", ".join(VARIANTS))
+    p.add_argument("--steps", type=int, default=None, help="steps per variant (default: the scale's)")
+    p.add_argument("--data", default=str(SHARED_DATA / "lab3_dataset"))
+    p.add_argument("--gt", default=str(SHARED_DATA / "lab3_test_gt"), help="folder of originals to reconstruct")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default="bench/results/stage1_ablation")
+    args = p.parse_args(argv)
+    scale = SCALES[args.scale]
+    os.makedirs(args.out, exist_ok=True)
+    res_path = os.path.join(args.out, "results.json")
+    results = json.load(open(res_path)) if os.path.exists(res_path) else []
+    done = {r["variant"] for r in results}
+    for name in args.variants.split(","):
+        if name in done:
+            continue
+        r = run_variant(name, VARIANTS[name], scale, args)
+        print(json.dumps(r), flush=True)
+        results.append(r)
+        with open(res_path, "w") as f:
+            json.dump(results, f, indent=1)
+        write_table(results, os.path.join(args.out, "results.md"), args.scale, args.steps or scale["steps"])
+
+
+if __name__ == "__main__":
+    main()

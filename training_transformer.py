@@ -63,6 +63,15 @@ def load_tokens(opts: RunConfig, model, device, folders, rank: int, world: int):
     return train["ids"].to(device), val["ids"].to(device), val["ids"][unseen].to(device)
 
 
+def model_config(opts: RunConfig) -> dict:
+    """The resolved MaskGit config of the run: --MaskGitConfig, --set, and --vqgan-ckpt as its tokenizer."""
+    cfg = load_maskgit_config(opts.MaskGitConfig, list(opts.set))
+    if opts.vqgan_ckpt:
+        cfg["model_param"]["VQ_Configs"] = dict(cfg["model_param"].get("VQ_Configs") or {},
+                                                VQ_CKPT_path=os.path.abspath(resolve_path(opts.vqgan_ckpt)))
+    return cfg
+
+
 @dataclasses.dataclass
 class Run:
     """What main() built: the options, the resolved model config, the engine's parts and loop state."""
@@ -82,10 +91,7 @@ def build(opts: RunConfig) -> Run:
     folders, last = data_folders(opts), os.path.join(opts.out_d_path, "last.pt")
     if opts.resume and not os.path.isfile(last):
         raise UserError(f"--resume: no checkpoint at {last}")
-    cfg = load_maskgit_config(opts.MaskGitConfig, list(opts.set))
-    if opts.vqgan_ckpt:
-        cfg["model_param"]["VQ_Configs"] = dict(cfg["model_param"].get("VQ_Configs") or {},
-                                                VQ_CKPT_path=os.path.abspath(resolve_path(opts.vqgan_ckpt)))
+    cfg = model_config(opts)
     rank, world, ddp_device = init_distributed()
     if opts.batch_size % world:
         raise UserError(f"--batch-size {opts.batch_size} must be a multiple of the number of processes {world}")

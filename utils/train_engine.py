@@ -109,6 +109,7 @@ class LoopState:
     steps_per_epoch: int
     epochs: int  # planned; --time-budget-min sets it from the measured speed
     step: int = 0
+    budgeted: bool = False  # epochs set by --time-budget-min: kept on --resume, never measured again
     best_val: float = math.inf
     epoch_losses: torch.Tensor | None = None  # (S, 2) per step of this epoch: (loss, unsmoothed CE), on device
 
@@ -242,10 +243,10 @@ class Monitor:
         """Called after every step; reads scalars only at log steps. Returns why to stop, or None."""
         self.pbar.update(1)
         done = state.step - self.start_step
-        if self.time_budget_min and done == 30:  # set the epochs from the measured speed
+        if self.time_budget_min and not state.budgeted and done == 30:  # set the epochs from the measured speed
             _sync(stats)
             epoch_s = state.steps_per_epoch * (time.time() - self.t0) / 30 * 1.05  # + validation
-            state.epochs = max(1, int(self.time_budget_min * 60 / epoch_s))
+            state.epochs, state.budgeted = max(1, int(self.time_budget_min * 60 / epoch_s)), True
             self.pbar.total = state.total_steps
             self.log.info("time budget %.1f min: %.1f s/epoch -> %d epochs", self.time_budget_min, epoch_s,
                           state.epochs)
@@ -337,13 +338,14 @@ def training_state(parts: TrainParts, state: LoopState) -> dict:
     return {"model": parts.raw.state_dict(), "ema": parts.ema.model.state_dict() if parts.ema else None,
             "optimizer": parts.opt.state_dict(), "scheduler": parts.sched.state_dict() if parts.sched else None,
             "scaler": parts.scaler.state_dict(), "step": state.step, "epochs": state.epochs,
-            "best_val": state.best_val, "rng": rngs,
+            "budgeted": state.budgeted, "best_val": state.best_val, "rng": rngs,
             "epoch_losses": None if state.epoch_losses is None else state.epoch_losses.cpu()}
 
 
 def load_training_state(parts: TrainParts, state: LoopState, ck: dict, keep_epochs: bool = False) -> None:
     """Inverse of :func:`training_state` (this process's RNG state included); ``keep_epochs``: take
-    the planned epochs from the checkpoint (set by a time budget) instead of the current option."""
+    the planned epochs from the checkpoint (set by a time budget) instead of the current option, and
+    when the budget had already set them, do not measure again (the step total stays fixed)."""
     parts.raw.load_state_dict(ck["model"])
     parts.opt.load_state_dict(ck["optimizer"])
     if parts.sched is not None:
@@ -352,7 +354,8 @@ def load_training_state(parts: TrainParts, state: LoopState, ck: dict, keep_epoc
     if parts.ema is not None and ck.get("ema") is not None:
         parts.ema.model.load_state_dict(ck["ema"])
     state.step, state.best_val = ck["step"], ck["best_val"]
-    state.epochs = ck["epochs"] if keep_epochs else state.epochs
+    if keep_epochs:
+        state.epochs, state.budgeted = ck["epochs"], ck.get("budgeted", False)
     losses = ck.get("epoch_losses")
     state.epoch_losses = None if losses is None else losses.to(next(parts.raw.parameters()).device)
     set_rng_state(ck["rng"][parts.rank])

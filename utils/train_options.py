@@ -46,7 +46,8 @@ class RunConfig:
     resize: bool = option(False, help="resize images of another size to the tokenizer's resolution")
     stop_after_steps: int = option(0, help="save last.pt and stop after this global step (0: off)")
     val_batches: int = option(0, help="validate on at most this many batches of 256 (0: all)")
-    time_budget_min: float = option(0.0, help="fit the run into this many minutes (epochs set from the first steps)")
+    time_budget_min: float = option(0.0, help="fit the run into this many minutes (epochs set from the first steps "
+                                    "and kept on --resume)")
     log_every: int = option(10, help="read and log the training loss every N steps (the only per-step host syncs)")
     no_progress: bool = option(False, help="no progress bars")
 

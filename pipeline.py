@@ -1,0 +1,56 @@
+"""The whole chain in one command: tokenizer training -> token cache -> transformer training ->
+inpainting of the lab's test images -> FID, into one folder (checkpoints, logs, loss curves, the
+decoding report, summary.json and summary.md).
+
+    python pipeline.py                                         # config/pipeline.yml: one H100, 25 minutes
+    python pipeline.py --recipe config/pipeline_smoke.yml --out /tmp/pipe_smoke   # CPU smoke run, ~1 min
+    python pipeline.py --stages inpaint,fid --force inpaint     # redo the inpainting and the FID only
+
+Rerun the same command after Ctrl-C: finished stages are skipped, an interrupted trainer resumes.
+The stages and the recipe format: ``utils/pipeline.py`` and ``config/pipeline.yml``.
+"""
+from __future__ import annotations
+
+from utils.cli import ArgumentParser, run_cli
+from utils.pipeline import STAGES, PipelineOptions, run_pipeline
+
+
+def parse_args(argv=None) -> PipelineOptions:
+    p = ArgumentParser(description="MaskGIT, the whole chain: tokenizer -> token cache -> transformer -> "
+                                   "inpainting -> FID")
+    p.add_argument("--recipe", default="config/pipeline.yml",
+                   help="the recipe YAML: per stage its minutes and its script's options")
+    p.add_argument("--out", default="runs/pipeline", help="the run's folder (one subfolder per stage)")
+    p.add_argument("--data", default=None, help="a lab dataset root (lab3_dataset or lab5_dataset layout; default: "
+                                                "the first found of ./lab3_dataset, ./lab5_dataset, "
+                                                "../shared/data/lab3_dataset)")
+    p.add_argument("--gt", default=None, help="folder of the test images' originals for PSNR and FID (default: "
+                                              "../shared/data/lab3_test_gt when present; without one, or with "
+                                              "--gt '', the FID stage is skipped)")
+    p.add_argument("--device", default="auto", help="cuda | cpu | auto, for every stage")
+    p.add_argument("--budget-minutes", type=float, default=None,
+                   help="scale every stage's minutes in the recipe so that they add up to this")
+    p.add_argument("--stages", default=",".join(STAGES),
+                   help=f"comma-separated subset of {','.join(STAGES)} to run (in that order)")
+    p.add_argument("--force", default=None, choices=STAGES,
+                   help="rerun this stage even if it finished (the stages after it run again too)")
+    p.add_argument("--dry-run", action="store_true", help="print every selected stage's command and exit")
+    args = p.parse_args(argv)
+    stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown or not stages:
+        p.error(f"--stages: {args.stages!r}: choose from {','.join(STAGES)}")
+    if args.force and args.force not in stages:
+        p.error(f"--force {args.force}: not among --stages {args.stages}")
+    if args.budget_minutes is not None and args.budget_minutes <= 0:
+        p.error("--budget-minutes must be positive")
+    return PipelineOptions(args.recipe, args.out, args.data, args.gt, args.device, args.budget_minutes, stages,
+                           args.force, args.dry_run)
+
+
+def main(argv=None) -> dict:
+    return run_pipeline(parse_args(argv))
+
+
+if __name__ == "__main__":
+    run_cli(main)

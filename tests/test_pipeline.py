@@ -1,0 +1,343 @@
+"""pipeline.py: the whole chain (tokenizer -> token cache -> transformer -> inpainting -> FID) on a
+tiny generated lab dataset with the shipped smoke recipe; resume after an interrupt; recipe errors;
+--stages / --force; --budget-minutes; the transformer's time budget kept on --resume."""
+import math
+import os
+import shutil
+import signal
+import time
+import types
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+import pipeline
+import training_transformer
+from conftest import TEST_GT
+from utils import pipeline as pipeline_module
+from utils import train_engine
+from utils.cli import UserError, run_cli
+from utils.config import REPO_ROOT
+from utils.data import TEST_MEAN, TEST_STD, MaskedImageSet, denormalize, to_uint8
+from utils.pipeline import STAGES, Recipe, parse_help, recipe_argv
+
+SMOKE = os.path.join(REPO_ROOT, "config", "pipeline_smoke.yml")
+GT_IDS = (0, 2, 3, 5)  # test images whose originals the fake --gt folder holds (the lab has 570 of 747)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: two threads on a busy 2-core machine run these tiny models 10x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def make_world(root, n_train=40, n_val=12, n_test=6, size=64, seed=0) -> dict:
+    """A lab3_dataset-like folder of smooth random 64x64 images with holes, and a --gt folder."""
+    rng = np.random.default_rng(seed)
+
+    def img():
+        return np.kron(rng.uniform(0, 255, (4, 4, 3)), np.ones((size // 4, size // 4, 1))).astype(np.uint8)
+
+    root = str(root)
+    dirs = {k: os.path.join(root, "data", k) for k in ("train", "val", "masked_image", "mask64")}
+    dirs["gt"] = os.path.join(root, "gt")
+    for d in dirs.values():
+        os.makedirs(d)
+    train = [img() for _ in range(n_train)]
+    for i, a in enumerate(train):
+        Image.fromarray(a).save(os.path.join(dirs["train"], f"image_{i:05d}.png"))
+    for i in range(n_val):  # a quarter of val duplicates train, as in the lab
+        Image.fromarray(train[i] if i < n_val // 4 else img()).save(os.path.join(dirs["val"], f"image_{i:05d}.png"))
+    for i in range(n_test):
+        a, m = img(), np.full((size, size), 255, np.uint8)
+        y, x = rng.integers(0, size - 24, 2)
+        m[y:y + 12 + 2 * i, x:x + 16] = 0  # 0 = hole
+        if i in GT_IDS:
+            Image.fromarray(a).save(os.path.join(dirs["gt"], f"image_{i:03d}.png"))
+        a[m == 0] = 128
+        Image.fromarray(a).save(os.path.join(dirs["masked_image"], f"image_{i:03d}.png"))
+        Image.fromarray(m, "L").save(os.path.join(dirs["mask64"], f"mask_{i:03d}.png"))
+    return {"root": os.path.join(root, "data"), **dirs}
+
+
+def smoke_recipe(path, **changes) -> str:
+    """The shipped smoke recipe, with fewer steps and a transformer batch that fits the tiny world;
+    ``changes``: {"stage.key": value} of its args (None removes the key)."""
+    with open(SMOKE) as f:
+        recipe = yaml.safe_load(f)
+    recipe["tokenizer"]["args"].update(steps=20, eval_every=20, ckpt_every=10)
+    recipe["transformer"]["args"].update(partial=1.0, batch_size=8)  # 40 images: 5 steps/epoch, 2 epochs
+    for key, value in changes.items():
+        stage, name = key.split(".")
+        if value is None:
+            recipe[stage]["args"].pop(name, None)
+        else:
+            recipe[stage]["args"][name] = value
+    with open(path, "w") as f:
+        yaml.safe_dump(recipe, f)
+    return str(path)
+
+
+def run(argv, capsys=None):
+    """pipeline.py as a user runs it: (exit status, stderr)."""
+    try:
+        run_cli(pipeline.main, argv, prog="pipeline.py")
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err if capsys else ""
+
+
+def args_for(world, recipe, out, *extra):
+    return ["--recipe", recipe, "--out", str(out), "--data", world["root"], "--gt", world["gt"], "--device", "cpu",
+            *extra]
+
+
+def stamp(path):
+    """A file's bytes and modification time: unchanged when a stage was skipped."""
+    with open(path, "rb") as f:
+        return f.read(), os.stat(path).st_mtime_ns
+
+
+def finite_figures(summary):
+    return {(s, k): v for s, rec in summary["stages"].items() for k, v in rec["figures"].items()
+            if not (isinstance(v, (int, float)) and math.isfinite(v))}
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    """One full smoke run of the chain, shared by the tests that read it (they copy it to change it)."""
+    tmp = tmp_path_factory.mktemp("chain")
+    world = make_world(tmp / "world")
+    recipe = smoke_recipe(tmp / "recipe.yml")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # as one_thread does (a module fixture is set up before it)
+    try:
+        summary = pipeline.main(args_for(world, recipe, tmp / "out"))
+    finally:
+        torch.set_num_threads(n)
+    return {"world": world, "recipe": recipe, "out": str(tmp / "out"), "summary": summary}
+
+
+def test_smoke_chain_writes_everything(chain):
+    out, summary = chain["out"], chain["summary"]
+    expected = ["summary.json", "summary.md", "pipeline.log",
+                "tokenizer/vqgan.pt", "tokenizer/last.pt", "tokenizer/loss.png", "tokenizer/metrics.csv",
+                "tokenizer/train_vqgan.log", "tokens/tokens.log",
+                "transformer/transformer_best.pth", "transformer/last.pt", "transformer/loss.png",
+                "transformer/metrics.csv", "transformer/train.log", "inpaint/lab/report.png",
+                "inpaint/lab/test_results/inpainting_summary.json", "inpaint/lab/imga/test_0.png",
+                "inpaint/lab/mask_scheduling/test_0.png"]
+    expected += [f"{s}/done.json" for s in STAGES]
+    expected += [f"inpaint/{p}/test_results/image_{i:03d}.png" for p in ("lab", "composited") for i in range(6)]
+    expected += [f"fid/recon/image_{i:03d}.png" for i in GT_IDS]
+    assert [p for p in expected if not os.path.isfile(os.path.join(out, p))] == []
+    assert sorted(os.listdir(os.path.join(out, "inpaint", "composited"))) == ["test_results"]  # no report, no steps
+    assert len(os.listdir(os.path.join(out, "tokens", "cache"))) == 3  # train, val, the unseen-val index
+    assert {s: r["status"] for s, r in summary["stages"].items()} == dict.fromkeys(STAGES, "done")
+    assert finite_figures(summary) == {}
+    figs = {s: r["figures"] for s, r in summary["stages"].items()}
+    assert figs["tokenizer"]["steps"] == 20 and figs["transformer"]["steps"] == 10
+    assert figs["tokens"]["train_sequences"] == 40 and figs["tokens"]["val_sequences"] == 12
+    assert figs["inpaint"]["images"] == 6 and figs["fid"]["images"] == len(GT_IDS)
+    assert {"recon_psnr", "recon_fid", "fid_lab", "fid_composited", "val_loss", "val_acc"} <= \
+        set(figs["fid"]) | set(figs["transformer"])
+    assert all(r["wall_s"] > 0 for r in summary["stages"].values())
+    md = open(os.path.join(out, "summary.md")).read()
+    assert all(f"| {s} | done |" in md for s in STAGES)
+    assert "python train_vqgan.py" in md and "--paste-known" in md and "fid_score_gpu.py" in md
+
+
+@pytest.mark.slow
+def test_smoke_recipe_as_shipped_on_the_lab_dataset(lab3, tmp_path):
+    """config/pipeline_smoke.yml unchanged, on the lab's dataset and recovered originals (the
+    command the README gives; 3,000 val images encoded)."""
+    if not os.path.isdir(TEST_GT):
+        pytest.skip(f"no originals at {TEST_GT}")
+    summary = pipeline.main(["--recipe", SMOKE, "--out", str(tmp_path / "out"), "--data", lab3, "--gt", TEST_GT,
+                             "--device", "cpu"])
+    assert {s: r["status"] for s, r in summary["stages"].items()} == dict.fromkeys(STAGES, "done")
+    assert finite_figures(summary) == {}
+    with_gt = sum(os.path.isfile(os.path.join(TEST_GT, f"image_{i:03d}.png")) for i in range(8))
+    assert summary["stages"]["fid"]["figures"]["images"] == with_gt > 0
+    assert summary["stages"]["tokens"]["figures"]["val_sequences"] == 3000
+
+
+def test_composited_run_pastes_and_lab_run_does_not(chain):
+    """The lab-protocol images are the plain decode; only the composited run got --paste-known."""
+    out, world = chain["out"], chain["world"]
+    x, known, _ = MaskedImageSet(world["masked_image"], world["mask64"], 16, resize=True)[0]  # as the model saw it
+    masked = to_uint8(denormalize(x, TEST_MEAN, TEST_STD)).astype(int)  # (16, 16, 3)
+    known = known[0].numpy() == 1  # (16, 16)
+    lab, comp = (np.asarray(Image.open(os.path.join(out, f"inpaint/{p}/test_results/image_000.png"))).astype(int)
+                 for p in ("lab", "composited"))
+    assert known.sum() > 100
+    assert np.abs(comp - masked)[known].max() <= 1 < np.abs(lab - masked)[known].mean()
+
+
+def test_stages_and_force_select_what_runs(chain, tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(chain["out"], out)
+    world, recipe = chain["world"], chain["recipe"]
+    before, old_log = {s: stamp(out / s / "done.json") for s in STAGES}, open(out / "pipeline.log").read()
+    code, _ = run(args_for(world, recipe, out, "--stages", "inpaint,fid", "--force", "inpaint"), capsys)
+    assert code == 0
+    after = {s: stamp(out / s / "done.json") for s in STAGES}
+    assert [s for s in STAGES if after[s] != before[s]] == ["inpaint", "fid"]
+    log = open(out / "pipeline.log").read()[len(old_log):]
+    assert "inpaint: --force" in log and "inpaint: start" in log and "fid: start" in log
+    assert "tokenizer" not in log and "transformer:" not in log  # not selected: not even looked at
+
+    code, _ = run(args_for(world, recipe, out, "--stages", "fid"), capsys)  # finished: skipped
+    assert code == 0 and stamp(out / "fid" / "done.json") == after["fid"]
+    assert "fid: skipped: done at" in open(out / "pipeline.log").read()
+
+    code, _ = run(args_for(world, recipe, out, "--stages", "fid", "--force", "fid") + ["--gt", ""], capsys)
+    summary = yaml.safe_load(open(out / "summary.json"))
+    assert code == 0 and not os.path.exists(out / "fid")
+    assert summary["stages"]["fid"]["status"] == "not run" and "no originals" in summary["stages"]["fid"]["note"]
+    assert "no originals" in open(out / "summary.md").read()
+
+    code, err = run(args_for(world, recipe, out, "--stages", "fid,bogus"), capsys)
+    assert code == 2 and "--stages" in err
+    code, err = run(args_for(world, recipe, tmp_path / "fresh", "--stages", "inpaint"), capsys)
+    assert code == 1 and "the inpaint stage needs the tokenizer and transformer stage finished" in err
+    assert not os.path.exists(tmp_path / "fresh" / "inpaint")
+
+
+def test_resume_skips_finished_stages_and_continues_the_interrupted_one(tmp_path, monkeypatch, capsys):
+    world = make_world(tmp_path / "world")
+    recipe = smoke_recipe(tmp_path / "recipe.yml")
+    out, argv = tmp_path / "out", args_for(world, recipe, tmp_path / "out", "--stages", "tokenizer,tokens,transformer")
+    real_step, steps_run = train_engine.train_step, []
+
+    def interrupted_step(parts, cfg, ids, step):  # Ctrl-C during step 3 of 10: the trainer stops after it
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_step(parts, cfg, ids, step)
+
+    monkeypatch.setattr(train_engine, "train_step", interrupted_step)
+    code, err = run(argv, capsys)
+    assert code == 130 and "rerun the same command to continue" in err
+    assert not os.path.exists(out / "transformer" / "done.json")
+    assert torch.load(out / "transformer" / "last.pt", weights_only=True)["step"] == 4
+    first = {s: stamp(out / s / "done.json") for s in ("tokenizer", "tokens")}
+    interrupted = yaml.safe_load(open(out / "summary.json"))["stages"]["transformer"]
+    assert interrupted["status"] == "interrupted" and interrupted["wall_s"] > 0
+
+    def counted_step(parts, cfg, ids, step):
+        steps_run.append(step)
+        return real_step(parts, cfg, ids, step)
+
+    monkeypatch.setattr(train_engine, "train_step", counted_step)
+    code, _ = run(argv, capsys)
+    assert code == 0
+    assert {s: stamp(out / s / "done.json") for s in ("tokenizer", "tokens")} == first  # skipped, untouched
+    log = open(out / "pipeline.log").read()
+    assert "tokenizer: skipped: done at" in log and "tokens: skipped: done at" in log
+    assert steps_run == list(range(4, 10))  # continued from its checkpoint, not from step 0
+    assert "resumed from" in open(out / "transformer" / "train.log").read()
+    done = yaml.safe_load(open(out / "transformer" / "done.json"))
+    assert done["figures"]["steps"] == 10 and done["attempts"] == 2
+    assert "--resume" in done["commands"][0]
+
+    def terminated(ctx, commands):  # SIGTERM outside a trainer: the pipeline's own handler
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setitem(pipeline_module.RUNNERS, "tokens", terminated)
+    handler = signal.getsignal(signal.SIGTERM)
+    code, err = run(argv + ["--force", "tokens"], capsys)
+    assert code == 130 and "the tokens stage was interrupted (SIGTERM); rerun the same command" in err
+    assert yaml.safe_load(open(out / "summary.json"))["stages"]["tokens"]["status"] == "interrupted"
+    assert signal.getsignal(signal.SIGTERM) == handler  # restored
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"bogus": {"minutes": 1}}, "unknown key 'bogus'"),
+    ({"tokenizer": {"minuts": 3}}, "unknown key tokenizer.minuts"),
+    ({"tokenizer": {"args": {"stepz": 3}}}, "tokenizer.args.stepz: train_vqgan.py has no option --stepz"),
+    ({"transformer": {"args": {"out_d_path": "x"}}},
+     "transformer.args.out_d_path: --out_d_path is set by the pipeline"),
+    ({"inpaint": {"args": {"total_iter": "x"}}}, "inpaint: argument --total-iter: invalid int value"),
+    ({"transformer": {"args": {"MaskGitConfig": "config/MaskGit_small.yml"}}}, "names another tokenizer config"),
+])
+def test_recipe_errors_are_one_line_naming_the_file_and_key(tmp_path, capsys, change, expected):
+    with open(SMOKE) as f:
+        recipe = yaml.safe_load(f)
+    for stage, section in change.items():
+        for key, value in section.items():
+            recipe.setdefault(stage, {})
+            if isinstance(value, dict):
+                recipe[stage].setdefault(key, {}).update(value)
+            else:
+                recipe[stage][key] = value
+    path = tmp_path / "bad.yml"
+    path.write_text(yaml.safe_dump(recipe))
+    world = make_world(tmp_path / "world", n_train=1, n_val=1, n_test=1)
+    code, err = run(args_for(world, str(path), tmp_path / "out"), capsys)
+    assert code == 1 and err.count("\n") == 1
+    assert err.startswith(f"pipeline.py: error: {path}") and expected in err
+    assert not os.path.exists(tmp_path / "out")  # checked before anything is written
+
+
+def test_recipe_keys_become_the_scripts_flags():
+    flags = parse_help("usage: x\n\noptions:\n  -h, --help            show this help\n"
+                       "  --out-dir OUT_DIR, --predicted-path OUT_DIR\n                        where\n"
+                       "  --train_d_path TRAIN_D_PATH\n  --hflip               flips\n"
+                       "  --set [KEY=VALUE ...]  overrides\n")
+    assert flags["--predicted-path"].option == "--out-dir" and flags["--out-dir"].takes_value
+    assert not flags["--hflip"].takes_value and flags["--set"].many and not flags["--train_d_path"].many
+    recipe = Recipe("r.yml", {}, {"transformer": {"train_d_path": None, "num_workers": 2, "hflip": True,
+                                                  "compile": False, "set": ["a.b=1", "c=2"], "save_per_epoch": 3}})
+    with pytest.raises(UserError, match="r.yml: transformer.args.train_d_path: --train_d_path is set by the pipeline"):
+        recipe_argv(recipe, "transformer")
+    recipe.args["transformer"].pop("train_d_path")
+    assert recipe_argv(recipe, "transformer") == ["--num_workers", "2", "--hflip", "--set", "a.b=1", "c=2",
+                                                  "--save-per-epoch", "3"]
+    recipe.args["transformer"]["hflip"] = "yes"
+    with pytest.raises(UserError, match="--hflip is a switch"):
+        recipe_argv(recipe, "transformer")
+
+
+def test_budget_minutes_scale_every_stage(tmp_path, capsys):
+    world = make_world(tmp_path / "world", n_train=1, n_val=1, n_test=1)
+    base = ["--recipe", "config/pipeline.yml", "--out", str(tmp_path / "out"), "--data", world["root"], "--dry-run"]
+
+    def budgets(*extra):
+        cmds = pipeline.main(base + list(extra))["commands"]
+        return {s: float(c[0].split("--time-budget-min ")[1].split()[0]) for s, c in cmds.items()
+                if "--time-budget-min" in c[0]}
+
+    with open(os.path.join(REPO_ROOT, "config", "pipeline.yml")) as f:
+        minutes = {s: v.get("minutes", 0) for s, v in yaml.safe_load(f).items()}
+    assert sum(minutes.values()) == 25 and minutes["tokenizer"] <= 10 and minutes["transformer"] <= 10
+    assert budgets() == {"tokenizer": minutes["tokenizer"], "transformer": minutes["transformer"]}
+    assert budgets("--budget-minutes", "12.5") == {"tokenizer": minutes["tokenizer"] / 2,
+                                                   "transformer": minutes["transformer"] / 2}
+    assert budgets("--budget-minutes", "100") == {"tokenizer": minutes["tokenizer"] * 4,
+                                                  "transformer": minutes["transformer"] * 4}
+    assert not os.path.exists(tmp_path / "out")  # a dry run writes nothing
+
+
+def test_transformer_time_budget_is_kept_on_resume(tiny_world, tmp_path, monkeypatch):
+    """--time-budget-min sets the epochs once; a resumed run keeps them (same step total, same LR
+    schedule) instead of measuring again: here its clock runs 10,000x fast, which would give 1 epoch."""
+    w, out = tiny_world, str(tmp_path / "t")
+    argv = ["--train_d_path", w["train"], "--val_d_path", w["val"], "--MaskGitConfig", w["config"], "--out_d_path",
+            out, "--cache-dir", str(tmp_path / "cache"), "--batch-size", "4", "--time-budget-min", "5",
+            "--warmup-steps", "2", "--val-batches", "1", "--device", "cpu", "--no-progress"]
+    training_transformer.main(argv + ["--stop-after-steps", "40"])  # measured at step 30
+    first = torch.load(os.path.join(out, "last.pt"), weights_only=True)
+    assert first["step"] == 40 and first["budgeted"] and first["epochs"] * 12 > 75
+    real = time.time
+    fast = types.SimpleNamespace(time=lambda: real() * 1e4)
+    monkeypatch.setattr(train_engine, "time", fast)
+    r = training_transformer.main(argv + ["--resume", "--stop-after-steps", "75"])  # past step 40 + 30
+    ck = torch.load(os.path.join(out, "last.pt"), weights_only=True)
+    assert r["step"] == ck["step"] == 75 and ck["epochs"] == first["epochs"]

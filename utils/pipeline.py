@@ -1,0 +1,619 @@
+"""The whole chain in one command (``pipeline.py``): tokenizer training -> token cache ->
+transformer training -> inpainting of the test images -> FID, into one folder.
+
+Every stage calls its script's ``main(argv)`` in-process with an argument list built from a recipe
+YAML (``config/pipeline.yml``), so the pipeline trains and decodes nothing itself:
+
+    tokenizer    train_vqgan.py                              <out>/tokenizer/   vqgan.pt, last.pt, loss.png
+    tokens       training_transformer.py's token cache       <out>/tokens/cache/
+    transformer  training_transformer.py                     <out>/transformer/ transformer_best.pth, loss.png
+    inpaint      inpainting.py twice: as the lab scores it    <out>/inpaint/lab/, report.png
+                 (no pasting) and with --paste-known          <out>/inpaint/composited/
+    fid          the tokenizer's reconstructions of the       <out>/fid/recon/
+                 originals, then fid_score_gpu.py --match-names on them, on lab/ and on composited/
+
+A finished stage writes ``<stage>/done.json`` (figures, wall time, the commands it ran); a rerun
+skips it, resumes an unfinished trainer from its ``last.pt`` (``--resume``) and redoes any other
+unfinished stage. A stage that runs makes the folders of the stages after it stale: they are
+removed. ``summary.json`` and ``summary.md`` are rewritten after every stage.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import functools
+import importlib
+import importlib.util
+import io
+import json
+import logging
+import os
+import re
+import shlex
+import shutil
+import signal
+import time
+
+import torch
+import yaml
+from PIL import Image
+
+from models import VQGAN
+from models.VQGAN import VQGANConfig
+
+from .build import build_maskgit, load_vqgan_weights
+from .checkpoint import load_checkpoint
+from .cli import Interrupted, UserError, one_line
+from .config import REPO_ROOT, ConfigError, apply_overrides, load_vqgan_config, resolve_path
+from .data import (TEST_MEAN, TEST_STD, LabLayout, default_data_root, denormalize, find_lab_layout, list_images,
+                   normalize, pil_to_tensor01, read_image, to_uint8)
+from .metrics import psnr
+from .runtime import create_logger, get_device
+
+STAGES = ("tokenizer", "tokens", "transformer", "inpaint", "fid")
+TRAINERS = ("tokenizer", "transformer")  # resumable from <stage>/last.pt
+NEEDS = {"tokens": ("tokenizer",), "transformer": ("tokenizer",), "inpaint": ("tokenizer", "transformer"),
+         "fid": ("tokenizer", "inpaint")}  # the finished stages whose outputs a stage reads
+FID_SCRIPT = "faster-pytorch-fid/fid_score_gpu.py"
+SCRIPTS = {"tokenizer": "train_vqgan.py", "tokens": "training_transformer.py",
+           "transformer": "training_transformer.py", "inpaint": "inpainting.py", "fid": FID_SCRIPT}
+# options the pipeline sets itself (each option by its first spelling in the script's --help)
+OWNED = {"train_vqgan.py": {"--data", "--val-data", "--out-dir", "--device", "--resume", "--time-budget-min"},
+         "training_transformer.py": {"--train_d_path", "--val_d_path", "--out_d_path", "--vqgan-ckpt", "--cache-dir",
+                                     "--device", "--resume", "--time-budget-min"},
+         "inpainting.py": {"--load-transformer-ckpt-path", "--vqgan-ckpt", "--data", "--test-maskedimage-path",
+                           "--test-mask-path", "--out-dir", "--paste-known", "--gt-path", "--device", "--bundled"},
+         FID_SCRIPT: {"--predicted-path", "--gtcsv-path", "--match-names", "--save-stats", "--device"}}
+LAB_ONLY = ("--report-ids", "--gif", "--unconditional")  # inpainting's extras: made by the lab-protocol run only
+DEFAULT_GT = os.path.normpath(os.path.join(REPO_ROOT, "..", "shared", "data", "lab3_test_gt"))
+RERUN_HINT = "rerun the same command to continue"
+
+
+# ---------------------------------------------------------------------------------------------- recipe
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """A recipe YAML: per stage the minutes of its time budget and its script's options."""
+    path: str
+    minutes: dict  # stage -> float (0: no budget)
+    args: dict  # stage -> {key: value} as written in the YAML
+
+
+def load_recipe(path: str) -> Recipe:
+    """Read and check a recipe; unknown keys raise :class:`UserError` naming the file and the key."""
+    full = resolve_path(path)
+    if not os.path.isfile(full):
+        raise UserError(f"recipe not found: {path}")
+    try:
+        with open(full) as f:
+            raw = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{path} is not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping of stages at the top level")
+    for key in raw:
+        if key not in STAGES:
+            raise UserError(f"{path}: unknown key {key!r}; the stages are {', '.join(STAGES)}")
+    minutes, args = {}, {}
+    for stage in STAGES:
+        section = raw.get(stage) or {}
+        if not isinstance(section, dict):
+            raise UserError(f"{path}: {stage}: expected a mapping with 'minutes' and 'args'")
+        for key in section:
+            if key not in ("minutes", "args") or (stage == "tokens" and key == "args"):
+                known = "'minutes' (it uses the transformer's args)" if stage == "tokens" else "'minutes', 'args'"
+                raise UserError(f"{path}: unknown key {stage}.{key}; known: {known}")
+        m = section.get("minutes") or 0
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or m < 0:
+            raise UserError(f"{path}: {stage}.minutes must be a number >= 0, got {m!r}")
+        if not isinstance(section.get("args") or {}, dict):
+            raise UserError(f"{path}: {stage}.args must be a mapping of option: value")
+        minutes[stage], args[stage] = float(m), dict(section.get("args") or {})
+    return Recipe(path, minutes, args)
+
+
+@dataclasses.dataclass(frozen=True)
+class Flag:
+    name: str  # as the script spells it
+    option: str  # the option's first spelling (aliases share it)
+    takes_value: bool
+    many: bool  # nargs: several values
+
+
+def parse_help(text: str) -> dict:
+    """{flag: Flag} from an argparse --help text (lines '  --a-b A_B, --c C    help...')."""
+    flags = {}
+    for line in text.splitlines():
+        if not line.startswith("  -"):
+            continue
+        invocation = re.split(r"\s{2,}", line.strip())[0]
+        parts = [p.split(" ", 1) for p in invocation.split(", ")]
+        takes_value, many = any(len(p) > 1 for p in parts), "..." in invocation
+        for p in parts:
+            flags[p[0]] = Flag(p[0], parts[0][0], takes_value, many)
+    return flags
+
+
+@functools.lru_cache(maxsize=None)
+def script_module(script: str):
+    """The module of a script (the FID script lives in a folder that is not a package)."""
+    if script == FID_SCRIPT:
+        spec = importlib.util.spec_from_file_location("fid_score_gpu", REPO_ROOT / FID_SCRIPT)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    return importlib.import_module(script[:-len(".py")])
+
+
+def _parse(script: str, argv: list):
+    module = script_module(script)
+    return (module.parse_options if script == "training_transformer.py" else module.parse_args)(argv)
+
+
+@functools.lru_cache(maxsize=None)
+def script_flags(script: str) -> dict:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
+        _parse(script, ["--help"])
+    return parse_help(out.getvalue())
+
+
+def check_argv(script: str, argv: list, where: str) -> None:
+    """Parse ``argv`` with the script's own parser; its error becomes one :class:`UserError` line."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            _parse(script, argv)
+            return
+        except SystemExit:
+            pass
+    raise UserError(f"{where}: {err.getvalue().strip().split(': error: ', 1)[-1]}")
+
+
+def recipe_argv(recipe: Recipe, stage: str, leave_out: tuple = ()) -> list:
+    """A stage's ``args`` as command-line arguments of its script (without the options ``leave_out``)."""
+    script, flags, argv = SCRIPTS[stage], script_flags(SCRIPTS[stage]), []
+    for key, value in recipe.args[stage].items():
+        where = f"{recipe.path}: {stage}.args.{key}"
+        flag = flags.get(f"--{key}") or flags.get(f"--{str(key).replace('_', '-')}")
+        if flag is None:
+            raise UserError(f"{where}: {script} has no option --{str(key).replace('_', '-')} (see python {script} "
+                            f"--help)")
+        if flag.option in OWNED[script]:
+            what = f"{stage}.minutes" if flag.option == "--time-budget-min" else "--out, --data, --gt, --device"
+            raise UserError(f"{where}: {flag.name} is set by the pipeline (from {what})")
+        if flag.option not in leave_out:
+            argv += flag_values(flag, value, where)
+    return argv
+
+
+def flag_values(flag: Flag, value, where: str) -> list:
+    if not flag.takes_value:
+        if not isinstance(value, bool):
+            raise UserError(f"{where}: {flag.name} is a switch: write true or false, not {value!r}")
+        return [flag.name] if value else []
+    if value is None:
+        return []
+    if isinstance(value, (bool, dict)) or (isinstance(value, list) and not flag.many):
+        raise UserError(f"{where}: {flag.name} takes {'values' if flag.many else 'one value'}, not {value!r}")
+    return [flag.name, *map(str, value if isinstance(value, list) else [value])]
+
+
+# ---------------------------------------------------------------------------------------------- plan
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineOptions:
+    """``pipeline.py``'s command line, read once."""
+    recipe: str = "config/pipeline.yml"
+    out: str = "runs/pipeline"
+    data: str | None = None
+    gt: str | None = None
+    device: str = "auto"
+    budget_minutes: float | None = None
+    stages: tuple = STAGES
+    force: str | None = None
+    dry_run: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+    """Where everything is; the commands of every stage derive from it."""
+    recipe: Recipe
+    out: str
+    data: str
+    layout: LabLayout
+    gt: str | None
+    device: str
+    scale: float  # --budget-minutes / the recipe's minutes
+
+    def dir(self, stage: str, *parts: str) -> str:
+        return os.path.join(self.out, stage, *parts)
+
+    def minutes(self, stage: str) -> float:
+        return self.recipe.minutes[stage] * self.scale
+
+    def budget(self, stage: str) -> list:
+        m = self.minutes(stage)
+        return ["--time-budget-min", f"{m:.4g}"] if m > 0 else []
+
+
+def make_context(opts: PipelineOptions) -> Context:
+    recipe = load_recipe(opts.recipe)
+    root = opts.data or default_data_root()
+    if root is None:
+        raise UserError("no lab dataset found (./lab3_dataset, ./lab5_dataset, ../shared/data/lab3_dataset): pass "
+                        "--data ROOT")
+    gt = opts.gt if opts.gt is not None else (DEFAULT_GT if os.path.isdir(DEFAULT_GT) else None)  # '': none
+    if gt and not os.path.isdir(gt):
+        raise UserError(f"--gt {gt}: not a folder of originals (image_XXX.png named like the masked test images)")
+    scale = 1.0
+    if opts.budget_minutes is not None:
+        total = sum(recipe.minutes.values())
+        if total <= 0:
+            raise UserError(f"--budget-minutes: {opts.recipe} gives no stage any minutes to scale")
+        scale = opts.budget_minutes / total
+    root = os.path.abspath(resolve_path(root))
+    return Context(recipe, os.path.abspath(opts.out), root, find_lab_layout(root),
+                   os.path.abspath(gt) if gt else None, opts.device, scale)
+
+
+def tokenizer_commands(ctx: Context, resume: bool = False) -> list:
+    return [("train_vqgan.py", ["--data", ctx.layout.train, "--val-data", ctx.layout.val, "--out-dir",
+                                ctx.dir("tokenizer"), "--device", ctx.device, *ctx.budget("tokenizer"),
+                                *(["--resume"] if resume else []), *recipe_argv(ctx.recipe, "tokenizer")])]
+
+
+def transformer_commands(ctx: Context, resume: bool = False, budget: bool = True) -> list:
+    return [("training_transformer.py", [
+        "--train_d_path", ctx.layout.train, "--val_d_path", ctx.layout.val, "--out_d_path", ctx.dir("transformer"),
+        "--vqgan-ckpt", ctx.dir("tokenizer", "vqgan.pt"), "--cache-dir", ctx.dir("tokens", "cache"),
+        "--device", ctx.device, *(ctx.budget("transformer") if budget else []), *(["--resume"] if resume else []),
+        *recipe_argv(ctx.recipe, "transformer")])]
+
+
+def tokens_commands(ctx: Context, resume: bool = False) -> list:
+    return transformer_commands(ctx, budget=False)  # the transformer's options, so the same cache keys
+
+
+def inpaint_commands(ctx: Context, resume: bool = False) -> list:
+    args = recipe_argv(ctx.recipe, "inpaint")
+    paired = ctx.gt and "--resize" not in args  # inpainting.py compares with originals of the model's size only
+    base = ["--load-transformer-ckpt-path", ctx.dir("transformer", "transformer_best.pth"),
+            "--vqgan-ckpt", ctx.dir("tokenizer", "vqgan.pt"), "--data", ctx.data, "--device", ctx.device,
+            *(["--gt-path", ctx.gt] if paired else [])]
+    return [("inpainting.py", [*base, "--out-dir", ctx.dir("inpaint", "lab"), *args]),
+            ("inpainting.py", [*base, "--out-dir", ctx.dir("inpaint", "composited"),
+                               *recipe_argv(ctx.recipe, "inpaint", leave_out=LAB_ONLY), "--paste-known", "--no-vis"])]
+
+
+def fid_commands(ctx: Context, resume: bool = False) -> list:
+    args = ["--gtcsv-path", ctx.gt or "", "--match-names", "--device", ctx.device, *recipe_argv(ctx.recipe, "fid")]
+    return [(FID_SCRIPT, ["--predicted-path", d, *args]) for d in
+            (ctx.dir("fid", "recon"), ctx.dir("inpaint", "lab", "test_results"),
+             ctx.dir("inpaint", "composited", "test_results"))]
+
+
+COMMANDS = {"tokenizer": tokenizer_commands, "tokens": tokens_commands, "transformer": transformer_commands,
+            "inpaint": inpaint_commands, "fid": fid_commands}
+
+
+def check_context(ctx: Context, stages: tuple) -> None:
+    """Before any work: every selected stage's arguments parse, and the transformer's config names
+    the tokenizer config the tokenizer stage trains (else its vqgan.pt would not load, after training)."""
+    for stage in stages:
+        for script, argv in COMMANDS[stage](ctx):
+            check_argv(script, argv, f"{ctx.recipe.path}: {stage}")
+    tt = script_module("training_transformer.py")
+    vq = script_module("train_vqgan.py").parse_args(tokenizer_commands(ctx)[0][1])
+    opts = tt.parse_options(transformer_commands(ctx)[0][1])
+    try:
+        trained = VQGANConfig.from_dict(apply_overrides(load_vqgan_config(vq.config).to_dict(), vq.set)).to_dict()
+        used = VQGANConfig.from_dict(tt.model_config(opts)["vqgan"]).to_dict()
+    except ConfigError as e:
+        raise UserError(f"{ctx.recipe.path}: {e}") from e
+    diff = sorted(k for k in trained if trained[k] != used.get(k))
+    if diff:
+        raise UserError(f"{ctx.recipe.path}: the tokenizer trains {vq.config} but the transformer's "
+                        f"{opts.MaskGitConfig} names another tokenizer config (differs in {diff}): point its "
+                        f"model_param.VQ_Configs.VQ_config_path at {vq.config}")
+
+
+def command_line(script: str, argv: list) -> str:
+    return shlex.join(["python", script, *argv])
+
+
+# ---------------------------------------------------------------------------------------------- stages
+
+
+def run_tokenizer(ctx: Context, commands: list) -> dict:
+    r = script_module("train_vqgan.py").main(commands[0][1])
+    return {"steps": r["step"], "val_psnr": r["val_psnr"], "code_usage": r["code_usage"]}
+
+
+def run_tokens(ctx: Context, commands: list) -> dict:
+    """Encode the transformer's training and val images once (its cache; its own start then hits it)."""
+    tt = script_module("training_transformer.py")
+    opts = tt.parse_options(commands[0][1])
+    create_logger("maskgit", ctx.dir("tokens", "tokens.log"))
+    folders, device = tt.data_folders(opts), get_device(opts.device)
+    model = build_maskgit(tt.model_config(opts)).to(device).eval()
+    train, val, unseen = tt.load_tokens(opts, model, device, folders, 0, 1)
+    return {"train_sequences": len(train), "val_sequences": len(val), "val_unseen": len(unseen)}
+
+
+def run_transformer(ctx: Context, commands: list) -> dict:
+    r = script_module("training_transformer.py").main(commands[0][1])
+    with open(ctx.dir("transformer", "metrics.csv")) as f:
+        val = [row for row in csv.DictReader(f) if row.get("val_loss")]
+    figures = {"steps": r["step"], "images_per_s": r["images_per_s"]}
+    if val:
+        figures.update({k: float(val[-1][k]) for k in ("val_loss", "val_acc", "val_unseen_loss", "val_unseen_acc")})
+        figures["best_val_loss"] = min(float(row["val_loss"]) for row in val)
+    return figures
+
+
+def run_inpaint(ctx: Context, commands: list) -> dict:
+    if not os.path.isfile(ctx.dir("transformer", "transformer_best.pth")):
+        raise UserError(f"no {ctx.dir('transformer', 'transformer_best.pth')}: the transformer stage ended before "
+                        "its first epoch (raise its minutes or --stop-after-steps)")
+    main = script_module("inpainting.py").main
+    lab, comp = (main(argv) for _, argv in commands)
+    figures = {"images": lab["images"], "seconds": lab["seconds"] + comp["seconds"]}
+    for name, r in (("lab", lab), ("composited", comp)):
+        figures.update({f"{name}_{k}": r[k] for k in ("psnr_hole", "ssim_hole") if k in r})
+    return figures
+
+
+def run_fid(ctx: Context, commands: list) -> dict:
+    """The tokenizer's reconstructions of the originals that have an inpainted image, then the FID
+    script on them, on the lab-protocol images and on the composited ones (same image set)."""
+    lab = ctx.dir("inpaint", "lab", "test_results")
+    names = sorted({os.path.basename(p) for p in list_images(lab)} & {os.path.basename(p) for p in
+                                                                       list_images(ctx.gt)})
+    if not names:
+        raise UserError(f"none of the inpainted images in {lab} has an original in {ctx.gt}")
+    recon_psnr = reconstruct(ctx, names)
+    fid_main = script_module(FID_SCRIPT).main
+    recon, fid_lab, fid_comp = (fid_main(argv)["fid"] for _, argv in commands)
+    return {"images": len(names), "recon_psnr": recon_psnr, "recon_fid": recon, "fid_lab": fid_lab,
+            "fid_composited": fid_comp}
+
+
+def reconstruct(ctx: Context, names: list, batch_size: int = 64) -> float:
+    """Encode -> decode the originals ``names`` of --gt with the trained tokenizer (test normalization,
+    as inpainting sees them) into <out>/fid/recon/; returns their mean PSNR (dB)."""
+    device = get_device(ctx.device)
+    vq = VQGAN(load_checkpoint(ctx.dir("tokenizer", "last.pt"), "VQGAN training checkpoint")["config"])
+    load_vqgan_weights(vq, ctx.dir("tokenizer", "vqgan.pt"))
+    vq = vq.to(device).eval()
+    os.makedirs(ctx.dir("fid", "recon"), exist_ok=True)
+    size, psnrs = vq.cfg.img_resolution, []
+    for i in range(0, len(names), batch_size):
+        chunk = names[i:i + batch_size]
+        x = torch.stack([pil_to_tensor01(read_image(os.path.join(ctx.gt, n), size, resize=True))
+                         for n in chunk])  # (B,3,H,W) at the tokenizer's size
+        with torch.no_grad():
+            ids = vq.encode_indices(normalize(x, TEST_MEAN, TEST_STD).to(device))  # (B, h*w)
+            rec = denormalize(vq.decode_indices(ids).float(), TEST_MEAN, TEST_STD).cpu()  # (B,3,H,W) in [0,1]
+        for n, r in zip(chunk, rec):
+            Image.fromarray(to_uint8(r)).save(ctx.dir("fid", "recon", n))
+        psnrs += psnr(rec, x).tolist()
+    return sum(psnrs) / len(psnrs)
+
+
+RUNNERS = {"tokenizer": run_tokenizer, "tokens": run_tokens, "transformer": run_transformer,
+           "inpaint": run_inpaint, "fid": run_fid}
+
+
+# ---------------------------------------------------------------------------------------------- bookkeeping
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def write_json(path: str, obj) -> None:
+    """Atomically: a temp file beside ``path``, then os.replace."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def read_json(path: str):
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def duration(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m} min {s:02d} s" if m else f"{seconds:.1f} s"
+
+
+FIGURES = {  # stage -> (key, label, format) shown in summary.md
+    "tokenizer": [("steps", "steps", "{:,.0f}"), ("val_psnr", "val PSNR", "{:.2f} dB"),
+                  ("code_usage", "codebook usage", "{:.1%}")],
+    "tokens": [("train_sequences", "train sequences", "{:,.0f}"), ("val_sequences", "val", "{:,.0f}"),
+               ("val_unseen", "val unseen in train", "{:,.0f}")],
+    "transformer": [("steps", "steps", "{:,.0f}"), ("val_loss", "val loss", "{:.3f}"),
+                    ("val_acc", "masked-token accuracy", "{:.1%}"), ("val_unseen_loss", "unseen val loss", "{:.3f}"),
+                    ("best_val_loss", "best val loss", "{:.3f}"), ("images_per_s", "images/s", "{:,.0f}")],
+    "inpaint": [("images", "images", "{:,.0f}"), ("lab_psnr_hole", "hole PSNR", "{:.2f} dB"),
+                ("composited_psnr_hole", "composited", "{:.2f} dB")],
+    "fid": [("images", "originals", "{:,.0f}"), ("recon_psnr", "tokenizer recon PSNR", "{:.2f} dB"),
+            ("recon_fid", "recon FID", "{:.2f}"), ("fid_lab", "FID lab protocol (no paste)", "{:.2f}"),
+            ("fid_composited", "FID composited (--paste-known)", "{:.2f}")],
+}
+
+
+def stage_record(ctx: Context, stage: str, note: str | None) -> dict:
+    """A stage's entry of summary.json, from its files: done.json, else its attempts so far."""
+    done = read_json(ctx.dir(stage, "done.json"))
+    if done is not None:
+        rec = {k: done[k] for k in ("done_at", "wall_s", "attempts", "figures", "commands")}
+        rec["status"] = "done"
+    else:
+        attempts = read_json(ctx.dir(stage, "attempts.json")) or []
+        rec = {"status": attempts[-1]["outcome"] if attempts else "not run", "attempts": len(attempts),
+               "wall_s": sum(a["wall_s"] for a in attempts), "figures": {},
+               "commands": attempts[-1]["commands"] if attempts else []}
+    if note:
+        rec["note"] = note
+    return rec
+
+
+def write_summary(ctx: Context, opts: PipelineOptions, notes: dict) -> dict:
+    stages = {s: stage_record(ctx, s, notes.get(s)) for s in STAGES}
+    summary = {"updated": now(), "recipe": ctx.recipe.path, "out": ctx.out, "data": ctx.data, "gt": ctx.gt,
+               "device": ctx.device, "budget_minutes": opts.budget_minutes, "budget_scale": ctx.scale,
+               "wall_s": sum(r["wall_s"] for r in stages.values()), "stages": stages}
+    write_json(os.path.join(ctx.out, "summary.json"), summary)
+    tmp = os.path.join(ctx.out, f"summary.md.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(summary_markdown(summary))
+    os.replace(tmp, os.path.join(ctx.out, "summary.md"))
+    return summary
+
+
+def summary_markdown(s: dict) -> str:
+    budget = f", budget {s['budget_minutes']:g} min (recipe minutes x{s['budget_scale']:.3g})" \
+        if s["budget_minutes"] else ""
+    lines = ["# Pipeline summary", "",
+             f"Recipe `{s['recipe']}`, data `{s['data']}`, originals `{s['gt'] or 'none (FID skipped)'}`, device "
+             f"`{s['device']}`{budget}. Updated {s['updated']}; total wall time {duration(s['wall_s'])}.", "",
+             "| stage | status | wall time | key figures |", "| --- | --- | --- | --- |"]
+    for stage, rec in s["stages"].items():
+        shown = [f"{label} {fmt.format(rec['figures'][k])}" for k, label, fmt in FIGURES[stage]
+                 if isinstance(rec["figures"].get(k), (int, float))]
+        status = rec["status"] + (f" ({rec['note']})" if rec.get("note") else "")
+        if rec.get("attempts", 0) > 1:
+            status += f", {rec['attempts']} attempts"
+        lines.append(f"| {stage} | {status} | {duration(rec['wall_s']) if rec['wall_s'] else ''} | "
+                     f"{' · '.join(shown)} |")
+    lines += ["", "FID and PSNR of the fid stage are on the test images whose originals are in the --gt folder; "
+              "lab protocol = the decoded images as the lab scores them (no pixels pasted), composited = "
+              "`inpainting.py --paste-known`.", "", "## Commands (run from the repository root)", ""]
+    for stage, rec in s["stages"].items():
+        if rec["commands"]:
+            lines += [f"{stage}:", "", "```bash", *rec["commands"], "```", ""]
+    return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM raises KeyboardInterrupt outside the trainers (which handle it themselves and save)."""
+    def handle(signum, frame):
+        raise KeyboardInterrupt("SIGTERM")
+
+    try:
+        old = signal.signal(signal.SIGTERM, handle)
+    except ValueError:  # not in the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def detach_stage_logs() -> None:
+    """Close the log files a stage attached to the 'maskgit' logger (the next stage gets its own)."""
+    logger = logging.getLogger("maskgit")
+    for h in list(logger.handlers):
+        if isinstance(h, logging.FileHandler):
+            logger.removeHandler(h)
+            h.close()
+
+
+# ---------------------------------------------------------------------------------------------- the run
+
+
+def run_stage(ctx: Context, opts: PipelineOptions, stage: str, log, t_start: float, notes: dict) -> None:
+    """Run one stage (resumed when it is a trainer with a last.pt), record it, write the summary."""
+    folder = ctx.dir(stage)
+    resume = stage in TRAINERS and os.path.isfile(os.path.join(folder, "last.pt"))
+    if not resume:
+        shutil.rmtree(folder, ignore_errors=True)
+    for later in STAGES[STAGES.index(stage) + 1:]:
+        if os.path.isdir(ctx.dir(later)):
+            log.info("removing %s: it was made from the %s stage, which runs again", ctx.dir(later), stage)
+            shutil.rmtree(ctx.dir(later))
+    os.makedirs(folder, exist_ok=True)
+    commands = COMMANDS[stage](ctx, resume)
+    shown = [command_line(script, argv) for script, argv in commands]
+    if stage == "tokens":  # no script of its own: the transformer's command makes the cache on its start
+        shown = [command_line("pipeline.py", ["--recipe", ctx.recipe.path, "--out", ctx.out, "--data", ctx.data,
+                                              "--device", ctx.device, "--stages", "tokens"])
+                 + "  # or the transformer's command, which encodes the images on its start"]
+    log.info("%s: %s (elapsed %s)", stage, f"resuming from {folder}/last.pt" if resume else "start",
+             duration(time.time() - t_start))
+    attempts = read_json(os.path.join(folder, "attempts.json")) or []
+    t0, outcome, figures = time.time(), "failed", None
+    try:
+        figures = RUNNERS[stage](ctx, commands)
+        outcome = "done"
+    except (Interrupted, KeyboardInterrupt) as e:
+        outcome = "interrupted"
+        raise Interrupted(f"the {stage} stage was interrupted ({one_line(e) if str(e) else 'Ctrl-C'}); "
+                          f"{RERUN_HINT}") from e
+    finally:
+        detach_stage_logs()
+        attempts.append({"started": now(), "wall_s": time.time() - t0, "outcome": outcome, "commands": shown})
+        write_json(os.path.join(folder, "attempts.json"), attempts)
+        if outcome == "done":
+            write_json(os.path.join(folder, "done.json"),
+                       {"stage": stage, "done_at": now(), "wall_s": sum(a["wall_s"] for a in attempts),
+                        "attempts": len(attempts), "figures": figures, "commands": shown})
+        write_summary(ctx, opts, notes)
+        log.info("%s: %s in %s (elapsed %s)%s", stage, outcome, duration(time.time() - t0),
+                 duration(time.time() - t_start), f" | {json.dumps(figures)}" if figures else "")
+
+
+def run_pipeline(opts: PipelineOptions) -> dict:
+    """Run the selected stages in order: skip the finished ones, resume or redo the others."""
+    ctx = make_context(opts)
+    selected = tuple(s for s in STAGES if s in opts.stages)
+    check_context(ctx, selected)
+    if opts.dry_run:
+        cmds = {s: [command_line(*c) for c in COMMANDS[s](ctx, os.path.isfile(ctx.dir(s, "last.pt")))]
+                for s in selected}
+        for stage, lines in cmds.items():
+            print(f"# {stage}\n" + "\n".join(lines))
+        return {"commands": cmds}
+    os.makedirs(ctx.out, exist_ok=True)
+    log = create_logger("pipeline", os.path.join(ctx.out, "pipeline.log"))
+    log.info("pipeline: recipe %s -> %s (stages %s%s)", ctx.recipe.path, ctx.out, ",".join(selected),
+             f", budget {opts.budget_minutes:g} min" if opts.budget_minutes else "")
+    notes, t_start = {}, time.time()
+    try:
+        with sigterm_as_interrupt():
+            for stage in selected:
+                if stage == opts.force and os.path.isdir(ctx.dir(stage)):
+                    log.info("%s: --force: removing %s", stage, ctx.dir(stage))
+                    shutil.rmtree(ctx.dir(stage))
+                done = read_json(ctx.dir(stage, "done.json"))
+                if done is not None:
+                    log.info("%s: skipped: done at %s (%s)", stage, done["done_at"], ctx.dir(stage, "done.json"))
+                elif stage == "fid" and ctx.gt is None:
+                    notes[stage] = "skipped: no originals; pass --gt ROOT (the lab's lab3_test_gt)"
+                    log.info("fid: %s", notes[stage])
+                else:
+                    missing = [d for d in NEEDS.get(stage, ()) if not os.path.isfile(ctx.dir(d, "done.json"))]
+                    if missing:
+                        raise UserError(f"the {stage} stage needs the {' and '.join(missing)} stage finished "
+                                        f"(no {ctx.dir(missing[0], 'done.json')}): run it first, e.g. --stages "
+                                        f"{','.join(missing + [stage])}")
+                    run_stage(ctx, opts, stage, log, t_start, notes)
+        log.info("pipeline: finished in %s -> %s", duration(time.time() - t_start),
+                 os.path.join(ctx.out, "summary.md"))
+    finally:
+        summary = write_summary(ctx, opts, notes)
+        for h in list(log.handlers):
+            log.removeHandler(h)
+            h.close()
+    return summary

@@ -183,7 +183,6 @@ def generator_step(st: Stage1, x: torch.Tensor, args, device) -> dict:
         g_adv = torch.autograd.grad(g_gan, last_layer, retain_graph=True)[0]
         gan_w = (g_rec.norm() / (g_adv.norm() + 1e-4)).clamp(0, 1e4).detach() * args.disc_weight
         loss = loss + gan_w * g_gan
-    check_finite(loss, st.step)
     st.opt_g.zero_grad(set_to_none=True)
     st.scaler.scale(loss).backward()
     st.scaler.unscale_(st.opt_g)
@@ -191,7 +190,7 @@ def generator_step(st: Stage1, x: torch.Tensor, args, device) -> dict:
     st.scaler.step(st.opt_g)
     st.scaler.update()
     st.sched.step()
-    return {"rec": rec.detach(), "q": q_loss.detach(), "gan_w": gan_w, "xr": xr.detach(), "z_e": z_e.detach(),
+    return {"loss": loss.detach(), "rec": rec.detach(), "q": q_loss.detach(), "gan_w": gan_w, "xr": xr.detach(), "z_e": z_e.detach(),
             "codes": codes, "use_disc": use_disc}
 
 
@@ -317,7 +316,11 @@ def main(argv=None) -> dict:
              sum(p.numel() for p in st.model.parameters()) / 1e6, len(images), device, args.precision)
     metrics = MetricLog(args.out_dir)
 
+    out = None
+
     def save():
+        if out is not None:
+            check_finite(out["loss"], st.step)  # never write weights a non-finite step touched
         atomic_save({**st.state_dict(), "config": st.model.cfg.to_dict(), "args": vars(args)}, last_path)
         atomic_save(st.eval_model().state_dict(), os.path.join(args.out_dir, "vqgan.pt"))
         metrics.flush()
@@ -341,7 +344,8 @@ def main(argv=None) -> dict:
             if probe is not None and probe(st, args):
                 pbar.total = st.total_steps
                 log.info("time budget %.1f min: %d steps", args.time_budget_min, st.total_steps)
-            if st.step % 10 == 0 or st.step == 1:  # host sync only here
+            if st.step % 10 == 0 or st.step == 1:  # host syncs only here and in save()
+                check_finite(out["loss"], st.step)
                 rec_v = out["rec"].item()
                 first_rec = rec_v if first_rec is None else first_rec
                 metrics.log(st.step, rec_loss=rec_v, q_loss=out["q"].item(), gan_weight=out["gan_w"].item(),

@@ -286,3 +286,12 @@ def test_time_budget_total_survives_an_interrupted_run(tiny_world, tmp_path, mon
     monkeypatch.undo()
     res = _run(tiny_world, tmp_path, "--time-budget-min", "0.05", "--steps", "100000", "--resume")
     assert res["step"] == ck["total_steps"]  # the budgeted total, not --steps and not a new probe
+
+
+def test_non_finite_loss_stops_without_overwriting_the_checkpoint(tiny_world, tmp_path):
+    from utils.train_utils import NonFiniteLoss
+    _run(tiny_world, tmp_path, "--steps", "10", "--ckpt-every", "10")
+    before = (tmp_path / "vq" / "last.pt").read_bytes()
+    with pytest.raises(NonFiniteLoss):  # a NaN weight makes every loss NaN from the first step on
+        _run(tiny_world, tmp_path, "--steps", "30", "--resume", "--l1-weight", "nan")
+    assert (tmp_path / "vq" / "last.pt").read_bytes() == before

@@ -17,18 +17,14 @@ import subprocess
 import sys
 import time
 
-from common import SHARED_DATA  # noqa: F401  (puts the repository on sys.path)
-
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
+from common import SHARED_DATA  # importing bench/common.py puts the repository on sys.path
 
 from models import VQGAN  # noqa: E402
 from utils.build import load_vqgan_weights  # noqa: E402
 from utils.config import load_vqgan_config, apply_overrides  # noqa: E402
-from utils.data import TEST_MEAN, TEST_STD, denormalize, list_images, load_image_stack, to_uint8  # noqa: E402
-from utils.data import uint8_to_normalized  # noqa: E402
+from utils.data import list_images  # noqa: E402
 from utils.fid import compute_fid  # noqa: E402
-from utils.metrics import psnr  # noqa: E402
+from utils.pipeline import reconstruct_images  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -51,24 +47,6 @@ VARIANTS = {
 }
 
 
-@torch.no_grad()
-def reconstruct(model: VQGAN, src: str, dst: str, device) -> float:
-    """Encode -> decode every image of ``src`` into ``dst`` (the lab's test normalisation);
-    returns the mean PSNR (dB) against the originals."""
-    os.makedirs(dst, exist_ok=True)
-    paths = list_images(src)
-    u8 = load_image_stack(src, 64, False, None, False)  # (N, 3, 64, 64) uint8
-    vals = []
-    for i in range(0, len(u8), 64):
-        x = uint8_to_normalized(u8[i:i + 64].to(device), TEST_MEAN, TEST_STD)
-        out = denormalize(model.decode_indices(model.encode_indices(x)).float(), TEST_MEAN, TEST_STD).clamp(0, 1)
-        ref = u8[i:i + 64].to(device).float() / 255
-        vals.append(psnr(out, ref).cpu())
-        for j, img in enumerate(out):
-            Image.fromarray(to_uint8(img)).save(os.path.join(dst, os.path.basename(paths[i + j])))
-    return torch.cat(vals).mean().item()
-
-
 def run_variant(name: str, extra: list, scale: dict, args) -> dict:
     out = os.path.join(args.out, name)
     cmd = [sys.executable, "train_vqgan.py", "--data", os.path.join(args.data, "train"),
@@ -87,7 +65,7 @@ def run_variant(name: str, extra: list, scale: dict, args) -> dict:
     model = VQGAN(cfg).to(args.device).eval()
     load_vqgan_weights(model, os.path.join(out, "vqgan.pt"))
     rec_dir = os.path.join(out, "recon_test")
-    p = reconstruct(model, args.gt, rec_dir, args.device)
+    p = reconstruct_images(model, args.gt, [os.path.basename(f) for f in list_images(args.gt)], rec_dir, args.device)
     fid = compute_fid(rec_dir, args.gt, device=args.device, match_names=True)
     return {"variant": name, "options": " ".join(extra) or "(base recipe)", "psnr": round(p, 2), "fid": round(fid, 2),
             "train_s": round(train_s)}

@@ -382,24 +382,29 @@ def run_fid(ctx: Context, commands: list) -> dict:
             "fid_composited": fid_comp}
 
 
-def reconstruct(ctx: Context, names: list, batch_size: int = 64) -> float:
-    """Encode -> decode the originals ``names`` of --gt with the trained tokenizer (test normalization,
-    as inpainting sees them) into <out>/fid/recon/; returns their mean PSNR (dB)."""
+def reconstruct(ctx: Context, names: list) -> float:
+    """The trained tokenizer's encode -> decode of the originals ``names`` of --gt into <out>/fid/recon/."""
     device = get_device(ctx.device)
     vq = VQGAN(load_checkpoint(ctx.dir("tokenizer", "last.pt"), "VQGAN training checkpoint")["config"])
     load_vqgan_weights(vq, ctx.dir("tokenizer", "vqgan.pt"))
-    vq = vq.to(device).eval()
-    os.makedirs(ctx.dir("fid", "recon"), exist_ok=True)
+    return reconstruct_images(vq.to(device).eval(), ctx.gt, names, ctx.dir("fid", "recon"), device)
+
+
+@torch.no_grad()
+def reconstruct_images(vq: VQGAN, src: str, names: list, dst: str, device, batch_size: int = 64) -> float:
+    """Encode -> decode the images ``names`` of folder ``src`` (test normalization, as inpainting
+    sees them; resized to the tokenizer's size) into ``dst``; returns their mean PSNR (dB): the
+    tokenizer's reconstruction, the floor of every inpainting result under the lab protocol."""
+    os.makedirs(dst, exist_ok=True)
     size, psnrs = vq.cfg.img_resolution, []
     for i in range(0, len(names), batch_size):
         chunk = names[i:i + batch_size]
-        x = torch.stack([pil_to_tensor01(read_image(os.path.join(ctx.gt, n), size, resize=True))
+        x = torch.stack([pil_to_tensor01(read_image(os.path.join(src, n), size, resize=True))
                          for n in chunk])  # (B,3,H,W) at the tokenizer's size
-        with torch.no_grad():
-            ids = vq.encode_indices(normalize(x, TEST_MEAN, TEST_STD).to(device))  # (B, h*w)
-            rec = denormalize(vq.decode_indices(ids).float(), TEST_MEAN, TEST_STD).cpu()  # (B,3,H,W) in [0,1]
+        ids = vq.encode_indices(normalize(x, TEST_MEAN, TEST_STD).to(device))  # (B, h*w)
+        rec = denormalize(vq.decode_indices(ids).float(), TEST_MEAN, TEST_STD).cpu()  # (B,3,H,W) in [0,1]
         for n, r in zip(chunk, rec):
-            Image.fromarray(to_uint8(r)).save(ctx.dir("fid", "recon", n))
+            Image.fromarray(to_uint8(r)).save(os.path.join(dst, n))
         psnrs += psnr(rec, x).tolist()
     return sum(psnrs) / len(psnrs)
 

@@ -20,7 +20,7 @@ from utils.config import REPO_ROOT, resolve_path
 from utils.composite import BLENDS, PREFILLS
 from utils.data import MaskedImageSet, default_data_root, find_lab_layout
 from utils.inpaint import InpaintOptions, generate_images
-from utils.outputs import run_inpainting, schedule_report
+from utils.outputs import ImageWriter, run_inpainting, schedule_report
 from utils.runtime import create_logger, get_device, resolve_precision
 
 
@@ -169,9 +169,11 @@ def generate(model, n: int, opts: InpaintOptions, device, out_dir: str) -> str:
     """Unconditional samples (every token starts masked) -> out_dir/image_XXX.png and grid.png."""
     os.makedirs(out_dir, exist_ok=True)
     imgs, _, _ = generate_images(model, n, opts, device)  # (n, 3, H, W) in [0, 1]
-    for i, im in enumerate(imgs):
-        save_image(im, os.path.join(out_dir, f"image_{i:03d}.png"))
-    save_image(imgs, os.path.join(out_dir, "grid.png"), nrow=8)
+    imgs = imgs.cpu()  # one transfer; the writer threads encode from it
+    with ImageWriter() as writer:  # every file written (or an error naming it) before we return
+        for i, im in enumerate(imgs):
+            writer.submit(os.path.join(out_dir, f"image_{i:03d}.png"), save_image, im)
+        writer.submit(os.path.join(out_dir, "grid.png"), save_image, imgs, nrow=8)
     return out_dir
 
 if __name__ == "__main__":

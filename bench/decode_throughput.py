@@ -1,29 +1,37 @@
-"""Decoding throughput: batched iterative decoding vs batch-1 loops, in the same run.
+"""Decoding throughput: batched iterative decoding vs batch-1 loops, and the decoding steps of
+before #14 vs now, in the same run.
 
     python bench/decode_throughput.py --config config/MaskGit.yml --device cuda        # lab size
     python bench/decode_throughput.py --bundled --device cpu
+    python bench/decode_throughput.py --steps-only --device cpu --batch-size 8     # decoding steps only
 
-Every row makes the lab's outputs for each image (the final image and the decoded image after
-every step, for imga/) except the last, which makes the final image only (inpainting.py --no-vis,
-what FID scoring needs):
+The model rows make the lab's outputs for each image (the final image and the decoded image after
+every step, for imga/) except the last of them, which makes the final image only (inpainting.py
+--no-vis, what FID scoring needs):
   seed loop      the lab's seed inpainting loop: batch 1, fp32; MaskGit.inpainting(x, ratio, mask)
                  takes the image, so every step re-encodes it, runs the transformer, then decodes
                  the current tokens with the VQGAN for imga/
   ours, batch 1  our decoder one image at a time: encode once, T steps, one VQGAN decode per step
   ours, batched  the same, batch B (bf16 on CUDA)
+Then the decoding steps alone (fixed random logits in place of the transformer, batch B, argmax
+and sample): "previous" is decode_step before #14 (one torch.Generator per image drawing in a
+Python loop at every step, full softmax, two argsorts), "ours" is models.decoding.iterative_decode
+(counter-based noise for the whole batch, logsumexp, topk), timed alternately --repeat times, best
+of each kept; ours_over_previous is previous seconds / ours seconds (> 1: ours is faster).
 Masks are the lab's 747 test masks when the dataset is found, else random blobs. Weights are
 random unless --bundled (speed does not depend on them).
 """
 from __future__ import annotations
 
 import argparse
+import math
 import os
 
 import torch
 
 from common import SHARED_DATA, device_name, print_table, sync, timed, write_csv
-from models import decode_step, image_generators
-from utils.build import build_maskgit
+from models import decode_step, gamma_func, image_noise, iterative_decode, masked_count
+from utils.build import BUNDLED_CONFIG, BUNDLED_TRANSFORMER, build_maskgit
 from utils.config import REPO_ROOT, load_maskgit_config
 from utils.data import load_mask, list_images, pixel_to_token_mask
 from utils.inpaint import InpaintOptions, inpaint_batch
@@ -50,16 +58,99 @@ def seed_loop_image(model, x, pm, index: int, total_iter: int) -> torch.Tensor:
     """One image (batch 1, fp32) the way the lab's seed loop runs it; returns the final decode."""
     device = x.device
     mask = pixel_to_token_mask(pm, model.vqgan.cfg.latent_resolution).to(device)  # (1, N) True = masked
-    n_hole, gens, gamma = mask.sum(-1), image_generators(0, [index], device), model.gamma_func("cosine")
+    n_hole, noise, gamma = mask.sum(-1), image_noise(0, [index], device), model.gamma_func("cosine")
     ids, hole = None, mask
     for t in range(total_iter):
         _, z = model.encode_to_z(x)  # the seed re-encodes the image at every step
         ids = z if ids is None else torch.where(hole, ids, z)
         logits = model.transformer(ids.masked_fill(mask, model.mask_token_id))
-        ids, mask = decode_step(logits, ids, mask, n_hole, (t + 1) / total_iter, gamma, gens,
+        ids, mask = decode_step(logits, ids, mask, n_hole, (t + 1) / total_iter, gamma, noise.at_step(t),
                                 model.choice_temperature)
         img = model.decode_tokens(ids)  # this step's picture for imga/
     return img
+
+
+class PerImageGenerators:
+    """The noise of decode_step before #14, kept only as the baseline to time: one torch.Generator
+    per image, seeded from (seed, image index), drawing image by image at every step."""
+
+    def __init__(self, seed: int, indices, device):
+        self.device, self.gens = device, []
+        for i in indices:
+            g = torch.Generator(device=device)
+            g.manual_seed((int(seed) * 1_000_003 + int(i)) % (2**63 - 1))
+            self.gens.append(g)
+
+    def gumbel(self, shape_per_image) -> torch.Tensor:
+        u = torch.stack([torch.rand(shape_per_image, generator=g, device=self.device) for g in self.gens])
+        return -torch.log(-torch.log(u.clamp_(1e-20, 1.0 - 1e-7)))  # (B, *shape)
+
+
+def previous_decode_step(logits, ids, mask, n_hole, r, gamma, noise: PerImageGenerators, choice_temperature,
+                         token_choice):
+    """decode_step before #14 (order "confidence", confidence "prob"), the baseline to time."""
+    B, N, V = logits.shape
+    logits = logits[..., : V - 1].float()  # (B, N, K)
+    if token_choice == "sample":
+        chosen = (logits + noise.gumbel((N, V - 1))).argmax(-1)  # (B, N)
+    else:
+        chosen = logits.argmax(-1)  # (B, N)
+    new_ids = torch.where(mask, chosen, ids)
+    score = logits.softmax(-1).gather(-1, chosen.unsqueeze(-1)).squeeze(-1)  # (B, N) p(chosen)
+    score = score + choice_temperature * (1.0 - r) * noise.gumbel((N,))  # (B, N)
+    score = torch.where(mask, score, torch.full_like(score, math.inf))
+    n_keep_masked = masked_count(gamma, r, n_hole, mask.sum(-1)).to(logits.device)  # (B,)
+    rank = score.argsort(dim=-1).argsort(dim=-1)  # (B, N)
+    return new_ids, rank < n_keep_masked[:, None]
+
+
+class FixedLogits(torch.nn.Module):
+    """Stands in for the transformer in the steps-only rows: the same (B, N, V) logits every step."""
+
+    def __init__(self, logits: torch.Tensor):
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, inputs):
+        return self.logits  # (B, N, V)
+
+
+@torch.no_grad()
+def steps_only_rows(batch: int, num_tokens: int, num_codes: int, total_iter: int, device, precision: str,
+                    repeat: int) -> list:
+    """Time T decoding steps on fixed random logits, previous vs ours, argmax and sample."""
+    g = torch.Generator().manual_seed(0)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16 if precision == "fp16" else torch.float32
+    logits = (3 * torch.randn(batch, num_tokens, num_codes + 1, generator=g)).to(device, dtype)  # (B, N, V)
+    ids = torch.randint(0, num_codes, (batch, num_tokens), generator=g).to(device)  # (B, N)
+    mask = (torch.rand(batch, num_tokens, generator=g) < 0.4).to(device)  # (B, N) True = masked
+    gamma, model = gamma_func("cosine"), FixedLogits(logits)
+
+    def previous(choice):
+        noise, i, m, n_hole = PerImageGenerators(0, range(batch), device), ids, mask, mask.sum(-1)
+        for t in range(total_iter):
+            i, m = previous_decode_step(model(i.masked_fill(m, num_codes)), i, m, n_hole, (t + 1) / total_iter,
+                                        gamma, noise, 4.5, choice)
+
+    def ours(choice):
+        iterative_decode(model, ids, mask, gamma, total_iter, image_noise(0, range(batch), device), num_codes, 4.5,
+                         token_choice=choice)
+
+    rows = []
+    for choice in ("argmax", "sample"):
+        paths = {"previous": previous, "ours": ours}
+        for fn in paths.values():
+            fn(choice)  # warm-up
+        secs = {name: math.inf for name in paths}
+        for _ in range(repeat):  # alternate the two, keep each one's best: fair on a busy machine
+            for name, fn in paths.items():
+                secs[name] = min(secs[name], timed(lambda: fn(choice), device))
+        for name in paths:
+            rows.append({"path": f"steps only, {name} ({choice}, batch {batch})", "images": batch,
+                         "images_per_s": batch / secs[name], "seconds_for_747": 747 * secs[name] / batch,
+                         "precision": precision})
+        rows[-1]["ours_over_previous"] = secs["previous"] / secs["ours"]
+    return rows
 
 
 def main(argv=None):
@@ -72,23 +163,43 @@ def main(argv=None):
     p.add_argument("--baseline-images", type=int, default=None, help="images timed in the batch-1 loops")
     p.add_argument("--total-iter", type=int, default=10)
     p.add_argument("--mask-dir", default=None)
+    p.add_argument("--steps-only", action="store_true",
+                   help="only the decoding-step rows (previous vs ours on fixed logits): no model is built")
+    p.add_argument("--repeat", type=int, default=5,
+                   help="decoding-step rows: alternating timed runs of each path, the best one kept")
     p.add_argument("--csv", default="bench/results/decode_throughput.csv")
     args = p.parse_args(argv)
     device = get_device(args.device)
     cuda = device.type == "cuda"
     precision = resolve_precision("auto", device)
+    n, bs = args.images, args.batch_size or (256 if cuda else 8)
+    cfg = load_maskgit_config(BUNDLED_CONFIG if args.bundled else args.config)["model_param"]
+    steps_rows = steps_only_rows(bs, cfg["num_image_tokens"], cfg["num_codebook_vectors"], args.total_iter, device,
+                                 precision, args.repeat)
+    rows = steps_rows if args.steps_only else model_rows(args, device, precision, n, bs) + steps_rows
+    for r in rows:
+        r.update(device=device_name(device), T=args.total_iter,
+                 model=BUNDLED_CONFIG if args.bundled else args.config)
+    print_table(rows, f"decoding throughput, T={args.total_iter}, {device_name(device)}")
+    for r in rows:
+        if "ours_over_previous" in r:
+            print(f"{r['path']}: ours is {r['ours_over_previous']:.2f}x the previous decoding steps' speed")
+    write_csv(rows, args.csv)
+    sync(device)
+    return rows
+
+
+def model_rows(args, device, precision: str, n: int, bs: int) -> list:
+    """The seed loop and our batch-1 / batched paths with the real model (encode, T steps, decode)."""
+    cuda = device.type == "cuda"
     if args.bundled:
-        from inpainting import BUNDLED_CONFIG, BUNDLED_TRANSFORMER
         from utils.build import load_transformer_checkpoint
         model = build_maskgit(load_maskgit_config(BUNDLED_CONFIG))
         load_transformer_checkpoint(model, str(REPO_ROOT / BUNDLED_TRANSFORMER))
-        name = BUNDLED_CONFIG
     else:
         model = build_maskgit(load_maskgit_config(args.config), load_vqgan=False)
-        name = args.config
     model = model.to(device).eval()
     res = model.vqgan.cfg.img_resolution
-    n, bs = args.images, args.batch_size or (256 if cuda else 8)
     n_base = args.baseline_images or (64 if cuda else 8)
     torch.manual_seed(0)
     x_all = torch.randn(n, 3, res, res, device=device)
@@ -120,10 +231,6 @@ def main(argv=None):
     for r in rows:
         r["speedup_vs_seed"] = r["images_per_s"] / rows[0]["images_per_s"]
         r["speedup_vs_ours_batch1"] = r["images_per_s"] / rows[1]["images_per_s"]
-        r.update(device=device_name(device), T=args.total_iter, model=name)
-    print_table(rows, f"decoding throughput, {name}, T={args.total_iter}, {device_name(device)}")
-    write_csv(rows, args.csv)
-    sync(device)
     return rows
 
 

@@ -9,7 +9,7 @@ from PIL import Image
 
 import inpainting
 from conftest import ROOT, TINY_T
-from models import BidirectionalTransformer, gamma_func, halton_order, image_generators, iterative_decode
+from models import BidirectionalTransformer, gamma_func, halton_order, image_noise, iterative_decode
 from models import decoding
 from models.decoding import decode_step
 
@@ -38,7 +38,7 @@ def _mixed_batch(B=6, N=16, seed=0):
 def test_schedule_counts_known_tokens_and_full_unmask(mode, choice, order):
     ids, mask = _mixed_batch()
     T = 7
-    res = iterative_decode(_model(), ids, mask, gamma_func(mode), T, image_generators(0, range(6), "cpu"), 32,
+    res = iterative_decode(_model(), ids, mask, gamma_func(mode), T, image_noise(0, range(6), "cpu"), 32,
                            token_choice=choice, order=order)
     n_hole = mask.sum(1).tolist()
     unknown = list(n_hole)
@@ -63,24 +63,43 @@ def test_schedule_counts_known_tokens_and_full_unmask(mode, choice, order):
 def test_batched_equals_batch_one(kw):
     ids, mask = _mixed_batch(B=6, seed=3)
     m = _model(1)
-    full = iterative_decode(m, ids, mask, gamma_func("cosine"), 8, image_generators(5, range(6), "cpu"), 32, **kw)
+    full = iterative_decode(m, ids, mask, gamma_func("cosine"), 8, image_noise(5, range(6), "cpu"), 32, **kw)
     for b in range(6):
         one = iterative_decode(m, ids[b:b + 1], mask[b:b + 1], gamma_func("cosine"), 8,
-                               image_generators(5, [b], "cpu"), 32, **kw)
+                               image_noise(5, [b], "cpu"), 32, **kw)
         assert torch.equal(one.ids[0], full.ids[b]) and torch.equal(one.mask_per_step[2][0], full.mask_per_step[2][b])
-    again = iterative_decode(m, ids, mask, gamma_func("cosine"), 8, image_generators(5, range(6), "cpu"), 32, **kw)
+    again = iterative_decode(m, ids, mask, gamma_func("cosine"), 8, image_noise(5, range(6), "cpu"), 32, **kw)
     assert torch.equal(again.ids, full.ids)  # deterministic given the seed
     if kw.get("order") != "halton" or kw.get("token_choice") == "sample":  # the seed matters where noise does
-        other = iterative_decode(m, ids, mask, gamma_func("cosine"), 8, image_generators(6, range(6), "cpu"), 32,
+        other = iterative_decode(m, ids, mask, gamma_func("cosine"), 8, image_noise(6, range(6), "cpu"), 32,
                                  **kw)
         assert not torch.equal(other.ids, full.ids)
+
+
+@pytest.mark.parametrize("choice", ["argmax", "sample"])
+@pytest.mark.parametrize("order", ["confidence", "halton"])
+def test_an_image_decodes_the_same_in_batches_of_any_size_and_position(choice, order):
+    """One seed per image: image i gives the same tokens (every step) decoded alone, in a larger
+    batch, at another position of a batch, or next to a copy of itself."""
+    ids, mask = _mixed_batch(B=6, seed=5)
+    m = _model(3)
+
+    def decode(batch):
+        return iterative_decode(m, ids[batch], mask[batch], gamma_func("cosine"), 6, image_noise(11, batch, "cpu"),
+                                32, token_choice=choice, order=order)
+    alone = {i: decode([i]) for i in range(6)}
+    for batch in ([5, 4, 3, 2, 1, 0], [2, 0], [0, 2], [4, 1, 4], [3, 5, 0, 1]):
+        res = decode(batch)
+        for b, i in enumerate(batch):
+            assert torch.equal(res.ids[b], alone[i].ids[0]), (batch, i)
+            assert all(torch.equal(s[b], a[0]) for s, a in zip(res.mask_per_step, alone[i].mask_per_step)), (batch, i)
 
 
 def test_sweet_spot_stops_early_and_keeps_decoded_tokens():
     ids, mask = _mixed_batch()
     m = _model()
-    full = iterative_decode(m, ids, mask, gamma_func("linear"), 10, image_generators(0, range(6), "cpu"), 32)
-    part = iterative_decode(m, ids, mask, gamma_func("linear"), 10, image_generators(0, range(6), "cpu"), 32,
+    full = iterative_decode(m, ids, mask, gamma_func("linear"), 10, image_noise(0, range(6), "cpu"), 32)
+    part = iterative_decode(m, ids, mask, gamma_func("linear"), 10, image_noise(0, range(6), "cpu"), 32,
                             sweet_spot=4)
     assert part.steps == 4 and len(part.ids_per_step) == 4
     for t in range(4):  # identical trajectory up to the sweet spot
@@ -102,7 +121,7 @@ def test_confidence_picks_most_probable_without_noise():
     ids = torch.zeros(B, N, dtype=torch.long)
     mask = torch.ones(B, N, dtype=torch.bool)
     new_ids, new_mask = decode_step(logits, ids, mask, mask.sum(1), 0.5, gamma_func("linear"),
-                                    image_generators(0, [0], "cpu"), choice_temperature=0.0, token_choice="argmax")
+                                    image_noise(0, [0], "cpu"), choice_temperature=0.0, token_choice="argmax")
     # argmax picks code 0 where p>0.5 else 1; confidence = max(p, 1-p): .9 .8 .55 .95 .7 .9 -> 3 least stay masked
     assert new_mask[0].tolist() == [False, True, True, False, True, False]
     assert new_ids[0].tolist() == [0, 1, 1, 0, 1, 1]
@@ -118,10 +137,10 @@ def _two_code_logits(p_chosen, mask_logit=50.0):
 def _fixed_noise(monkeypatch, sample=None, confidence=None):
     """Replace the Gumbel draws of decode_step by fixed tensors: (B, N, K) for token sampling,
     (B, N) for the confidence noise."""
-    def fake(generators, shape, device):
-        noise = sample if len(shape) == 2 else confidence
-        assert noise is not None and tuple(noise.shape[1:]) == tuple(shape), shape
-        return noise.to(device)
+    def fake(noise, shape, stream):
+        fixed = {decoding.SAMPLE_STREAM: sample, decoding.CONFIDENCE_STREAM: confidence}[stream]
+        assert fixed is not None and tuple(fixed.shape[1:]) == tuple(shape), (stream, shape)
+        return fixed.clone()
     monkeypatch.setattr(decoding, "gumbel_like", fake)
 
 
@@ -178,7 +197,7 @@ def test_halton_order_commits_the_hole_in_halton_order():
     mask = torch.zeros(2, 16, dtype=torch.bool)
     mask[0, hole] = True
     ids = torch.full((2, 16), 20)
-    res = iterative_decode(_FixedLogits(), ids, mask, gamma_func("linear"), 4, image_generators(0, range(2), "cpu"),
+    res = iterative_decode(_FixedLogits(), ids, mask, gamma_func("linear"), 4, image_noise(0, range(2), "cpu"),
                            32, order="halton")
     committed = [[6, 9, 3], [6, 9, 3, 4, 14], [6, 9, 3, 4, 14, 1, 11, 12], hole]
     for t, want in enumerate(committed):
@@ -188,7 +207,7 @@ def test_halton_order_commits_the_hole_in_halton_order():
     assert torch.equal(res.ids[1], ids[1]) and not any(m[1].any() for m in res.mask_per_step)  # no hole: unchanged
     # any hole: the first tokens committed are the hole's first ones in halton_order
     mask = torch.rand(1, 16, generator=torch.Generator().manual_seed(1)) < 0.6
-    res = iterative_decode(_FixedLogits(), ids[:1], mask, gamma_func("cosine"), 3, image_generators(0, [0], "cpu"),
+    res = iterative_decode(_FixedLogits(), ids[:1], mask, gamma_func("cosine"), 3, image_noise(0, [0], "cpu"),
                            32, order="halton")
     in_order = [i for i in halton_order(4) if mask[0, i]]
     k = int((mask[0] & ~res.mask_per_step[0][0]).sum())
@@ -200,7 +219,7 @@ def test_cubic_clamp_no_wasted_step_end_to_end():
     """cubic, T = 10 (the issue's case): every step before the last commits at least one token of
     every hole with more than one left, and none unmasks its whole hole early."""
     ids, mask = _mixed_batch()
-    res = iterative_decode(_model(), ids, mask, gamma_func("cubic"), 10, image_generators(0, range(6), "cpu"), 32)
+    res = iterative_decode(_model(), ids, mask, gamma_func("cubic"), 10, image_noise(0, range(6), "cpu"), 32)
     before = mask.sum(1)
     for t, m in enumerate(res.mask_per_step):
         after = m.sum(1)
@@ -308,11 +327,11 @@ def test_cuda_bf16_batched_equals_batch_one():
     m = _model(2).cuda()
     ids, mask = ids.cuda(), mask.cuda()
     ctx = lambda: autocast(torch.device("cuda"), "bf16")  # noqa: E731
-    full = iterative_decode(m, ids, mask, gamma_func("cosine"), 8, image_generators(1, range(6), "cuda"), 32,
+    full = iterative_decode(m, ids, mask, gamma_func("cosine"), 8, image_noise(1, range(6), "cuda"), 32,
                             autocast_ctx=ctx)
     assert not full.mask.any() and torch.equal(full.ids[~mask], ids[~mask])
     same = sum(torch.equal(iterative_decode(m, ids[b:b + 1], mask[b:b + 1], gamma_func("cosine"), 8,
-                                            image_generators(1, [b], "cuda"), 32, autocast_ctx=ctx).ids[0], full.ids[b])
+                                            image_noise(1, [b], "cuda"), 32, autocast_ctx=ctx).ids[0], full.ids[b])
                for b in range(6))
     assert same >= 5  # bf16 kernels may differ by batch size; rare argmax ties can flip
 

@@ -278,13 +278,21 @@ def test_time_budget_total_survives_an_interrupted_run(tiny_world, tmp_path, mon
             self.n -= 1
             return self.n < 0
 
+    class Clock:  # the trainer's clock advances 10 ms per reading: the probe's rate does not depend on the machine
+        t = 0.0
+
+        def time(self):
+            self.t += 0.01
+            return self.t
+
     monkeypatch.setattr(train_vqgan, "StopFlag", lambda: StopAt(4))
+    monkeypatch.setattr(train_vqgan, "time", Clock())
     with pytest.raises(Interrupted):
-        _run(tiny_world, tmp_path, "--time-budget-min", "0.05", "--steps", "100000", "--ckpt-every", "1000")
+        _run(tiny_world, tmp_path, "--time-budget-min", "0.005", "--steps", "100000", "--ckpt-every", "1000")
     ck = torch.load(tmp_path / "vq" / "last.pt", weights_only=True)
-    assert ck["step"] == 4 and ck["budget_fixed"] and 4 < ck["total_steps"] < 100000
+    assert ck["step"] == 4 and ck["budget_fixed"] and 4 < ck["total_steps"] < 100
     monkeypatch.undo()
-    res = _run(tiny_world, tmp_path, "--time-budget-min", "0.05", "--steps", "100000", "--resume")
+    res = _run(tiny_world, tmp_path, "--time-budget-min", "0.005", "--steps", "100000", "--resume")
     assert res["step"] == ck["total_steps"]  # the budgeted total, not --steps and not a new probe
 
 

@@ -54,7 +54,8 @@ def test_encode_contract_raster_order_and_nearest_code():
     # token ids decode through the embedding, reshaped (B,h,w,D) -> (B,D,h,w)
     zq_ids = e[idx].view(3, 4, 4, 8).permute(0, 3, 1, 2)
     torch.testing.assert_close(zq_ids, z_q)
-    torch.testing.assert_close(m.decode_indices(idx.view(3, 16)), m.decode(z_q))
+    # z_q is z + (e - z) (straight-through): equal to e up to float32 rounding, amplified by the decoder
+    torch.testing.assert_close(m.decode_indices(idx.view(3, 16)), m.decode(z_q), atol=1e-4, rtol=1e-4)
     assert torch.isfinite(loss)
 
 

@@ -32,9 +32,10 @@ class UserError(Exception):
 def user_errors() -> tuple:
     """Exception types whose message is for the user, not a bug report."""
     from .fid import FIDError  # lazy: keeps the Inception code out of the scripts that do not need it
+    from .outputs import OutputWriteError
     from .train_utils import NonFiniteLoss
     return (UserError, DataError, ConfigError, CheckpointError, CheckpointLayoutError, FIDError, NonFiniteLoss,
-            FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+            OutputWriteError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 
 
 class ArgumentParser(argparse.ArgumentParser):

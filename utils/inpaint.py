@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from models import CONFIDENCES, ORDERS, image_generators
+from models import CONFIDENCES, ORDERS, image_noise
 
 from .composite import BLENDS, PREFILLS, fill_holes, paste_known
 from .data import TEST_MEAN, TEST_STD, denormalize, pixel_to_token_mask
@@ -58,8 +58,8 @@ def inpaint_batch(model, x: torch.Tensor, pixel_mask: torch.Tensor, indices, opt
     res = model.vqgan.cfg.latent_resolution
     _, ids = model.encode_to_z(fill_holes(x, pixel_mask) if opts.prefill == "smooth" else x)  # (B, N)
     token_mask = pixel_to_token_mask(pixel_mask, res, opts.mask_rule).to(device)  # (B, N) True = masked
-    gens = image_generators(opts.seed, indices, device)
-    result = model.inpaint(ids, token_mask, opts.total_iter, gens, opts.mask_func, opts.sweet_spot, opts.token_choice,
+    noise = image_noise(opts.seed, indices, device)  # image i's draws depend on (seed, i), not on the batch
+    result = model.inpaint(ids, token_mask, opts.total_iter, noise, opts.mask_func, opts.sweet_spot, opts.token_choice,
                            autocast_ctx=(lambda: autocast(device, opts.precision)), confidence=opts.confidence,
                            order=opts.order)
     seq = result.ids_per_step if with_steps else [result.ids]  # S x (B, N)
@@ -78,15 +78,15 @@ def generate_images(model, n: int, opts: InpaintOptions, device, seed_offset: in
     """Unconditional samples: every token starts masked and is decoded as in :func:`inpaint_batch`
     (schedule, T, token choice, confidence, order of ``opts``; no sweet spot, no pixels to paste).
 
-    Image i draws its noise from ``image_generators(opts.seed + seed_offset, [i])`` (offset 1: the
+    Image i draws its noise from ``image_noise(opts.seed + seed_offset, [i])`` (offset 1: the
     seeds of ``inpainting.py --unconditional``). Returns (images in [0,1] (n,3,H,W), DecodeResult,
     decoded image after every step (n, S, 3, H, W) in [0,1] or None).
     """
     N = model.num_image_tokens
     ids = torch.zeros(n, N, dtype=torch.long, device=device)  # (n, N) any ids: every position is masked
     mask = torch.ones(n, N, dtype=torch.bool, device=device)  # (n, N) True = masked
-    gens = image_generators(opts.seed + seed_offset, range(n), device)
-    result = model.inpaint(ids, mask, opts.total_iter, gens, opts.mask_func, 0, opts.token_choice,
+    noise = image_noise(opts.seed + seed_offset, range(n), device)
+    result = model.inpaint(ids, mask, opts.total_iter, noise, opts.mask_func, 0, opts.token_choice,
                            autocast_ctx=(lambda: autocast(device, opts.precision)), confidence=opts.confidence,
                            order=opts.order)
     seq = result.ids_per_step if with_steps else [result.ids]  # S x (n, N)

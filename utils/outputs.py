@@ -5,12 +5,18 @@ Outputs (under ``out_dir``), exactly as the lab expects:
   mask_scheduling/test_X.png   the latent mask after each step (white = known/decoded, black = masked)
   imga/test_X.png              the masked input, then the decoded image after each step
 Optional: gifs/test_X.gif (decoding animation), metrics.csv (vs ground truth), report.png.
+
+The image files are encoded and written on background threads (:class:`ImageWriter`) while the next
+batch decodes; a run returns only after every write finished, and a failed write raises
+:class:`OutputWriteError` naming the file.
 """
 from __future__ import annotations
 
 import csv
 import logging
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from PIL import Image, ImageDraw
@@ -23,6 +29,81 @@ from .inpaint import InpaintOptions, inpaint_batch, latent_mask_images
 from .metrics import paired_metrics
 
 log = logging.getLogger("maskgit")
+
+
+class OutputWriteError(OSError):
+    """An output file could not be written; the message names it."""
+
+
+class ImageWriter:
+    """Runs image writes ``fn(*args, path, **kw)`` on ``workers`` background threads (0: in the
+    caller, the reference path), at most ``max_pending`` queued: ``submit`` blocks when the queue is
+    full. The arguments must not change after ``submit`` (pass CPU tensors or arrays made for it).
+    ``close`` (or leaving the ``with`` block) waits for every write and raises the first failure,
+    naming its file: an OSError as :class:`OutputWriteError`, anything else as itself with a note;
+    ``submit`` raises one already seen. On an exception inside the ``with`` block it only waits, so
+    the original error is the one reported."""
+
+    def __init__(self, workers: int = 2, max_pending: int = 64):
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="image-writer") if workers > 0 else None
+        self._slots = threading.BoundedSemaphore(max(1, max_pending))
+        self._pending: list = []  # [(path, future)] not yet checked
+
+    def submit(self, path: str, fn, *args, **kw) -> None:
+        self._raise_failed(wait=False)
+        if self._pool is None:
+            self._run(path, fn, args, kw)
+            return
+        self._slots.acquire()  # back-pressure: at most max_pending writes hold their data
+        try:
+            future = self._pool.submit(self._run, path, fn, args, kw)
+        except BaseException:
+            self._slots.release()
+            raise
+        future.add_done_callback(lambda _: self._slots.release())
+        self._pending.append((path, future))
+
+    @staticmethod
+    def _run(path, fn, args, kw) -> None:
+        try:
+            fn(*args, path, **kw)
+        except OSError as e:  # the disk, a folder, permissions: the user's to fix
+            raise OutputWriteError(f"could not write {path}: {type(e).__name__}: {e}") from e
+        except Exception as e:  # a bug: keep its type and traceback, name the file
+            e.add_note(f"while writing {path}")
+            raise
+
+    def _raise_failed(self, wait: bool) -> None:
+        """Raise the first failed write (waiting for all of them with ``wait``); forget the finished."""
+        still = []
+        for path, future in self._pending:
+            if wait or future.done():
+                future.result()  # raises OutputWriteError
+            else:
+                still.append((path, future))
+        self._pending = still
+
+    def close(self) -> None:
+        """Wait for every write; raise the first failure."""
+        try:
+            self._raise_failed(wait=True)
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> "ImageWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        elif self._pool is not None:  # keep the caller's error: wait, do not raise a write's
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def save_png(x01: torch.Tensor, path: str) -> None:
+    """[0,1] (3,H,W) CPU tensor -> RGB PNG (rounded like torchvision.save_image)."""
+    Image.fromarray(to_uint8(x01)).save(path)
 
 
 def save_gif(frames: torch.Tensor, path: str, scale: int = 4, ms: int = 300) -> None:
@@ -38,8 +119,9 @@ def output_name(dataset, i: int) -> str:
 
 
 def run_inpainting(model, dataset, out_dir: str, opts: InpaintOptions, device, batch_size: int = 32,
-                   gt_dir: str | None = None, progress: bool = True) -> dict:
-    """Inpaint every image of a :class:`utils.data.MaskedImageSet`; write the lab's files."""
+                   gt_dir: str | None = None, progress: bool = True, write_workers: int = 2) -> dict:
+    """Inpaint every image of a :class:`utils.data.MaskedImageSet`; write the lab's files (on
+    ``write_workers`` background threads; 0: in the loop). Returns once every file is written."""
     res = model.vqgan.cfg.latent_resolution
     dirs = {k: os.path.join(out_dir, k) for k in ("test_results", "mask_scheduling", "imga", "gifs")}
     os.makedirs(dirs["test_results"], exist_ok=True)
@@ -50,27 +132,39 @@ def run_inpainting(model, dataset, out_dir: str, opts: InpaintOptions, device, b
         os.makedirs(dirs["gifs"], exist_ok=True)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
     rows, n_done = [], 0
-    for x, pm, idx in tqdm(loader, desc=f"inpainting ({opts.mask_func}, T={opts.total_iter})", disable=not progress):
-        x, pm = x.to(device), pm.to(device)
-        out, result, token_mask, step_imgs = inpaint_batch(model, x, pm, idx.tolist(), opts, device,
-                                                           with_steps=opts.visualize or opts.gif)
-        masked_in = denormalize(x, TEST_MEAN, TEST_STD)
-        for b, i in enumerate(idx.tolist()):
-            Image.fromarray(to_uint8(out[b])).save(os.path.join(dirs["test_results"], output_name(dataset, i)))
-            if opts.visualize:
-                masks = latent_mask_images(torch.stack([m[b] for m in result.mask_per_step]).cpu(), res)
-                save_image(masks, os.path.join(dirs["mask_scheduling"], f"test_{i}.png"), nrow=10)
-                frames = torch.cat([masked_in[b:b + 1], step_imgs[b]]).cpu()  # (S+1, 3, H, W)
-                save_image(frames, os.path.join(dirs["imga"], f"test_{i}.png"), nrow=len(frames))
-            if opts.gif:
-                save_gif(torch.cat([masked_in[b:b + 1], step_imgs[b]]).cpu(), os.path.join(dirs["gifs"], f"test_{i}.gif"))
-        if gt_dir:
-            rows += _metrics_rows(out, pm, idx.tolist(), dataset, gt_dir, token_mask)
-        n_done += len(idx)
+    with ImageWriter(write_workers) as writer:  # PNG encoding overlaps the next batch; all written on exit
+        for x, pm, idx in tqdm(loader, desc=f"inpainting ({opts.mask_func}, T={opts.total_iter})",
+                               disable=not progress):
+            x, pm = x.to(device), pm.to(device)
+            out, result, token_mask, step_imgs = inpaint_batch(model, x, pm, idx.tolist(), opts, device,
+                                                               with_steps=opts.visualize or opts.gif)
+            _submit_batch(writer, dirs, dataset, idx.tolist(), out, result, step_imgs,
+                          denormalize(x, TEST_MEAN, TEST_STD), opts, res)
+            if gt_dir:
+                rows += _metrics_rows(out, pm, idx.tolist(), dataset, gt_dir, token_mask)
+            n_done += len(idx)
     summary = {"images": n_done, "out_dir": out_dir}
     if gt_dir:
         summary.update(write_metrics(rows, os.path.join(out_dir, "metrics.csv")))
     return summary
+
+
+def _submit_batch(writer: ImageWriter, dirs: dict, dataset, indices: list, out, result, step_imgs, masked_in,
+                  opts: InpaintOptions, res: int) -> None:
+    """Queue one batch's files; the tensors come to the CPU once per batch, not once per image."""
+    out = out.cpu()  # (B, 3, H, W)
+    if opts.visualize or opts.gif:
+        frames = torch.cat([masked_in[:, None], step_imgs], 1).cpu()  # (B, S+1, 3, H, W)
+    if opts.visualize:
+        masks = torch.stack(result.mask_per_step, 1).cpu()  # (B, S, N) True = masked
+    for b, i in enumerate(indices):
+        writer.submit(os.path.join(dirs["test_results"], output_name(dataset, i)), save_png, out[b])
+        if opts.visualize:
+            writer.submit(os.path.join(dirs["mask_scheduling"], f"test_{i}.png"), save_image,
+                          latent_mask_images(masks[b], res), nrow=10)
+            writer.submit(os.path.join(dirs["imga"], f"test_{i}.png"), save_image, frames[b], nrow=frames.shape[1])
+        if opts.gif:
+            writer.submit(os.path.join(dirs["gifs"], f"test_{i}.gif"), save_gif, frames[b])
 
 
 def _metrics_rows(out, pm, indices, dataset, gt_dir, token_mask) -> list:

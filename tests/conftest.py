@@ -124,5 +124,15 @@ def make_tiny_world(root, n_train=48, n_val=16, n_test=6, size=16, seed=0):
 
 
 @pytest.fixture
+def one_thread():
+    """One intra-op thread for the tiny models: on a 2-core machine shared with other jobs two threads
+    contend and run them up to 10x slower. Modules opt in with pytestmark = usefixtures("one_thread")."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def tiny_world(tmp_path):
     return make_tiny_world(tmp_path / "world")

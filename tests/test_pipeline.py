@@ -28,13 +28,7 @@ SMOKE = os.path.join(REPO_ROOT, "config", "pipeline_smoke.yml")
 GT_IDS = (0, 2, 3, 5)  # test images whose originals the fake --gt folder holds (the lab has 570 of 747)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: two threads on a busy 2-core machine run these tiny models 10x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_world(root, n_train=40, n_val=12, n_test=6, size=64, seed=0) -> dict:

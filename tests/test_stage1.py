@@ -9,6 +9,8 @@ from models.VQGAN.training import restart_dead_codes
 from utils.build import load_vqgan_weights
 from utils.masks import KINDS, generate_mask, hole_fraction, token_hole_bank
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def test_training_lowers_reconstruction_loss_and_roundtrips(tiny_world, tmp_path):
     import yaml

@@ -24,13 +24,7 @@ from utils.checkpoint import CONFIG_KEY, stored_config
 from utils.train_utils import EMA
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny models run fastest on one thread (and two threads contend on a shared 2-core machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _args(w, out, *extra):

@@ -36,7 +36,6 @@ import signal
 import time
 
 import torch
-import yaml
 from PIL import Image
 
 from models import VQGAN
@@ -45,7 +44,7 @@ from models.VQGAN import VQGANConfig
 from .build import build_maskgit, load_vqgan_weights
 from .checkpoint import load_checkpoint
 from .cli import Interrupted, UserError, one_line
-from .config import REPO_ROOT, ConfigError, apply_overrides, load_vqgan_config, resolve_path
+from .config import REPO_ROOT, ConfigError, apply_overrides, load_vqgan_config, load_yaml, resolve_path
 from .data import (TEST_MEAN, TEST_STD, LabLayout, default_data_root, denormalize, find_lab_layout, list_images,
                    normalize, pil_to_tensor01, read_image, to_uint8)
 from .metrics import psnr
@@ -83,16 +82,7 @@ class Recipe:
 
 def load_recipe(path: str) -> Recipe:
     """Read and check a recipe; unknown keys raise :class:`UserError` naming the file and the key."""
-    full = resolve_path(path)
-    if not os.path.isfile(full):
-        raise UserError(f"recipe not found: {path}")
-    try:
-        with open(full) as f:
-            raw = yaml.safe_load(f) or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"{path} is not valid YAML: {e}") from e
-    if not isinstance(raw, dict):
-        raise UserError(f"{path}: expected a mapping of stages at the top level")
+    raw = load_yaml(path)  # one-line ConfigError: missing file, invalid YAML, not a mapping
     for key in raw:
         if key not in STAGES:
             raise UserError(f"{path}: unknown key {key!r}; the stages are {', '.join(STAGES)}")

@@ -39,7 +39,7 @@ except ImportError as e:  # the core install stays the lab's packages
     raise SystemExit(f"app.py needs the web packages ({e.name} is missing): pip install -r requirements-app.txt")
 
 from models import SCHEDULES
-from models.decoding import TOKEN_CHOICES
+from models.decoding import CONFIDENCES, ORDERS, TOKEN_CHOICES
 from utils.build import BUNDLED_CONFIG, BUNDLED_TRANSFORMER, checkpoint_config, load_inference_model
 from utils.config import REPO_ROOT, resolve_path
 from utils.data import (HOLE_GRAY, TEST_MEAN, TEST_STD, DataError, default_data_root, find_lab_layout, list_images,
@@ -69,14 +69,17 @@ class DecodeRequest(BaseModel):
     mask_func: str = "cosine"
     total_iter: int = Field(10, ge=1, le=64)
     token_choice: str = "argmax"
+    confidence: str = "prob"
+    order: str = "confidence"
     choice_temperature: float | None = Field(None, ge=0, le=100)
     paste_known: bool = False
     seed: int = Field(0, ge=0, le=2**31 - 1)
 
-    @field_validator("mask_func", "token_choice")
+    @field_validator("mask_func", "token_choice", "confidence", "order")
     @classmethod
     def _one_of(cls, v, info):
-        choices = {"mask_func": SCHEDULES, "token_choice": TOKEN_CHOICES}[info.field_name]
+        choices = {"mask_func": SCHEDULES, "token_choice": TOKEN_CHOICES, "confidence": CONFIDENCES,
+                   "order": ORDERS}[info.field_name]
         if v not in choices:
             raise ValueError(f"{info.field_name} must be one of {', '.join(choices)}, got {v!r}")
         return v
@@ -196,8 +199,10 @@ class Engine:
         n_params = sum(p.numel() for p in self.model.transformer.parameters())
         return {"model": f"{self.name} ({n_params / 1e6:.2f} M parameters) on {self.device}/{self.precision}",
                 "image_size": self.size, "latent_resolution": self.res, "schedules": list(SCHEDULES),
-                "token_choices": list(TOKEN_CHOICES), "examples": self.examples,
+                "token_choices": list(TOKEN_CHOICES), "confidences": list(CONFIDENCES), "orders": list(ORDERS),
+                "examples": self.examples,
                 "defaults": {"mask_func": self.model.gamma_type, "total_iter": 10, "token_choice": "argmax",
+                             "confidence": "prob", "order": "confidence",
                              "choice_temperature": self.model.choice_temperature, "paste_known": False, "seed": 0},
                 "lab": None if self.lab is None else {"count": len(self.lab.images),
                                                       "with_originals": self.lab.with_originals},
@@ -256,7 +261,8 @@ class Engine:
 
     def options(self, req: DecodeRequest) -> InpaintOptions:
         chosen = {"total_iter": req.total_iter, "mask_func": req.mask_func, "seed": req.seed,
-                  "token_choice": req.token_choice, "paste_known": req.paste_known, "visualize": True,
+                  "token_choice": req.token_choice, "confidence": req.confidence, "order": req.order,
+                  "paste_known": req.paste_known, "visualize": True,
                   "precision": self.precision}
         return InpaintOptions(**chosen)  # every other option keeps inpainting.py's default
 

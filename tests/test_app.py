@@ -213,6 +213,8 @@ def test_paint_inpaint_and_generate_match_the_cli(page, tmp_path):
     _wait(driver, lambda d: not _by_id(d, "token-count").text.startswith("0 /"))
     from selenium.webdriver.support.ui import Select
     Select(_by_id(driver, "mask-func")).select_by_value("linear")
+    Select(_by_id(driver, "confidence")).select_by_value("logprob")
+    Select(_by_id(driver, "order")).select_by_value("halton")
     _set(driver, "total-iter", 8)
     _set(driver, "choice-temperature", 2)
     _set(driver, "seed", 3)
@@ -242,7 +244,8 @@ def test_paint_inpaint_and_generate_match_the_cli(page, tmp_path):
     assert np.abs(result[~hole].astype(int) - masked[~hole]).max() <= 1
 
     cli = _run_cli(tmp_path, masked, hole, ["--mask-func", "linear", "--total-iter", "8", "--choice-temperature",
-                                            "2", "--seed", "3", "--paste-known", "--unconditional", "1"])
+                                            "2", "--seed", "3", "--paste-known", "--unconditional", "1",
+                                            "--confidence", "logprob", "--order", "halton"])
     assert np.abs(result.astype(int) - cli["result"]).max() <= 1
 
     def ask_info():  # while the model works, the server still answers, and the page still waits

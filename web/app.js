@@ -193,6 +193,8 @@ function options() {
     mask_func: $("mask-func").value,
     total_iter: Number($("total-iter").value),
     token_choice: $("token-choice").value,
+    confidence: $("confidence").value,
+    order: $("order").value,
     choice_temperature: temp === "" ? null : Number(temp),
     paste_known: $("paste-known").checked,
     seed: Number($("seed").value),
@@ -276,6 +278,8 @@ async function init() {
   const d = info.defaults;
   fillSelect($("mask-func"), info.schedules, d.mask_func);
   fillSelect($("token-choice"), info.token_choices, d.token_choice);
+  fillSelect($("confidence"), info.confidences, d.confidence);
+  fillSelect($("order"), info.orders, d.order);
   $("total-iter").value = d.total_iter;
   $("choice-temperature").value = d.choice_temperature;
   $("seed").value = d.seed;

@@ -31,10 +31,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A tokenizer small enough for the 2-core CPU (16/32/64 channels, 0.7 M parameters) with the lab's
 # token interface (64x64 -> 16x16 tokens, 1024 codes); the H100 scale uses VQGAN_small.yml.
 SCALES = {
-    "cpu": {"config": "models/VQGAN/config/VQGAN_small.yml", "steps": 300, "batch": 32,
+    "cpu": {"config": "models/VQGAN/config/VQGAN_small.yml", "steps": 200, "batch": 32,
             "set": ["enc_channels=[16,32,64]", "dec_channels=[16,32,64]",
                     "latent_dim=32"]},
-    "h100": {"config": "models/VQGAN/config/VQGAN_small.yml", "steps": 4000, "batch": 128, "set": []},
+    "h100": {"config": "models/VQGAN/config/VQGAN_small.yml", "steps": 2000, "batch": 128, "set": []},
 }
 BASE = ["--learning-rate", "4e-4", "--warmup-steps", "50", "--hflip", "--restart-every", "100"]
 VARIANTS = {

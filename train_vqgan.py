@@ -293,18 +293,18 @@ class BudgetProbe:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    log = create_logger("maskgit", os.path.join(args.out_dir, "train_vqgan.log"))
     device = get_device(args.device)
     args.precision = resolve_precision(args.precision, device)
     seed_everything(args.seed)
+    last_path = os.path.join(args.out_dir, "last.pt")
+    if args.resume and not os.path.exists(last_path):
+        raise UserError(f"--resume: no checkpoint at {last_path} (drop --resume to start a new run)")
+    log = create_logger("maskgit", os.path.join(args.out_dir, "train_vqgan.log"))
     raw_cfg = apply_overrides(load_vqgan_config(args.config).to_dict(), args.set, where=args.config)
     size = raw_cfg["img_resolution"]
     images = load_image_stack(args.data, size, args.resize, args.limit, not args.no_progress, args.skip_bad_images)
     val_images = (load_image_stack(args.val_data, size, args.resize, 512, False, args.skip_bad_images)
-                  if args.val_data else images[-min(256, len(images)):])
-    last_path = os.path.join(args.out_dir, "last.pt")
-    if args.resume and not os.path.exists(last_path):
-        raise UserError(f"--resume: no checkpoint at {last_path} (drop --resume to start a new run)")
+                  if args.val_data else images[-min(256, len(images)):])  # without --val-data: the last training images
     st = build(args, raw_cfg, device)
     if args.resume:
         st.load_state_dict(load_checkpoint(last_path, "VQGAN training checkpoint"))
@@ -325,7 +325,7 @@ def main(argv=None) -> dict:
         atomic_save(st.eval_model().state_dict(), os.path.join(args.out_dir, "vqgan.pt"))
         metrics.flush()
 
-    t0, seen, first_rec, rec_v = time.time(), 0, None, math.nan
+    t0, seen, first_rec, rec_v, start_step, last_eval = time.time(), 0, None, math.nan, st.step, None
     pbar = tqdm(total=st.total_steps, initial=st.step, disable=args.no_progress, desc="vqgan")
     with StopFlag() as stop:
         while st.step < st.total_steps and not stop.stop:
@@ -344,16 +344,17 @@ def main(argv=None) -> dict:
             if probe is not None and probe(st, args):
                 pbar.total = st.total_steps
                 log.info("time budget %.1f min: %d steps", args.time_budget_min, st.total_steps)
-            if st.step % 10 == 0 or st.step == 1:  # host syncs only here and in save()
+            if st.step % 10 == 0 or st.step == start_step + 1:  # host syncs only here and in save()
                 check_finite(out["loss"], st.step)
                 rec_v = out["rec"].item()
                 first_rec = rec_v if first_rec is None else first_rec
                 metrics.log(st.step, rec_loss=rec_v, q_loss=out["q"].item(), gan_weight=out["gan_w"].item(),
                             d_loss=d_loss.item() if d_loss is not None else 0.0, lr=st.sched.get_last_lr()[0])
-                pbar.set_postfix(rec=f"{rec_v:.4f}", img_s=f"{seen / (time.time() - t0):.0f}")
+                pbar.set_postfix(rec=f"{rec_v:.4f}", img_s=f"{seen / (time.time() - t0):.1f}")
             pbar.update(1)
             if st.step % args.eval_every == 0 or st.step == st.total_steps:
                 p, usage = evaluate(st.eval_model(), val_images, device, args.precision)
+                last_eval = (st.step, p, usage)
                 metrics.log(st.step, val_psnr=p, val_code_usage=usage)
                 log.info("step %d  rec %.4f  val PSNR %.2f dB  codebook usage %.1f%%", st.step, rec_v, p, 100 * usage)
                 save_grid(st.eval_model(), val_images, device, args.precision,
@@ -371,7 +372,8 @@ def main(argv=None) -> dict:
         atomic_save({k: v.half() for k, v in model.state_dict().items()}, os.path.join(args.out_dir, "vqgan_fp16.pt"))
     metrics.plot(["rec_loss", "q_loss"], os.path.join(args.out_dir, "loss.png"), "VQGAN training losses")
     metrics.close()
-    final_psnr, usage = evaluate(model, val_images, device, args.precision)
+    final_psnr, usage = (last_eval[1:] if last_eval and last_eval[0] == st.step
+                         else evaluate(model, val_images, device, args.precision))
     log.info("done: %d steps, %.1f images/s, val PSNR %.2f dB, codebook usage %.1f%%, weights %s", st.step,
              seen / max(1e-9, time.time() - t0), final_psnr, 100 * usage, os.path.join(args.out_dir, "vqgan.pt"))
     return {"step": st.step, "first_rec": first_rec, "last_rec": rec_v, "val_psnr": final_psnr, "code_usage": usage}

@@ -37,6 +37,7 @@ def test_training_lowers_reconstruction_loss_and_roundtrips(tiny_world, tmp_path
                              "--steps", "70", "--batch-size", "16", "--device", "cpu", "--no-progress", "--resume",
                              "--eval-every", "1000"])
     assert res2["step"] == 70
+    assert np.isfinite(res2["last_rec"])  # the resumed run reads its loss on its own first step
 
 
 def test_dead_code_restart_revives_unused_codes():

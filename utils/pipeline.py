@@ -315,6 +315,15 @@ def command_line(script: str, argv: list) -> str:
     return shlex.join(["python", script, *argv])
 
 
+def shown_commands(ctx: Context, stage: str, commands: list) -> list:
+    """The command lines a user can run by hand for a stage (summary.md, --dry-run)."""
+    if stage == "tokens":  # no script of its own: the transformer's command makes the cache on its start
+        return [command_line("pipeline.py", ["--recipe", ctx.recipe.path, "--out", ctx.out, "--data", ctx.data,
+                                             "--device", ctx.device, "--stages", "tokens"])
+                + "  # or the transformer's command, which encodes the images on its start"]
+    return [command_line(script, argv) for script, argv in commands]
+
+
 # ---------------------------------------------------------------------------------------------- stages
 
 
@@ -540,11 +549,7 @@ def run_stage(ctx: Context, opts: PipelineOptions, stage: str, log, t_start: flo
             shutil.rmtree(ctx.dir(later))
     os.makedirs(folder, exist_ok=True)
     commands = COMMANDS[stage](ctx, resume)
-    shown = [command_line(script, argv) for script, argv in commands]
-    if stage == "tokens":  # no script of its own: the transformer's command makes the cache on its start
-        shown = [command_line("pipeline.py", ["--recipe", ctx.recipe.path, "--out", ctx.out, "--data", ctx.data,
-                                              "--device", ctx.device, "--stages", "tokens"])
-                 + "  # or the transformer's command, which encodes the images on its start"]
+    shown = shown_commands(ctx, stage, commands)
     log.info("%s: %s (elapsed %s)", stage, f"resuming from {folder}/last.pt" if resume else "start",
              duration(time.time() - t_start))
     attempts = read_json(os.path.join(folder, "attempts.json")) or []
@@ -575,8 +580,7 @@ def run_pipeline(opts: PipelineOptions) -> dict:
     selected = tuple(s for s in STAGES if s in opts.stages)
     check_context(ctx, selected)
     if opts.dry_run:
-        cmds = {s: [command_line(*c) for c in COMMANDS[s](ctx, os.path.isfile(ctx.dir(s, "last.pt")))]
-                for s in selected}
+        cmds = {s: shown_commands(ctx, s, COMMANDS[s](ctx, os.path.isfile(ctx.dir(s, "last.pt")))) for s in selected}
         for stage, lines in cmds.items():
             print(f"# {stage}\n" + "\n".join(lines))
         return {"commands": cmds}

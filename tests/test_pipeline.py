@@ -3,6 +3,7 @@ tiny generated lab dataset with the shipped smoke recipe; resume after an interr
 --stages / --force; --budget-minutes; the transformer's time budget kept on --resume."""
 import math
 import os
+import shlex
 import shutil
 import signal
 import time
@@ -335,3 +336,21 @@ def test_transformer_time_budget_is_kept_on_resume(tiny_world, tmp_path, monkeyp
     r = training_transformer.main(argv + ["--resume", "--stop-after-steps", "75"])  # past step 40 + 30
     ck = torch.load(os.path.join(out, "last.pt"), weights_only=True)
     assert r["step"] == ck["step"] == 75 and ck["epochs"] == first["epochs"]
+
+
+def test_tokenizer_overrides_reach_the_transformer(tmp_path):
+    """A recipe that changes the tokenizer config with `set` (e.g. the l2-normalised codebook) trains the
+    transformer on that very tokenizer: the check before any work passes and the transformer's resolved
+    config carries the override."""
+    world = make_world(tmp_path / "world", n_train=1, n_val=1, n_test=1)
+    with open(os.path.join(REPO_ROOT, "config", "pipeline.yml")) as f:
+        recipe = yaml.safe_load(f)
+    recipe["tokenizer"]["args"]["set"] = ["codebook_norm=true"]
+    recipe["transformer"]["args"]["set"] = ["model_param.Transformer_param.n_layers=2"]
+    path = tmp_path / "recipe.yml"
+    path.write_text(yaml.safe_dump(recipe))
+    cmds = pipeline.main(["--recipe", str(path), "--out", str(tmp_path / "out"), "--data", world["root"],
+                          "--dry-run"])["commands"]
+    argv = shlex.split(cmds["transformer"][0])[2:]  # after "python training_transformer.py"
+    cfg = training_transformer.model_config(training_transformer.parse_options(argv))
+    assert cfg["vqgan"]["codebook_norm"] is True and cfg["model_param"]["Transformer_param"]["n_layers"] == 2

@@ -261,7 +261,24 @@ def transformer_commands(ctx: Context, resume: bool = False, budget: bool = True
         "--train_d_path", ctx.layout.train, "--val_d_path", ctx.layout.val, "--out_d_path", ctx.dir("transformer"),
         "--vqgan-ckpt", ctx.dir("tokenizer", "vqgan.pt"), "--cache-dir", ctx.dir("tokens", "cache"),
         "--device", ctx.device, *(ctx.budget("transformer") if budget else []), *(["--resume"] if resume else []),
-        *recipe_argv(ctx.recipe, "transformer")])]
+        *with_overrides(recipe_argv(ctx.recipe, "transformer"), tokenizer_overrides(ctx))])]
+
+
+def tokenizer_overrides(ctx: Context) -> list:
+    """The tokenizer stage's ``set`` overrides as overrides of the transformer's resolved tokenizer
+    config (``vqgan.KEY=VALUE``): the transformer builds the very tokenizer that was trained."""
+    sets = ctx.recipe.args["tokenizer"].get("set") or []
+    return [f"vqgan.{item}" for item in ([sets] if isinstance(sets, str) else sets)]
+
+
+def with_overrides(argv: list, overrides: list) -> list:
+    """``argv`` with ``overrides`` added to its ``--set`` values (one --set: a second would replace the first)."""
+    if not overrides:
+        return argv
+    if "--set" not in argv:
+        return [*argv, "--set", *overrides]
+    i = argv.index("--set") + 1
+    return [*argv[:i], *overrides, *argv[i:]]
 
 
 def tokens_commands(ctx: Context, resume: bool = False) -> list:

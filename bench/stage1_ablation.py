@@ -44,6 +44,8 @@ VARIANTS = {
     "ema_codebook": ["--ema-codebook", "0.99", "--kmeans-init"],
     "ssim": ["--ssim-weight", "0.5"],
     "ema_weights": ["--ema", "0.99"],
+    "l2_ema_codebook": ["--set", "codebook_norm=true", "--ema-codebook", "0.99", "--kmeans-init"],
+    "ema_codebook_ssim": ["--ema-codebook", "0.99", "--kmeans-init", "--ssim-weight", "0.5"],
 }
 
 

@@ -270,6 +270,31 @@ def sample_batch(images: torch.Tensor, st: Stage1, args, device) -> torch.Tensor
     return x
 
 
+def train_step(st: Stage1, images: torch.Tensor, args, device):
+    """One step of stage 1: a batch, (k-means seeding on step 0,) the generator and discriminator
+    updates, the codebook bookkeeping and the weight EMA. Returns (generator tensors, d_loss or None,
+    restarted codes or None); no host sync."""
+    x = sample_batch(images, st, args, device)
+    if st.step == 0 and args.kmeans_init:
+        init_codebook(st, x)
+    out = generator_step(st, x, args, device)
+    d_loss = discriminator_step(st, x, out["xr"], args, device) if out["use_disc"] else None
+    st.step += 1
+    n_dead = codebook_step(st, out["z_e"], out["codes"], args)
+    if st.ema is not None:
+        st.ema.update(st.model)
+    return out, d_loss, n_dead
+
+
+def validate(st: Stage1, val_images, args, device, metrics) -> tuple:
+    """Val PSNR and codebook usage of the evaluated weights, logged with a reconstruction grid.
+    Returns (step, PSNR, usage)."""
+    p, usage = evaluate(st.eval_model(), val_images, device, args.precision)
+    metrics.log(st.step, val_psnr=p, val_code_usage=usage)
+    save_grid(st.eval_model(), val_images, device, args.precision, os.path.join(args.out_dir, f"recon_{st.step:06d}.png"))
+    return st.step, p, usage
+
+
 class BudgetProbe:
     """Times steps BUDGET_WARMUP..BUDGET_WARMUP+BUDGET_PROBE of a new run and sets the step total
     so that the run fits ``minutes`` (steps after the GAN start cost 1.5x)."""
@@ -329,16 +354,8 @@ def main(argv=None) -> dict:
     pbar = tqdm(total=st.total_steps, initial=st.step, disable=args.no_progress, desc="vqgan")
     with StopFlag() as stop:
         while st.step < st.total_steps and not stop.stop:
-            x = sample_batch(images, st, args, device)
-            if st.step == 0 and args.kmeans_init:
-                init_codebook(st, x)
-            out = generator_step(st, x, args, device)
-            d_loss = discriminator_step(st, x, out["xr"], args, device) if out["use_disc"] else None
-            st.step += 1
+            out, d_loss, n_dead = train_step(st, images, args, device)
             seen += args.batch_size
-            n_dead = codebook_step(st, out["z_e"], out["codes"], args)
-            if st.ema is not None:
-                st.ema.update(st.model)
             if n_dead is not None:
                 metrics.log(st.step, dead_codes_restarted=n_dead)
             if probe is not None and probe(st, args):
@@ -353,12 +370,9 @@ def main(argv=None) -> dict:
                 pbar.set_postfix(rec=f"{rec_v:.4f}", img_s=f"{seen / (time.time() - t0):.1f}")
             pbar.update(1)
             if st.step % args.eval_every == 0 or st.step == st.total_steps:
-                p, usage = evaluate(st.eval_model(), val_images, device, args.precision)
-                last_eval = (st.step, p, usage)
-                metrics.log(st.step, val_psnr=p, val_code_usage=usage)
-                log.info("step %d  rec %.4f  val PSNR %.2f dB  codebook usage %.1f%%", st.step, rec_v, p, 100 * usage)
-                save_grid(st.eval_model(), val_images, device, args.precision,
-                          os.path.join(args.out_dir, f"recon_{st.step:06d}.png"))
+                last_eval = validate(st, val_images, args, device, metrics)
+                log.info("step %d  rec %.4f  val PSNR %.2f dB  codebook usage %.1f%%", st.step, rec_v, last_eval[1],
+                         100 * last_eval[2])
             if st.step % args.ckpt_every == 0:
                 save()
         pbar.close()

@@ -193,22 +193,6 @@ def test_ema_codebook_restart_bookkeeping():
     assert torch.equal(cb2.embed_sum, cb.embed_sum) and cb2.initialised
 
 
-def test_codebook_step_restarts_on_schedule_and_resets_counts():
-    from types import SimpleNamespace
-    m = VQGAN(TINY_VQ)
-    st = SimpleNamespace(model=m, counts=torch.zeros(32, dtype=torch.long), ema_codebook=None,
-                         gen=torch.Generator().manual_seed(0), step=9, total_steps=100)
-    args = SimpleNamespace(restart_every=10)
-    z_e = torch.randn(2, TINY_VQ["latent_dim"], 4, 4)
-    codes = torch.zeros(32, dtype=torch.long)  # every latent assigned to code 0
-    assert train_vqgan.codebook_step(st, z_e, codes, args) is None and st.counts[0] == 32  # not a restart step
-    st.step = 10
-    assert train_vqgan.codebook_step(st, z_e, codes, args) == 31  # all codes but 0 were unused
-    assert st.counts.sum() == 0  # usage starts again after a restart
-    st.step = 95  # no restarts in the last 10% of training
-    assert train_vqgan.codebook_step(st, z_e, codes, args) is None
-
-
 def test_lecam_closed_form():
     from models.VQGAN.training import LeCam
     reg = LeCam(decay=0.0)  # the EMAs equal this batch's means

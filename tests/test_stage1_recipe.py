@@ -215,13 +215,29 @@ def test_discriminator_step_adds_the_weighted_lecam_term():
     assert d_loss.item() == pytest.approx((hinge + 0.3 * reg).item(), rel=1e-5)
 
 
+def _codebook_state(step: int):
+    """What codebook_step reads: a gradient-codebook tiny VQGAN at ``step`` of 100, restarts every 10
+    steps, and a batch of latents (2, D, 4, 4). Returns (state, args, z_e)."""
+    st = SimpleNamespace(model=VQGAN(TINY_VQ), counts=torch.zeros(32, dtype=torch.long), ema_codebook=None,
+                         gen=torch.Generator().manual_seed(0), step=step, total_steps=100)
+    return st, SimpleNamespace(restart_every=10), torch.randn(2, TINY_VQ["latent_dim"], 4, 4)
+
+
+def test_codebook_step_restarts_on_schedule_and_resets_counts():
+    st, args, z_e = _codebook_state(9)
+    codes = torch.zeros(32, dtype=torch.long)  # every latent assigned to code 0
+    assert train_vqgan.codebook_step(st, z_e, codes, args) is None and st.counts[0] == 32  # not a restart step
+    st.step = 10
+    assert train_vqgan.codebook_step(st, z_e, codes, args) == 31  # all codes but 0 were unused
+    assert st.counts.sum() == 0  # usage starts again after a restart
+    st.step = 95  # no restarts in the last 10% of training
+    assert train_vqgan.codebook_step(st, z_e, codes, args) is None
+
+
 def test_usage_counts_accumulate_between_restarts():
     """A code used on any step since the last restart is alive, not only one used on the restart step."""
-    m = VQGAN(TINY_VQ)
-    st = SimpleNamespace(model=m, counts=torch.zeros(32, dtype=torch.long), ema_codebook=None,
-                         gen=torch.Generator().manual_seed(0), step=9, total_steps=100)
-    args = SimpleNamespace(restart_every=10)
-    z_e = torch.randn(2, TINY_VQ["latent_dim"], 4, 4)
+    st, args, z_e = _codebook_state(9)
+    m = st.model
     before = m.codebook.embedding.weight.detach().clone()
     assert train_vqgan.codebook_step(st, z_e, torch.zeros(32, dtype=torch.long), args) is None
     st.step = 10
@@ -232,11 +248,8 @@ def test_usage_counts_accumulate_between_restarts():
 
 def test_no_restart_in_the_last_tenth_of_training():
     """Restart steps (multiples of restart_every) before 90% of the total restart; from 90% on they do not."""
-    m = VQGAN(TINY_VQ)
-    st = SimpleNamespace(model=m, counts=torch.zeros(32, dtype=torch.long), ema_codebook=None,
-                         gen=torch.Generator().manual_seed(0), step=80, total_steps=100)
-    args = SimpleNamespace(restart_every=10)
-    z_e = torch.randn(2, TINY_VQ["latent_dim"], 4, 4)
+    st, args, z_e = _codebook_state(80)
+    m = st.model
     codes = torch.zeros(32, dtype=torch.long)
     assert train_vqgan.codebook_step(st, z_e, codes, args) == 31  # step 80 < 90: restart
     before = m.codebook.embedding.weight.detach().clone()

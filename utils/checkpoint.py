@@ -27,21 +27,34 @@ def _umask() -> int:
     return mask
 
 
-def atomic_save(obj, path: str) -> None:
-    """torch.save to a temp file in the same folder, then rename: a crash never leaves a
-    half-written checkpoint at ``path``. The file gets the mode a plain ``open`` would give
-    (0666 minus the umask), not mkstemp's 0600."""
+def atomic_write(path: str, write, suffix: str = ".tmp") -> None:
+    """``write(tmp)`` writes a temp file in ``path``'s folder, which then replaces ``path``: a crash
+    never leaves a half-written file at ``path``. The file gets the mode a plain ``open`` would give
+    (0666 minus the umask), not mkstemp's 0600. ``suffix``: the temp name's ending (np.savez wants .npz)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".pt", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=suffix, dir=folder)
     os.close(fd)
     try:
-        torch.save(obj, tmp)
+        write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def atomic_save(obj, path: str) -> None:
+    """torch.save through :func:`atomic_write`."""
+    atomic_write(path, lambda tmp: torch.save(obj, tmp), ".pt")
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """A text file through :func:`atomic_write`."""
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    atomic_write(path, write)
 
 
 def _first_line(e: Exception) -> str:

@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from .checkpoint import atomic_write
 from .data import DataError, list_images, pil_to_tensor01, read_image
 from .inception import CACHE_DIR, FIDInception
 
@@ -217,10 +218,7 @@ def gt_statistics(path: str, model: FIDInception, batch_size=50, device="cpu", n
     feats = activations(load_source(path, names), model, batch_size, device, num_workers, progress, "ground truth")
     mu, sigma = statistics(feats)
     if cache:
-        os.makedirs(STATS_DIR, exist_ok=True)
-        tmp = cached + f".tmp{os.getpid()}.npz"
-        np.savez(tmp, mu=mu, sigma=sigma, feats=feats.astype(np.float32))
-        os.replace(tmp, cached)
+        atomic_write(cached, lambda tmp: np.savez(tmp, mu=mu, sigma=sigma, feats=feats.astype(np.float32)), ".npz")
     return (mu, sigma, feats) if return_feats else (mu, sigma)
 
 

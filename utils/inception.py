@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checkpoint import load_checkpoint
+from .checkpoint import atomic_save, load_checkpoint
 
 log = logging.getLogger("maskgit")
 
@@ -112,10 +112,7 @@ def find_weights(explicit: str | None = None) -> tuple[dict, str]:
         raise FileNotFoundError(HOW_TO_GET.format(hub=torch.hub.get_dir()))
     log.info("converting the TensorFlow FID Inception graph %s once -> %s", ts, CONVERTED)
     sd = convert_tf_torchscript(ts)
-    os.makedirs(CACHE_DIR, exist_ok=True)
-    tmp = CONVERTED + f".tmp{os.getpid()}"
-    torch.save(sd, tmp)
-    os.replace(tmp, CONVERTED)
+    atomic_save(sd, CONVERTED)
     return sd, f"{CONVERTED} (converted from {ts})"
 
 

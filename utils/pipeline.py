@@ -42,7 +42,7 @@ from models import VQGAN
 from models.VQGAN import VQGANConfig
 
 from .build import build_maskgit, load_vqgan_weights
-from .checkpoint import load_checkpoint
+from .checkpoint import atomic_write_text, load_checkpoint
 from .cli import Interrupted, UserError, one_line
 from .config import REPO_ROOT, ConfigError, apply_overrides, load_vqgan_config, load_yaml, resolve_path
 from .data import (TEST_MEAN, TEST_STD, LabLayout, default_data_root, denormalize, find_lab_layout, list_images,
@@ -437,11 +437,7 @@ def now() -> str:
 
 
 def write_json(path: str, obj) -> None:
-    """Atomically: a temp file beside ``path``, then os.replace."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=1))
 
 
 def read_json(path: str):
@@ -494,10 +490,7 @@ def write_summary(ctx: Context, opts: PipelineOptions, notes: dict) -> dict:
                "device": ctx.device, "budget_minutes": opts.budget_minutes, "budget_scale": ctx.scale,
                "wall_s": sum(r["wall_s"] for r in stages.values()), "stages": stages}
     write_json(os.path.join(ctx.out, "summary.json"), summary)
-    tmp = os.path.join(ctx.out, f"summary.md.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(summary_markdown(summary))
-    os.replace(tmp, os.path.join(ctx.out, "summary.md"))
+    atomic_write_text(os.path.join(ctx.out, "summary.md"), summary_markdown(summary))
     return summary
 
 

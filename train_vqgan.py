@@ -18,6 +18,7 @@ import os
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torchvision.utils import save_image
 from tqdm import tqdm
@@ -25,6 +26,7 @@ from tqdm import tqdm
 from models import VQGAN
 from models.VQGAN.discriminator import PatchDiscriminator, d_loss_fn, g_loss_fn
 from models.VQGAN.training import EMACodebook, LeCam, kmeans, restart_dead_codes, ssim_loss
+from utils.build import load_vqgan_weights
 from utils.checkpoint import atomic_save, load_checkpoint
 from utils.cli import ArgumentParser, Interrupted, UserError, run_cli
 from utils.config import ConfigError, apply_overrides, load_vqgan_config
@@ -66,6 +68,14 @@ def parse_args(argv=None):
     p.add_argument("--kmeans-init", action="store_true", help="initialise the codebook by k-means on the first batch")
     p.add_argument("--ema", type=float, default=0.0,
                    help="EMA decay of the tokenizer weights, e.g. 0.999 (0: off); evaluation and vqgan.pt use them")
+    p.add_argument("--init", default=None, metavar="PATH",
+                   help="start from these tokenizer weights (a vqgan.pt, the bundled fp16 file or the lab's VQGAN.pt)")
+    p.add_argument("--train-part", choices=["all", "decoder"], default="all",
+                   help="decoder: train post_quant_conv + decoder only (needs --init); encoder and codebook stay "
+                        "frozen, so every image keeps its tokens and a transformer trained on them stays valid")
+    p.add_argument("--val-fid", type=int, default=0, metavar="N",
+                   help="at each evaluation also the FID of the reconstructions of the first N --val-data images "
+                        "against them (offline FID Inception); keeps vqgan_best.pt, the lowest (0: off)")
     p.add_argument("--restart-every", type=int, default=200, help="dead-code restart period in steps (0: off)")
     p.add_argument("--hflip", action="store_true", help="random horizontal flips")
     p.add_argument("--resize", action="store_true", help="resize images of another size instead of failing")
@@ -101,6 +111,7 @@ class Stage1:
     total_steps: int = 0
     disc_start: int = -1
     budget_fixed: bool = False  # total_steps set by --time-budget-min (kept on --resume)
+    best_val_fid: float = math.inf  # lowest --val-fid so far (vqgan_best.pt holds those weights)
 
     def eval_model(self) -> VQGAN:
         return self.ema.model if self.ema is not None else self.model
@@ -109,7 +120,7 @@ class Stage1:
         return {"model": self.model.state_dict(), "disc": self.disc.state_dict(), "opt_g": self.opt_g.state_dict(),
                 "opt_d": self.opt_d.state_dict(), "sched": self.sched.state_dict(), "scaler": self.scaler.state_dict(),
                 "counts": self.counts.cpu(), "step": self.step, "total_steps": self.total_steps,
-                "disc_start": self.disc_start, "budget_fixed": self.budget_fixed, "gen": self.gen.get_state(), "rng": rng_state(),
+                "disc_start": self.disc_start, "budget_fixed": self.budget_fixed, "best_val_fid": self.best_val_fid, "gen": self.gen.get_state(), "rng": rng_state(),
                 "ema": self.ema.model.state_dict() if self.ema else None,
                 "ema_codebook": self.ema_codebook.state_dict() if self.ema_codebook else None,
                 "lecam": self.lecam.state_dict() if self.lecam else None}
@@ -121,7 +132,7 @@ class Stage1:
             getattr(self, name).load_state_dict(ck[name])
         self.counts.copy_(ck["counts"])
         self.step, self.total_steps, self.disc_start = ck["step"], ck["total_steps"], ck["disc_start"]
-        self.budget_fixed = ck["budget_fixed"]
+        self.budget_fixed, self.best_val_fid = ck["budget_fixed"], ck.get("best_val_fid", math.inf)
         self.gen.set_state(ck["gen"])
         set_rng_state(ck["rng"])
         for name in ("ema", "ema_codebook", "lecam"):
@@ -133,11 +144,29 @@ class Stage1:
                 (part.model if name == "ema" else part).load_state_dict(ck[name])
 
 
+def check_options(args) -> None:
+    if args.train_part == "decoder":
+        if not args.init and not args.resume:
+            raise UserError("--train-part decoder fine-tunes a trained tokenizer: give its weights with --init PATH")
+        clash = [f for f, on in (("--kmeans-init", args.kmeans_init), ("--ema-codebook", args.ema_codebook)) if on]
+        if clash:
+            raise UserError(f"--train-part decoder keeps the codebook frozen: drop {' and '.join(clash)}")
+    if args.val_fid and not args.val_data:
+        raise UserError("--val-fid N scores the first N --val-data images: give --val-data DIR")
+    if args.val_fid == 1 or args.val_fid < 0:
+        raise UserError(f"--val-fid needs at least 2 images (got {args.val_fid}; 0 turns it off)")
+
+
 def build(args, raw_cfg: dict, device) -> Stage1:
     try:
         model = VQGAN(raw_cfg).to(device).train()
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{args.config}: {e}") from e
+    if args.init and not args.resume:
+        load_vqgan_weights(model, args.init)
+    if args.train_part == "decoder":  # tokens fixed: only post_quant_conv and the decoder learn
+        for part in (model.encoder, model.quant_conv, model.codebook):
+            part.requires_grad_(False)
     ema_codebook = EMACodebook(model.codebook.embedding, args.ema_codebook) if args.ema_codebook else None
     disc = PatchDiscriminator().to(device).train()
     opt_g = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate, betas=(0.5, 0.9))
@@ -163,10 +192,13 @@ def flat_latents(model: VQGAN, z_e: torch.Tensor) -> torch.Tensor:
 def generator_step(st: Stage1, x: torch.Tensor, args, device) -> dict:
     """Reconstruction + codebook (+ SSIM, + adaptive-weight GAN) loss, one optimizer step.
     Returns the step's tensors (no host sync)."""
-    model, use_disc = st.model, 0 <= st.disc_start <= st.step
+    model, use_disc, frozen = st.model, 0 <= st.disc_start <= st.step, args.train_part == "decoder"
     with autocast(device, args.precision):
-        z_e = model.quant_conv(model.encoder(x))  # (B, D, h, w)
-        z_q, codes, q_loss = model.codebook(z_e)
+        with torch.set_grad_enabled(not frozen):
+            z_e = model.quant_conv(model.encoder(x))  # (B, D, h, w)
+            z_q, codes, q_loss = model.codebook(z_e)
+        if frozen:
+            q_loss = torch.zeros((), device=x.device)
         xr = model.decode(z_q)
     err = xr.float() - x
     rec = args.l1_weight * err.abs().mean() + args.l2_weight * err.pow(2).mean()
@@ -210,8 +242,10 @@ def discriminator_step(st: Stage1, x: torch.Tensor, xr: torch.Tensor, args, devi
 def codebook_step(st: Stage1, z_e: torch.Tensor, codes: torch.Tensor, args) -> int | None:
     """k-means seeding on the first step, EMA codebook update, usage counts and the periodic
     dead-code restart. Returns the number of restarted codes on restart steps, else None."""
-    z = flat_latents(st.model, z_e)  # (B*h*w, D)
     st.counts += torch.bincount(codes, minlength=len(st.counts))
+    if args.train_part == "decoder":  # frozen codebook: usage counts only
+        return None
+    z = flat_latents(st.model, z_e)  # (B*h*w, D)
     if st.ema_codebook is not None:
         st.ema_codebook.update(z, codes)
     if not (args.restart_every and st.step % args.restart_every == 0 and st.step < 0.9 * st.total_steps):
@@ -286,13 +320,56 @@ def train_step(st: Stage1, images: torch.Tensor, args, device):
     return out, d_loss, n_dead
 
 
-def validate(st: Stage1, val_images, args, device, metrics) -> tuple:
-    """Val PSNR and codebook usage of the evaluated weights, logged with a reconstruction grid.
-    Returns (step, PSNR, usage)."""
+@torch.no_grad()
+def reconstructions_u8(model, images_u8, device, precision, batch_size=128) -> np.ndarray:
+    """(N, H, W, 3) uint8 encode -> decode of uint8 images (N, 3, H, W), as FID reads images."""
+    was_training = model.training
+    model.eval()
+    out = []
+    for i in range(0, len(images_u8), batch_size):
+        x = uint8_to_normalized(images_u8[i:i + batch_size].to(device))
+        with autocast(device, precision):
+            xr = model(x)[0].float()
+        out.append(denormalize(xr, TRAIN_MEAN, TRAIN_STD).mul(255).add_(0.5).clamp_(0, 255).to("cpu", torch.uint8))
+    model.train(was_training)
+    return torch.cat(out).permute(0, 2, 3, 1).numpy()  # rounded like torchvision.save_image
+
+
+class ValFID:
+    """FID of the reconstructions of fixed val images against those images: the Inception features
+    of the originals are computed once. Inception weights are looked up offline when this is made,
+    so a missing file stops the run before any training."""
+
+    def __init__(self, images_u8: torch.Tensor, device, progress: bool):
+        from utils.fid import activations, get_model, statistics
+        self.images, self.device, self.progress = images_u8, device, progress
+        self.net = get_model(2048)
+        self._activations = activations
+        self.ref = statistics(activations(images_u8.permute(0, 2, 3, 1).numpy(), self.net, device=device,
+                                          progress=progress, desc="val FID originals"))
+
+    def __call__(self, model, precision) -> float:
+        from utils.fid import frechet_distance, statistics
+        rec = reconstructions_u8(model, self.images, self.device, precision)
+        mu, sigma = statistics(self._activations(rec, self.net, device=self.device, progress=self.progress,
+                                                 desc="val FID"))
+        return frechet_distance(mu, sigma, *self.ref)
+
+
+def validate(st: Stage1, val_images, args, device, metrics, val_fid: ValFID | None = None) -> tuple:
+    """Val PSNR and codebook usage of the evaluated weights (and the val FID, keeping the lowest's
+    weights in vqgan_best.pt), logged with a reconstruction grid. Returns (step, PSNR, usage, FID or None)."""
     p, usage = evaluate(st.eval_model(), val_images, device, args.precision)
     metrics.log(st.step, val_psnr=p, val_code_usage=usage)
+    fid = None
+    if val_fid is not None:
+        fid = val_fid(st.eval_model(), args.precision)
+        metrics.log(st.step, val_fid=fid)
+        if fid < st.best_val_fid:
+            st.best_val_fid = fid
+            atomic_save(st.eval_model().state_dict(), os.path.join(args.out_dir, "vqgan_best.pt"))
     save_grid(st.eval_model(), val_images, device, args.precision, os.path.join(args.out_dir, f"recon_{st.step:06d}.png"))
-    return st.step, p, usage
+    return st.step, p, usage, fid
 
 
 class BudgetProbe:
@@ -325,10 +402,11 @@ def main(argv=None) -> dict:
     if args.resume and not os.path.exists(last_path):
         raise UserError(f"--resume: no checkpoint at {last_path} (drop --resume to start a new run)")
     log = create_logger("maskgit", os.path.join(args.out_dir, "train_vqgan.log"))
+    check_options(args)
     raw_cfg = apply_overrides(load_vqgan_config(args.config).to_dict(), args.set, where=args.config)
     size = raw_cfg["img_resolution"]
     images = load_image_stack(args.data, size, args.resize, args.limit, not args.no_progress, args.skip_bad_images)
-    val_images = (load_image_stack(args.val_data, size, args.resize, 512, False, args.skip_bad_images)
+    val_images = (load_image_stack(args.val_data, size, args.resize, max(512, args.val_fid), False, args.skip_bad_images)
                   if args.val_data else images[-min(256, len(images)):])  # without --val-data: the last training images
     st = build(args, raw_cfg, device)
     if args.resume:
@@ -340,6 +418,7 @@ def main(argv=None) -> dict:
     log.info("VQGAN %.2fM params, %d training images, device %s, precision %s",
              sum(p.numel() for p in st.model.parameters()) / 1e6, len(images), device, args.precision)
     metrics = MetricLog(args.out_dir)
+    val_fid = ValFID(val_images[:args.val_fid], device, not args.no_progress) if args.val_fid else None
 
     out = None
 
@@ -351,6 +430,10 @@ def main(argv=None) -> dict:
         metrics.flush()
 
     t0, seen, first_rec, rec_v, start_step, last_eval = time.time(), 0, None, math.nan, st.step, None
+    if args.init and st.step == 0:  # the starting point of a fine-tune, for comparison (and vqgan_best.pt)
+        last_eval = validate(st, val_images, args, device, metrics, val_fid)
+        log.info("step 0 (--init %s)  val PSNR %.2f dB  codebook usage %.1f%%%s", args.init, last_eval[1],
+                 100 * last_eval[2], f"  val FID {last_eval[3]:.2f}" if val_fid else "")
     pbar = tqdm(total=st.total_steps, initial=st.step, disable=args.no_progress, desc="vqgan")
     with StopFlag() as stop:
         while st.step < st.total_steps and not stop.stop:
@@ -370,9 +453,9 @@ def main(argv=None) -> dict:
                 pbar.set_postfix(rec=f"{rec_v:.4f}", img_s=f"{seen / (time.time() - t0):.1f}")
             pbar.update(1)
             if st.step % args.eval_every == 0 or st.step == st.total_steps:
-                last_eval = validate(st, val_images, args, device, metrics)
-                log.info("step %d  rec %.4f  val PSNR %.2f dB  codebook usage %.1f%%", st.step, rec_v, last_eval[1],
-                         100 * last_eval[2])
+                last_eval = validate(st, val_images, args, device, metrics, val_fid)
+                log.info("step %d  rec %.4f  val PSNR %.2f dB  codebook usage %.1f%%%s", st.step, rec_v, last_eval[1],
+                         100 * last_eval[2], f"  val FID {last_eval[3]:.2f}" if val_fid else "")
             if st.step % args.ckpt_every == 0:
                 save()
         pbar.close()
@@ -386,11 +469,12 @@ def main(argv=None) -> dict:
         atomic_save({k: v.half() for k, v in model.state_dict().items()}, os.path.join(args.out_dir, "vqgan_fp16.pt"))
     metrics.plot(["rec_loss", "q_loss"], os.path.join(args.out_dir, "loss.png"), "VQGAN training losses")
     metrics.close()
-    final_psnr, usage = (last_eval[1:] if last_eval and last_eval[0] == st.step
+    final_psnr, usage = (last_eval[1:3] if last_eval and last_eval[0] == st.step
                          else evaluate(model, val_images, device, args.precision))
     log.info("done: %d steps, %.1f images/s, val PSNR %.2f dB, codebook usage %.1f%%, weights %s", st.step,
              seen / max(1e-9, time.time() - t0), final_psnr, 100 * usage, os.path.join(args.out_dir, "vqgan.pt"))
-    return {"step": st.step, "first_rec": first_rec, "last_rec": rec_v, "val_psnr": final_psnr, "code_usage": usage}
+    return {"step": st.step, "first_rec": first_rec, "last_rec": rec_v, "val_psnr": final_psnr, "code_usage": usage,
+            "best_val_fid": st.best_val_fid if args.val_fid else None}
 
 
 if __name__ == "__main__":

@@ -38,6 +38,11 @@ def test_training_lowers_reconstruction_loss_and_roundtrips(tiny_world, tmp_path
                              "--eval-every", "1000"])
     assert res2["step"] == 70
     assert np.isfinite(res2["last_rec"])  # the resumed run reads its loss on its own first step
+    import csv
+    with open(out / "metrics.csv") as f:
+        steps = [r["step"] for r in csv.DictReader(f)]
+    assert all(v.isdigit() for v in steps), steps  # the first run's rows kept, steps still ints after a resume
+    assert int(steps[0]) <= 10 and int(steps[-1]) == 70 and "60" in steps
 
 
 def test_dead_code_restart_revives_unused_codes():
@@ -290,3 +295,72 @@ def test_non_finite_loss_stops_without_overwriting_the_checkpoint(tiny_world, tm
     with pytest.raises(NonFiniteLoss):  # a NaN weight makes every loss NaN from the first step on
         _run(tiny_world, tmp_path, "--steps", "30", "--resume", "--l1-weight", "nan")
     assert (tmp_path / "vq" / "last.pt").read_bytes() == before
+
+
+def test_decoder_finetune_keeps_every_token_and_lowers_the_loss(tiny_world, tmp_path):
+    """--init + --train-part decoder: encoder, quant_conv and codebook stay bit-identical, so every
+    image keeps its tokens (a transformer trained on them stays valid), while the decoder learns."""
+    from utils.data import load_image_stack, uint8_to_normalized
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    _run(tiny_world, tmp_path / "a", "--steps", "30")
+    init = str(tmp_path / "a" / "vq" / "vqgan.pt")
+    res = _run(tiny_world, tmp_path / "b", "--steps", "40", "--init", init, "--train-part", "decoder",
+               "--disc-start", "20", "--ssim-weight", "0.5", "--ssim-window", "3")
+    before, after = torch.load(init, weights_only=True), torch.load(tmp_path / "b" / "vq" / "vqgan.pt", weights_only=True)
+    frozen = ("encoder.", "quant_conv.", "codebook.")
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith(frozen))
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("post_quant_conv."))
+    x = uint8_to_normalized(load_image_stack(tiny_world["train"], 16, progress=False))
+    m0, m1 = VQGAN(TINY_VQ).eval(), VQGAN(TINY_VQ).eval()
+    m0.load_state_dict(before)
+    m1.load_state_dict(after)
+    with torch.no_grad():
+        assert torch.equal(m0.encode_indices(x), m1.encode_indices(x))
+        err0 = (m0(x)[0] - x).abs().mean()
+        err1 = (m1(x)[0] - x).abs().mean()
+    assert err1 < 0.95 * err0  # the decoder alone still improves the reconstructions
+    assert res["step"] == 40 and res["last_rec"] < res["first_rec"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--train-part", "decoder"], "--init PATH"),
+    (["--train-part", "decoder", "--init", "X", "--kmeans-init", "--ema-codebook", "0.9"],
+     "drop --kmeans-init and --ema-codebook"),
+    (["--val-fid", "8"], "give --val-data DIR"),
+])
+def test_finetune_and_val_fid_option_errors(tiny_world, tmp_path, extra, message):
+    from utils.cli import UserError
+    with pytest.raises(UserError, match=message):
+        _run(tiny_world, tmp_path, "--steps", "2", *extra)
+    assert not (tmp_path / "vq" / "last.pt").exists()
+
+
+def test_init_from_a_missing_file_names_it(tiny_world, tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere.pt"):
+        _run(tiny_world, tmp_path, "--steps", "2", "--init", str(tmp_path / "nowhere.pt"))
+
+
+def test_val_fid_matches_the_fid_script_and_keeps_the_best_weights(tiny_world, tmp_path):
+    """The val FID logged during training equals what the FID script scores on the same
+    reconstructions written as PNGs, and vqgan_best.pt holds the weights of the lowest one."""
+    import csv
+
+    from PIL import Image
+    from utils.data import load_image_stack
+    res = _run(tiny_world, tmp_path, "--steps", "6", "--val-data", tiny_world["val"], "--val-fid", "8",
+               "--eval-every", "3", "--learning-rate", "3e-2")
+    with open(tmp_path / "vq" / "metrics.csv") as f:
+        fids = [float(r["val_fid"]) for r in csv.DictReader(f) if r["val_fid"]]
+    assert len(fids) == 2 and res["best_val_fid"] == min(fids) and fids[0] != fids[1]
+    best = VQGAN(TINY_VQ)
+    best.load_state_dict(torch.load(tmp_path / "vq" / "vqgan_best.pt", weights_only=True))
+    images = load_image_stack(tiny_world["val"], 16, progress=False)[:8]
+    rec = train_vqgan.reconstructions_u8(best, images, "cpu", "fp32")
+    for name, arrays in (("pred", rec), ("gt", images.permute(0, 2, 3, 1).numpy())):
+        (tmp_path / name).mkdir()
+        for i, a in enumerate(arrays):
+            Image.fromarray(a).save(tmp_path / name / f"{i:03d}.png")
+    from utils.fid import compute_fid
+    assert compute_fid(str(tmp_path / "pred"), str(tmp_path / "gt"), device="cpu") == pytest.approx(min(fids), rel=1e-6)

@@ -220,7 +220,7 @@ def _codebook_state(step: int):
     steps, and a batch of latents (2, D, 4, 4). Returns (state, args, z_e)."""
     st = SimpleNamespace(model=VQGAN(TINY_VQ), counts=torch.zeros(32, dtype=torch.long), ema_codebook=None,
                          gen=torch.Generator().manual_seed(0), step=step, total_steps=100)
-    return st, SimpleNamespace(restart_every=10), torch.randn(2, TINY_VQ["latent_dim"], 4, 4)
+    return st, SimpleNamespace(restart_every=10, train_part="all"), torch.randn(2, TINY_VQ["latent_dim"], 4, 4)
 
 
 def test_codebook_step_restarts_on_schedule_and_resets_counts():
@@ -232,6 +232,14 @@ def test_codebook_step_restarts_on_schedule_and_resets_counts():
     assert st.counts.sum() == 0  # usage starts again after a restart
     st.step = 95  # no restarts in the last 10% of training
     assert train_vqgan.codebook_step(st, z_e, codes, args) is None
+
+
+def test_a_decoder_finetune_never_restarts_codes():
+    st, args, z_e = _codebook_state(10)  # a restart step
+    args.train_part = "decoder"
+    before = st.model.codebook.embedding.weight.detach().clone()
+    assert train_vqgan.codebook_step(st, z_e, torch.zeros(32, dtype=torch.long), args) is None
+    assert torch.equal(st.model.codebook.embedding.weight, before) and st.counts[0] == 32  # usage still counted
 
 
 def test_usage_counts_accumulate_between_restarts():

@@ -37,7 +37,7 @@ class DecodeResult:
 # torch's >> is arithmetic, so every right shift is masked to act as the unsigned (logical) one.
 _M64 = 2 ** 64 - 1
 _GOLDEN, _MUL1, _MUL2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
-SAMPLE_STREAM, CONFIDENCE_STREAM = 0, 1  # token sampling (N, K) draws, confidence noise (N,) draws
+SAMPLE_STREAM, CONFIDENCE_STREAM = 0, 1  # token sampling (N,) uniforms, confidence noise (N,) Gumbel draws
 _UNIFORM_BITS = 24  # two uniforms per 64-bit hash: bits 40..63 and 8..31
 
 
@@ -93,6 +93,11 @@ def bits_to_uniform(bits: torch.Tensor) -> torch.Tensor:
     return bits.double().add_(0.5).mul_(2.0 ** -_UNIFORM_BITS)
 
 
+def bits_to_unit_float(bits: torch.Tensor) -> torch.Tensor:
+    """24-bit words k -> float32 k / 2**24: exact in float32 and in [0, 1), never 1 (for the inverse CDF)."""
+    return bits.float().mul_(2.0 ** -_UNIFORM_BITS)
+
+
 def bits_to_gumbel(bits: torch.Tensor) -> torch.Tensor:
     """24-bit words k -> float32 standard Gumbel -log(-log u) of the same u = (k + 1/2) / 2**24 as
     :func:`bits_to_uniform`. -log u is computed as log1p((1 - u) / u) = log1p((2**25 - 2k - 1) / (2k + 1))
@@ -123,6 +128,11 @@ class ImageNoise:
         bits = counter_bits(self._keys(stream), math.prod(shape_per_image))  # (B, n)
         return bits_to_uniform(bits).view(-1, *shape_per_image)  # (B, n) -> (B, *shape)
 
+    def unit_float(self, shape_per_image, stream: int) -> torch.Tensor:
+        """(B, *shape_per_image) float32 uniforms k / 2**24 in [0, 1) of this step and stream (a new tensor)."""
+        bits = counter_bits(self._keys(stream), math.prod(shape_per_image))  # (B, n)
+        return bits_to_unit_float(bits).view(-1, *shape_per_image)  # (B, n) -> (B, *shape)
+
     def gumbel(self, shape_per_image, stream: int) -> torch.Tensor:
         """(B, *shape_per_image) float32 standard Gumbel draws of this step and stream (a new tensor)."""
         bits = counter_bits(self._keys(stream), math.prod(shape_per_image))  # (B, n)
@@ -139,8 +149,25 @@ def image_noise(seed: int, indices, device) -> ImageNoise:
 
 def gumbel_like(noise, shape_per_image, stream: int) -> torch.Tensor:
     """(B, *shape_per_image) float32 Gumbel noise of ``noise`` (an :class:`ImageNoise` at its step)
-    for ``stream``, a new tensor (decode_step adds into it): the one place decode_step draws randomness."""
+    for ``stream``, a new tensor (decode_step adds into it): decode_step's confidence noise."""
     return noise.gumbel(shape_per_image, stream)
+
+
+def uniform_like(noise, shape_per_image, stream: int) -> torch.Tensor:
+    """(B, *shape_per_image) float32 uniforms in [0, 1) of ``noise`` for ``stream``: decode_step's
+    token sampling. With :func:`gumbel_like`, the only places decode_step draws randomness."""
+    return noise.unit_float(shape_per_image, stream)
+
+
+def sample_codes(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """(B, N) codes drawn from softmax(logits) for logits (B, N, K), by inverting the CDF at the
+    uniforms ``u`` (B, N) in [0, 1): the first code k whose cumulative weight exceeds u times the total.
+    One uniform per token instead of K Gumbel draws (Gumbel-max draws the same distribution): the
+    (B, N, K) work is one exp and one cumsum, in float32 (the CDF is exact up to float32 rounding)."""
+    w = logits.float()  # (B, N, K) a copy only for half-precision logits
+    cdf = (w - w.amax(-1, keepdim=True)).exp_().cumsum_(-1)  # (B, N, K) unnormalised, last = total >= 1
+    target = (u * cdf[..., -1]).unsqueeze(-1)  # (B, N, 1) in [0, total)
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_(max=w.shape[-1] - 1)  # (B, N)
 
 
 def halton_sequence(base: int, n: int) -> list:
@@ -228,7 +255,7 @@ def decode_step(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, n_h
 
     logits: (B, N, V) of the transformer on ``ids`` with masked positions set to the mask id;
     only the first ``V - 1`` columns (real codes) can be chosen. ``token_choice``: "argmax"
-    takes the most probable code, "sample" draws one (Gumbel-max).
+    takes the most probable code, "sample" draws one from the softmax (``sample_codes``).
     ``order``: "confidence" keeps the least confident tokens masked, with confidence
     p(chosen) (``confidence="prob"``, the lab's) or log p(chosen) (``"logprob"``, the official
     code's), plus choice_temperature * (1 - r) * Gumbel noise; "halton" keeps masked the hole
@@ -239,8 +266,8 @@ def decode_step(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, n_h
     """
     B, N, V = logits.shape
     logits = logits[..., : V - 1]  # (B, N, K) view: never predict the mask token
-    if token_choice == "sample":  # Gumbel-max sampling from softmax(logits), in fp32 (the noise's buffer)
-        chosen = gumbel_like(noise, (N, V - 1), SAMPLE_STREAM).add_(logits).argmax(-1)  # (B, N)
+    if token_choice == "sample":  # a draw from softmax(logits): inverse CDF, one uniform per token
+        chosen = sample_codes(logits, uniform_like(noise, (N,), SAMPLE_STREAM))  # (B, N)
     elif token_choice == "argmax":
         chosen = logits.argmax(-1)  # (B, N) exact in any dtype
     else:

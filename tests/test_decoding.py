@@ -135,25 +135,28 @@ def _two_code_logits(p_chosen, mask_logit=50.0):
 
 
 def _fixed_noise(monkeypatch, sample=None, confidence=None):
-    """Replace the Gumbel draws of decode_step by fixed tensors: (B, N, K) for token sampling,
-    (B, N) for the confidence noise."""
-    def fake(noise, shape, stream):
-        fixed = {decoding.SAMPLE_STREAM: sample, decoding.CONFIDENCE_STREAM: confidence}[stream]
-        assert fixed is not None and tuple(fixed.shape[1:]) == tuple(shape), (stream, shape)
-        return fixed.clone()
-    monkeypatch.setattr(decoding, "gumbel_like", fake)
+    """Replace the draws of decode_step by fixed tensors: (B, N) uniforms for token sampling,
+    (B, N) Gumbel values for the confidence noise."""
+    def fake(kind):
+        def draw(noise, shape, stream):
+            assert stream == {"uniform": decoding.SAMPLE_STREAM, "gumbel": decoding.CONFIDENCE_STREAM}[kind]
+            fixed = {"uniform": sample, "gumbel": confidence}[kind]
+            assert fixed is not None and tuple(fixed.shape[1:]) == tuple(shape), (stream, shape)
+            return fixed.clone()
+        return draw
+    monkeypatch.setattr(decoding, "uniform_like", fake("uniform"))
+    monkeypatch.setattr(decoding, "gumbel_like", fake("gumbel"))
 
 
 @pytest.mark.parametrize("confidence", ["prob", "logprob"])
 def test_sample_draws_with_the_noise_and_scores_the_drawn_token(monkeypatch, confidence):
-    # token 0: p = .5 .3 .2, token 1: p = .4 .35 .25; sampling noise (0, 1, 0) on token 0 makes
-    # log .3 + 1 = -0.20 beat log .5 = -0.69: code 1 is drawn; token 1 draws code 0 (no noise).
+    # token 0: p = .5 .3 .2, token 1: p = .4 .35 .25; the CDF is inverted at u: u = .6 on token 0
+    # falls in [.5, .8): code 1 is drawn; u = .39 on token 1 falls in [0, .4): code 0.
     # Confidence (no confidence noise): p(drawn) = .3 < .4 -> token 0 stays masked. Argmax draws codes
     # 0, 0 with p = .5, .4 -> token 1 stays masked (as would scoring the most probable code, not the drawn one).
     logits = torch.tensor([[[.5, .3, .2, 1e9], [.4, .35, .25, 1e9]]]).log()
     logits[..., -1] = 50.0  # the mask token: never chosen
-    _fixed_noise(monkeypatch, sample=torch.tensor([[[0.0, 1.0, 0.0], [0.0, 0.0, 0.0]]]),
-                 confidence=torch.zeros(1, 2))
+    _fixed_noise(monkeypatch, sample=torch.tensor([[0.6, 0.39]]), confidence=torch.zeros(1, 2))
     ids, mask = torch.tensor([[7, 7]]), torch.ones(1, 2, dtype=torch.bool)
     for choice, want_ids, want_mask in (("sample", [1, 0], [True, False]), ("argmax", [0, 0], [False, True])):
         new_ids, new_mask = decode_step(logits, ids, mask, mask.sum(1), 0.5, gamma_func("linear"), [None], 4.5,

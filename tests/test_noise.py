@@ -158,18 +158,44 @@ def test_confidence_without_noise_keeps_the_least_probable_as_the_softmax_says(d
     assert torch.equal(new_mask, least_confident_sorted(score, n_keep))
 
 
-def test_sample_is_gumbel_max_with_the_sample_stream_and_confidence_uses_the_other():
+def test_sample_inverts_the_softmax_cdf_at_the_sample_stream_and_confidence_uses_the_other():
     g = torch.Generator().manual_seed(2)
     B, N, V = 4, 16, 33
-    logits = torch.randn(B, N, V, generator=g).to(torch.bfloat16)  # half precision: noise added in fp32
+    logits = torch.randn(B, N, V, generator=g).to(torch.bfloat16)  # half precision: the CDF is built in fp32
     ids, mask = torch.zeros(B, N, dtype=torch.long), torch.ones(B, N, dtype=torch.bool)
     noise = image_noise(4, [10, 11, 12, 13], "cpu").at_step(3)
     new_ids, new_mask = decode_step(logits, ids, mask, mask.sum(1), 0.5, gamma_func("linear"), noise, 4.5, "sample")
-    want = (logits[..., :-1].float() + noise.gumbel((N, V - 1), SAMPLE_STREAM)).argmax(-1)
+    # reference in float64: the first code whose cumulative probability exceeds u = k / 2**24 of the sample stream
+    u = counter_bits(noise._keys(SAMPLE_STREAM), N).double() / 2 ** 24  # (B, N)
+    cdf = logits[..., :-1].double().softmax(-1).cumsum(-1)  # (B, N, K)
+    want = (cdf <= u[..., None]).sum(-1)  # (B, N)
+    margin = (cdf - u[..., None]).abs().amin(-1)  # distance of u to the nearest CDF step
+    assert margin.min() > 1e-6  # no draw is decided by float32 rounding here
     assert torch.equal(new_ids, want)
     lp = logits[..., :-1].float().log_softmax(-1).gather(-1, want[..., None]).squeeze(-1)
     score = lp.exp() + 4.5 * 0.5 * noise.gumbel((N,), CONFIDENCE_STREAM)
     assert torch.equal(new_mask, least_confident_sorted(score, torch.full((B,), N // 2)))
+
+
+def test_sampled_codes_follow_the_softmax():
+    """50,000 draws (one per image and token, identical logits): the code frequencies pass a
+    chi-square test against softmax(logits), including a code of probability ~1e-3 and a masked-out
+    column of probability 0 that is never drawn."""
+    logits = torch.tensor([2.0, 1.0, 0.0, -0.5, -4.0, 1.5, -30.0, 0.5]).double()
+    p = logits.softmax(-1)
+    B, N = 200, 250
+    u = image_noise(7, range(B), "cpu").at_step(2).unit_float((N,), SAMPLE_STREAM)  # (B, N)
+    codes = decoding.sample_codes(logits.float().expand(B, N, -1), u)  # (B, N)
+    counts = torch.bincount(codes.flatten(), minlength=len(p)).double()
+    assert counts[6] == 0  # p = 5e-14: not drawn in 50,000
+    keep = torch.tensor([i != 6 for i in range(len(p))])
+    expected = p[keep] / p[keep].sum() * counts.sum()
+    assert stats.chisquare(counts[keep].numpy(), expected.numpy()).pvalue > 1e-3
+    assert counts[4] > 0  # p ~ 1.6e-3: ~80 draws expected
+    # u just below 1 still gives the last code of positive weight, and u = 0 the first
+    edge = decoding.sample_codes(torch.tensor([[[0.0, 0.0, -200.0]]]), torch.tensor([[1 - 2 ** -24]]))
+    assert edge.item() == 1
+    assert decoding.sample_codes(torch.tensor([[[-200.0, 0.0, 0.0]]]), torch.tensor([[0.0]])).item() == 1
 
 
 @pytest.mark.gpu

@@ -23,7 +23,7 @@ from utils import train_engine
 from utils.cli import UserError, run_cli
 from utils.config import REPO_ROOT
 from utils.data import TEST_MEAN, TEST_STD, MaskedImageSet, denormalize, to_uint8
-from utils.pipeline import STAGES, Recipe, parse_help, recipe_argv
+from utils.pipeline import STAGES, Recipe, parser_flags, recipe_argv, script_flags
 
 SMOKE = os.path.join(REPO_ROOT, "config", "pipeline_smoke.yml")
 GT_IDS = (0, 2, 3, 5)  # test images whose originals the fake --gt folder holds (the lab has 570 of 747)
@@ -282,12 +282,22 @@ def test_recipe_errors_are_one_line_naming_the_file_and_key(tmp_path, capsys, ch
 
 
 def test_recipe_keys_become_the_scripts_flags():
-    flags = parse_help("usage: x\n\noptions:\n  -h, --help            show this help\n"
-                       "  --out-dir OUT_DIR, --predicted-path OUT_DIR\n                        where\n"
-                       "  --train_d_path TRAIN_D_PATH\n  --hflip               flips\n"
-                       "  --set [KEY=VALUE ...]  overrides\n")
+    from utils.cli import ArgumentParser
+    p = ArgumentParser()
+    p.add_argument("--out-dir", "--predicted-path", help="where")
+    p.add_argument("--train_d_path")
+    p.add_argument("--hflip", action="store_true")
+    p.add_argument("--set", nargs="*")
+    p.add_argument("--pair", nargs=2)
+    flags = parser_flags(p)
     assert flags["--predicted-path"].option == "--out-dir" and flags["--out-dir"].takes_value
     assert not flags["--hflip"].takes_value and flags["--set"].many and not flags["--train_d_path"].many
+    assert flags["--pair"].many and not flags["--debug"].takes_value
+    # the scripts' own parsers, caught before they parse: every option of the real command lines
+    vq = script_flags("train_vqgan.py")
+    assert vq["--train-part"].takes_value and not vq["--kmeans-init"].takes_value and vq["--set"].many
+    tt = script_flags("training_transformer.py")
+    assert tt["--save-per-epoch"].option == tt["--ckpt-interval"].option and tt["--num_workers"].takes_value
     recipe = Recipe("r.yml", {}, {"transformer": {"train_d_path": None, "num_workers": 2, "hflip": True,
                                                   "compile": False, "set": ["a.b=1", "c=2"], "save_per_epoch": 3}})
     with pytest.raises(UserError, match="r.yml: transformer.args.train_d_path: --train_d_path is set by the pipeline"):

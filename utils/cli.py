@@ -9,6 +9,7 @@ shows the traceback of user errors too.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 
 from models.convert import CheckpointLayoutError
@@ -38,12 +39,39 @@ def user_errors() -> tuple:
             OutputWriteError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 
 
+class ParserCaptured(Exception):
+    """Raised instead of parsing inside :func:`capture_parser`; carries the script's parser."""
+
+    def __init__(self, parser: argparse.ArgumentParser):
+        super().__init__(parser.prog)
+        self.parser = parser
+
+
+_CAPTURING = [False]
+
+
+@contextlib.contextmanager
+def capture_parser():
+    """Within this block, a script's ``parse_args(argv)`` raises :class:`ParserCaptured` with the
+    parser it built instead of parsing: how ``pipeline.py`` reads another script's options."""
+    _CAPTURING[0] = True
+    try:
+        yield
+    finally:
+        _CAPTURING[0] = False
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with a ``--debug`` flag and one-line errors (``prog: error: ... (see --help)``)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.add_argument("--debug", action="store_true", help="show full tracebacks for errors (for bug reports)")
+
+    def parse_args(self, args=None, namespace=None):
+        if _CAPTURING[0]:
+            raise ParserCaptured(self)
+        return super().parse_args(args, namespace)
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")

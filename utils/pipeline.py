@@ -19,6 +19,7 @@ removed. ``summary.json`` and ``summary.md`` are rewritten after every stage.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import csv
 import dataclasses
@@ -29,7 +30,6 @@ import io
 import json
 import logging
 import os
-import re
 import shlex
 import shutil
 import signal
@@ -43,7 +43,7 @@ from models.VQGAN import VQGANConfig
 
 from .build import build_maskgit, load_vqgan_weights
 from .checkpoint import atomic_write_text, load_checkpoint
-from .cli import Interrupted, UserError, one_line
+from .cli import Interrupted, ParserCaptured, UserError, capture_parser, one_line
 from .config import REPO_ROOT, ConfigError, apply_overrides, load_vqgan_config, load_yaml, resolve_path
 from .data import (TEST_MEAN, TEST_STD, LabLayout, default_data_root, denormalize, find_lab_layout, list_images,
                    normalize, pil_to_tensor01, read_image, to_uint8)
@@ -112,17 +112,15 @@ class Flag:
     many: bool  # nargs: several values
 
 
-def parse_help(text: str) -> dict:
-    """{flag: Flag} from an argparse --help text (lines '  --a-b A_B, --c C    help...')."""
+def parser_flags(parser: argparse.ArgumentParser) -> dict:
+    """{flag: Flag} of every option string of an argparse parser (aliases share their first spelling)."""
     flags = {}
-    for line in text.splitlines():
-        if not line.startswith("  -"):
-            continue
-        invocation = re.split(r"\s{2,}", line.strip())[0]
-        parts = [p.split(" ", 1) for p in invocation.split(", ")]
-        takes_value, many = any(len(p) > 1 for p in parts), "..." in invocation
-        for p in parts:
-            flags[p[0]] = Flag(p[0], parts[0][0], takes_value, many)
+    for action in parser._actions:  # argparse keeps no public list of its actions
+        nargs = action.nargs
+        takes_value = nargs != 0
+        many = nargs in ("*", "+", argparse.REMAINDER) or (isinstance(nargs, int) and nargs > 1)
+        for name in action.option_strings:
+            flags[name] = Flag(name, action.option_strings[0], takes_value, many)
     return flags
 
 
@@ -144,10 +142,13 @@ def _parse(script: str, argv: list):
 
 @functools.lru_cache(maxsize=None)
 def script_flags(script: str) -> dict:
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
-        _parse(script, ["--help"])
-    return parse_help(out.getvalue())
+    """{flag: Flag} of a script's own parser (caught as it is about to parse)."""
+    try:
+        with capture_parser():
+            _parse(script, [])
+    except ParserCaptured as e:
+        return parser_flags(e.parser)
+    raise RuntimeError(f"{script} parsed its options without utils.cli.ArgumentParser")
 
 
 def check_argv(script: str, argv: list, where: str) -> None:

@@ -118,7 +118,8 @@ class MetricLog:
             path = os.path.join(out_dir, "metrics.csv")
             if os.path.exists(path):  # resumed run: keep history
                 with open(path) as f:
-                    self.rows = [{k: float(v) for k, v in r.items() if v != ""} for r in csv.DictReader(f)]
+                    self.rows = [{k: int(float(v)) if k == "step" else float(v) for k, v in r.items() if v != ""}
+                                 for r in csv.DictReader(f)]  # steps stay ints on a resumed run
 
     def log(self, step: int, **scalars) -> None:
         if not self.enabled:

@@ -256,7 +256,10 @@ def test_resume_skips_finished_stages_and_continues_the_interrupted_one(tmp_path
 @pytest.mark.parametrize("change, expected", [
     ({"bogus": {"minutes": 1}}, "unknown key 'bogus'"),
     ({"tokenizer": {"minuts": 3}}, "unknown key tokenizer.minuts"),
-    ({"tokenizer": {"args": {"stepz": 3}}}, "tokenizer.args.stepz: train_vqgan.py has no option --stepz"),
+    ({"tokenizer": {"args": {"stepz": 3}}},
+     "tokenizer.args.stepz: train_vqgan.py has no option --stepz (did you mean steps? see python train_vqgan.py"),
+    ({"tokenizer": {"args": {"frobnicate": 3}}},
+     "tokenizer.args.frobnicate: train_vqgan.py has no option --frobnicate (see python train_vqgan.py --help)"),
     ({"transformer": {"args": {"out_d_path": "x"}}},
      "transformer.args.out_d_path: --out_d_path is set by the pipeline"),
     ({"inpaint": {"args": {"total_iter": "x"}}}, "inpaint: argument --total-iter: invalid int value"),

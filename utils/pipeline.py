@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import csv
 import dataclasses
+import difflib
 import functools
 import importlib
 import importlib.util
@@ -170,7 +171,9 @@ def recipe_argv(recipe: Recipe, stage: str, leave_out: tuple = ()) -> list:
         where = f"{recipe.path}: {stage}.args.{key}"
         flag = flags.get(f"--{key}") or flags.get(f"--{str(key).replace('_', '-')}")
         if flag is None:
-            raise UserError(f"{where}: {script} has no option --{str(key).replace('_', '-')} (see python {script} "
+            close = difflib.get_close_matches(f"--{str(key).replace('_', '-')}", list(flags), n=1, cutoff=0.75)
+            hint = f"did you mean {close[0].lstrip('-').replace('-', '_')}? " if close else ""
+            raise UserError(f"{where}: {script} has no option --{str(key).replace('_', '-')} ({hint}see python {script} "
                             f"--help)")
         if flag.option in OWNED[script]:
             what = f"{stage}.minutes" if flag.option == "--time-budget-min" else "--out, --data, --gt, --device"

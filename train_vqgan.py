@@ -120,7 +120,8 @@ class Stage1:
         return {"model": self.model.state_dict(), "disc": self.disc.state_dict(), "opt_g": self.opt_g.state_dict(),
                 "opt_d": self.opt_d.state_dict(), "sched": self.sched.state_dict(), "scaler": self.scaler.state_dict(),
                 "counts": self.counts.cpu(), "step": self.step, "total_steps": self.total_steps,
-                "disc_start": self.disc_start, "budget_fixed": self.budget_fixed, "best_val_fid": self.best_val_fid, "gen": self.gen.get_state(), "rng": rng_state(),
+                "disc_start": self.disc_start, "budget_fixed": self.budget_fixed, "best_val_fid": self.best_val_fid,
+                "gen": self.gen.get_state(), "rng": rng_state(),
                 "ema": self.ema.model.state_dict() if self.ema else None,
                 "ema_codebook": self.ema_codebook.state_dict() if self.ema_codebook else None,
                 "lecam": self.lecam.state_dict() if self.lecam else None}
@@ -410,7 +411,11 @@ def main(argv=None) -> dict:
                   if args.val_data else images[-min(256, len(images)):])  # without --val-data: the last training images
     st = build(args, raw_cfg, device)
     if args.resume:
-        st.load_state_dict(load_checkpoint(last_path, "VQGAN training checkpoint"))
+        ck = load_checkpoint(last_path, "VQGAN training checkpoint")
+        was = (ck.get("args") or {}).get("train_part", "all")
+        if was != args.train_part:
+            raise UserError(f"--resume: {last_path} was trained with --train-part {was}; resume with the same option")
+        st.load_state_dict(ck)
         if not st.budget_fixed:  # --steps may extend a finished run; a time budget's total is kept
             st.total_steps, st.disc_start = args.steps, disc_start(args, args.steps)
         log.info("resumed from %s at step %d of %d", last_path, st.step, st.total_steps)

@@ -322,6 +322,9 @@ def test_decoder_finetune_keeps_every_token_and_lowers_the_loss(tiny_world, tmp_
         err1 = (m1(x)[0] - x).abs().mean()
     assert err1 < 0.95 * err0  # the decoder alone still improves the reconstructions
     assert res["step"] == 40 and res["last_rec"] < res["first_rec"]
+    from utils.cli import UserError
+    with pytest.raises(UserError, match="was trained with --train-part decoder"):
+        _run(tiny_world, tmp_path / "b", "--steps", "50", "--resume")
 
 
 @pytest.mark.parametrize("extra, message", [

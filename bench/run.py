@@ -194,7 +194,9 @@ def main(argv=None):
     p.add_argument("--out", default="bench/results")
     p.add_argument("--skip-speed", action="store_true")
     p.add_argument("--only-ours", action="store_true",
-                   help="skip the tokenizer floor and the classical baselines (they do not depend on our model)")
+                   help="skip the classical baselines (they do not depend on our model)")
+    p.add_argument("--vqgan-ckpt", default=None, metavar="PATH",
+                   help="score another tokenizer of the bundled config (e.g. a decoder fine-tune of it: same tokens)")
     p.add_argument("--sets", default="test,val-unseen", help="comma-separated subset of: test, val-unseen")
     p.add_argument("--combos", default=None,
                    help="our settings as schedule:T[:order][:confidence], e.g. cosine:10,linear:8,cosine:10:halton,"
@@ -213,7 +215,7 @@ def main(argv=None):
     n = args.n or (48 if args.quick else None)
     out = str(REPO_ROOT / args.out) if not os.path.isabs(args.out) else args.out
     work = os.path.join(out, "work")
-    model = build_maskgit(load_maskgit_config(str(REPO_ROOT / BUNDLED_CONFIG)))
+    model = build_maskgit(load_maskgit_config(str(REPO_ROOT / BUNDLED_CONFIG)), vqgan_ckpt=args.vqgan_ckpt)
     load_transformer_checkpoint(model, str(REPO_ROOT / BUNDLED_TRANSFORMER))
     model = model.to(device).eval()
     sets = build_sets(work, n, args.data, args.gt, wanted)
@@ -232,9 +234,8 @@ def main(argv=None):
 
     for set_name, root in sets.items():
         ds = MaskedImageSet(os.path.join(root, "masked_image"), os.path.join(root, "mask64"))
-        if not args.only_ours:
-            rec = reconstruction(model, root, os.path.join(work, set_name, "recon"), device)
-            score(set_name, root, "tokenizer reconstruction (floor)", rec, "no holes")
+        rec = reconstruction(model, root, os.path.join(work, set_name, "recon"), device)  # moves with the tokenizer
+        score(set_name, root, "tokenizer reconstruction (floor)", rec, "no holes")
         for c in combos:
             d = os.path.join(work, set_name, c.dirname())
             t0 = time.time()

@@ -192,6 +192,9 @@ def test_sampled_codes_follow_the_softmax():
     expected = p[keep] / p[keep].sum() * counts.sum()
     assert stats.chisquare(counts[keep].numpy(), expected.numpy()).pvalue > 1e-3
     assert counts[4] > 0  # p ~ 1.6e-3: ~80 draws expected
+    # shifting every logit changes nothing (no overflow of exp at large logits)
+    big = decoding.sample_codes(logits.float().expand(B, N, -1) + 1000.0, u)
+    assert torch.equal(big, codes)
     # u just below 1 still gives the last code of positive weight, and u = 0 the first
     edge = decoding.sample_codes(torch.tensor([[[0.0, 0.0, -200.0]]]), torch.tensor([[1 - 2 ** -24]]))
     assert edge.item() == 1

@@ -207,3 +207,21 @@ def test_cuda_noise_equals_cpu_noise():
     assert torch.equal(counter_bits(cuda._keys(SAMPLE_STREAM), 1001).cpu(), counter_bits(cpu._keys(SAMPLE_STREAM), 1001))
     torch.testing.assert_close(cuda.gumbel((7, 11), CONFIDENCE_STREAM).cpu(), cpu.gumbel((7, 11), CONFIDENCE_STREAM),
                                atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.gpu
+def test_cuda_sampling_matches_the_float64_reference():
+    """Inverse-CDF sampling on CUDA (bf16 logits, the autocast dtype) draws the codes of a float64
+    CDF wherever the uniform is not within float32 rounding of a CDF step."""
+    g = torch.Generator().manual_seed(3)
+    B, N, K = 64, 256, 1024
+    logits = (3 * torch.randn(B, N, K, generator=g)).to(torch.bfloat16)
+    noise = image_noise(9, range(B), "cuda").at_step(1)
+    u = noise.unit_float((N,), SAMPLE_STREAM)  # (B, N) on CUDA
+    got = decoding.sample_codes(logits.cuda(), u).cpu()
+    cdf = logits.double().softmax(-1).cumsum(-1)  # (B, N, K)
+    ud = u.cpu().double()[..., None]
+    want = (cdf <= ud).sum(-1)
+    clear = (cdf - ud).abs().amin(-1) > 1e-5  # (B, N) draws not decided by rounding
+    assert clear.float().mean() > 0.95
+    assert torch.equal(got[clear], want[clear])

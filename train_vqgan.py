@@ -271,19 +271,25 @@ def init_codebook(st: Stage1, x: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def evaluate(model, images_u8, device, precision, batch_size=128):
-    """Mean reconstruction PSNR (dB) and codebook usage over uint8 images (N,3,H,W)."""
+def evaluate(model, images_u8, device, precision, batch_size=128, keep: int = 0):
+    """Mean reconstruction PSNR (dB) and codebook usage over uint8 images (N,3,H,W), and the
+    reconstructions of the first ``keep`` images as (keep, H, W, 3) uint8 (rounded like
+    torchvision.save_image, as FID reads images; None for keep=0)."""
     was_training = model.training
     model.eval()
-    vals, used = [], torch.zeros(model.cfg.num_codebook_vectors, dtype=torch.bool)
+    vals, kept, used = [], [], torch.zeros(model.cfg.num_codebook_vectors, dtype=torch.bool)
     for i in range(0, len(images_u8), batch_size):
         x = uint8_to_normalized(images_u8[i:i + batch_size].to(device))
         with autocast(device, precision):
             xr, idx, _ = model(x)
-        vals.append(psnr(denormalize(xr.float(), TRAIN_MEAN, TRAIN_STD), denormalize(x, TRAIN_MEAN, TRAIN_STD)).cpu())
+        xr01 = denormalize(xr.float(), TRAIN_MEAN, TRAIN_STD)
+        vals.append(psnr(xr01, denormalize(x, TRAIN_MEAN, TRAIN_STD)).cpu())
         used[idx.cpu()] = True
+        if i < keep:
+            kept.append(xr01[:keep - i].mul(255).add_(0.5).clamp_(0, 255).to("cpu", torch.uint8))
     model.train(was_training)
-    return torch.cat(vals).mean().item(), used.float().mean().item()
+    rec = torch.cat(kept).permute(0, 2, 3, 1).numpy() if kept else None
+    return torch.cat(vals).mean().item(), used.float().mean().item(), rec
 
 
 @torch.no_grad()
@@ -321,21 +327,6 @@ def train_step(st: Stage1, images: torch.Tensor, args, device):
     return out, d_loss, n_dead
 
 
-@torch.no_grad()
-def reconstructions_u8(model, images_u8, device, precision, batch_size=128) -> np.ndarray:
-    """(N, H, W, 3) uint8 encode -> decode of uint8 images (N, 3, H, W), as FID reads images."""
-    was_training = model.training
-    model.eval()
-    out = []
-    for i in range(0, len(images_u8), batch_size):
-        x = uint8_to_normalized(images_u8[i:i + batch_size].to(device))
-        with autocast(device, precision):
-            xr = model(x)[0].float()
-        out.append(denormalize(xr, TRAIN_MEAN, TRAIN_STD).mul(255).add_(0.5).clamp_(0, 255).to("cpu", torch.uint8))
-    model.train(was_training)
-    return torch.cat(out).permute(0, 2, 3, 1).numpy()  # rounded like torchvision.save_image
-
-
 class ValFID:
     """FID of the reconstructions of fixed val images against those images: the Inception features
     of the originals are computed once. Inception weights are looked up offline when this is made,
@@ -349,10 +340,10 @@ class ValFID:
         self.ref = statistics(activations(images_u8.permute(0, 2, 3, 1).numpy(), self.net, device=device,
                                           progress=progress, desc="val FID originals"))
 
-    def __call__(self, model, precision) -> float:
+    def __call__(self, rec_u8: np.ndarray) -> float:
+        """FID of the reconstructions (N, H, W, 3) uint8 of the same images, in the same order."""
         from utils.fid import frechet_distance, statistics
-        rec = reconstructions_u8(model, self.images, self.device, precision)
-        mu, sigma = statistics(self._activations(rec, self.net, device=self.device, progress=self.progress,
+        mu, sigma = statistics(self._activations(rec_u8, self.net, device=self.device, progress=self.progress,
                                                  desc="val FID"))
         return frechet_distance(mu, sigma, *self.ref)
 
@@ -360,11 +351,12 @@ class ValFID:
 def validate(st: Stage1, val_images, args, device, metrics, val_fid: ValFID | None = None) -> tuple:
     """Val PSNR and codebook usage of the evaluated weights (and the val FID, keeping the lowest's
     weights in vqgan_best.pt), logged with a reconstruction grid. Returns (step, PSNR, usage, FID or None)."""
-    p, usage = evaluate(st.eval_model(), val_images, device, args.precision)
+    p, usage, rec = evaluate(st.eval_model(), val_images, device, args.precision,
+                             keep=len(val_fid.images) if val_fid is not None else 0)
     metrics.log(st.step, val_psnr=p, val_code_usage=usage)
     fid = None
     if val_fid is not None:
-        fid = val_fid(st.eval_model(), args.precision)
+        fid = val_fid(rec)
         metrics.log(st.step, val_fid=fid)
         if fid < st.best_val_fid:
             st.best_val_fid = fid
@@ -475,7 +467,7 @@ def main(argv=None) -> dict:
     metrics.plot(["rec_loss", "q_loss"], os.path.join(args.out_dir, "loss.png"), "VQGAN training losses")
     metrics.close()
     final_psnr, usage = (last_eval[1:3] if last_eval and last_eval[0] == st.step
-                         else evaluate(model, val_images, device, args.precision))
+                         else evaluate(model, val_images, device, args.precision)[:2])
     log.info("done: %d steps, %.1f images/s, val PSNR %.2f dB, codebook usage %.1f%%, weights %s", st.step,
              seen / max(1e-9, time.time() - t0), final_psnr, 100 * usage, os.path.join(args.out_dir, "vqgan.pt"))
     return {"step": st.step, "first_rec": first_rec, "last_rec": rec_v, "val_psnr": final_psnr, "code_usage": usage,

@@ -360,7 +360,8 @@ def test_val_fid_matches_the_fid_script_and_keeps_the_best_weights(tiny_world, t
     best = VQGAN(TINY_VQ)
     best.load_state_dict(torch.load(tmp_path / "vq" / "vqgan_best.pt", weights_only=True))
     images = load_image_stack(tiny_world["val"], 16, progress=False)[:8]
-    rec = train_vqgan.reconstructions_u8(best, images, "cpu", "fp32")
+    rec = train_vqgan.evaluate(best, images, "cpu", "fp32", batch_size=3, keep=8)[2]  # batches split the kept 8
+    assert rec.shape == (8, 16, 16, 3) and rec.dtype == np.uint8
     for name, arrays in (("pred", rec), ("gt", images.permute(0, 2, 3, 1).numpy())):
         (tmp_path / name).mkdir()
         for i, a in enumerate(arrays):

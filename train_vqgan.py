@@ -30,7 +30,7 @@ from utils.build import load_vqgan_weights
 from utils.checkpoint import atomic_save, load_checkpoint
 from utils.cli import ArgumentParser, Interrupted, UserError, run_cli
 from utils.config import ConfigError, apply_overrides, load_vqgan_config
-from utils.data import TRAIN_MEAN, TRAIN_STD, denormalize, load_image_stack, uint8_to_normalized
+from utils.data import TRAIN_MEAN, TRAIN_STD, denormalize, load_image_stack, to_uint8, uint8_to_normalized
 from utils.metrics import psnr
 from utils.runtime import (autocast, create_logger, get_device, grad_scaler, make_generator, resolve_precision,
                            rng_state, seed_everything, set_rng_state)
@@ -286,9 +286,9 @@ def evaluate(model, images_u8, device, precision, batch_size=128, keep: int = 0)
         vals.append(psnr(xr01, denormalize(x, TRAIN_MEAN, TRAIN_STD)).cpu())
         used[idx.cpu()] = True
         if i < keep:
-            kept.append(xr01[:keep - i].mul(255).add_(0.5).clamp_(0, 255).to("cpu", torch.uint8))
+            kept.append(to_uint8(xr01[:keep - i]))  # (b, H, W, 3)
     model.train(was_training)
-    rec = torch.cat(kept).permute(0, 2, 3, 1).numpy() if kept else None
+    rec = np.concatenate(kept) if kept else None
     return torch.cat(vals).mean().item(), used.float().mean().item(), rec
 
 
@@ -336,15 +336,14 @@ class ValFID:
         from utils.fid import activations, get_model, statistics
         self.images, self.device, self.progress = images_u8, device, progress
         self.net = get_model(2048)
-        self._activations = activations
         self.ref = statistics(activations(images_u8.permute(0, 2, 3, 1).numpy(), self.net, device=device,
                                           progress=progress, desc="val FID originals"))
 
     def __call__(self, rec_u8: np.ndarray) -> float:
         """FID of the reconstructions (N, H, W, 3) uint8 of the same images, in the same order."""
-        from utils.fid import frechet_distance, statistics
-        mu, sigma = statistics(self._activations(rec_u8, self.net, device=self.device, progress=self.progress,
-                                                 desc="val FID"))
+        from utils.fid import activations, frechet_distance, statistics
+        mu, sigma = statistics(activations(rec_u8, self.net, device=self.device, progress=self.progress,
+                                           desc="val FID"))
         return frechet_distance(mu, sigma, *self.ref)
 
 

@@ -50,8 +50,8 @@ def denormalize(x: torch.Tensor, mean=TEST_MEAN, std=TEST_STD) -> torch.Tensor:
 
 
 def to_uint8(x01: torch.Tensor) -> np.ndarray:
-    """[0,1] (3,H,W) tensor -> HWC uint8 array, rounding like torchvision.save_image."""
-    return x01.mul(255).add_(0.5).clamp_(0, 255).permute(1, 2, 0).to("cpu", torch.uint8).numpy()
+    """[0,1] (..., 3, H, W) tensor -> (..., H, W, 3) uint8 array, rounding like torchvision.save_image."""
+    return x01.mul(255).add_(0.5).clamp_(0, 255).movedim(-3, -1).to("cpu", torch.uint8).numpy()
 
 
 def list_images(folder: str, what: str = "images") -> list[str]:

@@ -323,7 +323,7 @@ def train_step(st: Stage1, images: torch.Tensor, args, device):
     st.step += 1
     n_dead = codebook_step(st, out["z_e"], out["codes"], args)
     if st.ema is not None:
-        st.ema.update(st.model)
+        st.ema.update(st.model, st.step - 1)  # the step just taken (0-based)
     return out, d_loss, n_dead
 
 

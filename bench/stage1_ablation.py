@@ -46,6 +46,10 @@ VARIANTS = {
     "ema_weights": ["--ema", "0.99"],
     "l2_ema_codebook": ["--set", "codebook_norm=true", "--ema-codebook", "0.99", "--kmeans-init"],
     "ema_codebook_ssim": ["--ema-codebook", "0.99", "--kmeans-init", "--ssim-weight", "0.5"],
+    # on top of the recipe above: a weight EMA (with its warmup), and the GAN of config/pipeline.yml
+    "ema_codebook_ssim_ema": ["--ema-codebook", "0.99", "--kmeans-init", "--ssim-weight", "0.5", "--ema", "0.999"],
+    "ema_codebook_ssim_gan": ["--ema-codebook", "0.99", "--kmeans-init", "--ssim-weight", "0.5",
+                              "--disc-start-frac", "0.6", "--disc-weight", "0.1"],
 }
 
 

@@ -236,11 +236,15 @@ def _run(tiny_world, tmp_path, *extra):
                              "--no-progress", "--eval-every", "1000", *extra])
 
 
-def test_every_recipe_option_trains_and_exports_the_ema_weights(tiny_world, tmp_path):
+def test_every_recipe_option_trains_and_exports_the_ema_weights(tiny_world, tmp_path, monkeypatch):
+    from utils.train_utils import EMA
+    steps, update = [], EMA.update
+    monkeypatch.setattr(EMA, "update", lambda self, model, step=None: (steps.append(step), update(self, model, step)))
     res = _run(tiny_world, tmp_path, "--steps", "40", "--ema-codebook", "0.9", "--kmeans-init", "--ssim-weight", "0.5",
                "--ssim-window", "3", "--disc-start", "20", "--lecam-weight", "0.1", "--ema", "0.9",
                "--restart-every", "10", "--set", "codebook_norm=true")
     assert res["step"] == 40 and res["last_rec"] < 0.8 * res["first_rec"]
+    assert steps == list(range(40))  # the weight EMA is told each step (its warmup), 0-based
     ck = torch.load(tmp_path / "vq" / "last.pt", weights_only=True)
     exported = torch.load(tmp_path / "vq" / "vqgan.pt", weights_only=True)
     assert all(torch.equal(exported[k], v) for k, v in ck["ema"].items())  # vqgan.pt holds the EMA weights

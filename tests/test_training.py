@@ -1,5 +1,6 @@
 import copy
 import csv
+import math
 import dataclasses
 import json
 import os
@@ -57,32 +58,35 @@ def _signal_at_step(monkeypatch, at):
 @pytest.mark.parametrize("hole_frac", ["0", "0.5"])
 def test_resume_is_exact(tiny_world, tmp_path, monkeypatch, hole_frac):
     monkeypatch.setattr(engine, "HOLE_BANK_SIZE", 256)  # 4,096 generated holes take ~20 s at 16x16
-    full = tt.main(_args(tiny_world, tmp_path / "full", "--hole-frac", hole_frac))
+    full = tt.main(_args(tiny_world, tmp_path / "full", "--hole-frac", hole_frac, "--ema", "0.9"))
     assert full["step"] == 18 and len(full["losses"]) == 18
     if hole_frac == "0":  # stopped by --stop-after-steps
-        part = tt.main(_args(tiny_world, tmp_path / "part", "--stop-after-steps", "8", "--hole-frac", hole_frac))
+        part = tt.main(_args(tiny_world, tmp_path / "part", "--stop-after-steps", "8", "--hole-frac", hole_frac,
+                             "--ema", "0.9"))
         assert part["stopped"] and part["step"] == 8
         assert max(abs(a - b) for a, b in zip(full["losses"], part["losses"])) < 1e-6
     else:  # stopped by Ctrl-C: last.pt saved, exit status 130
         orig = _signal_at_step(monkeypatch, 8)
         with pytest.raises(SystemExit) as e:
-            run_cli(tt.main, _args(tiny_world, tmp_path / "part", "--hole-frac", hole_frac))
+            run_cli(tt.main, _args(tiny_world, tmp_path / "part", "--hole-frac", hole_frac, "--ema", "0.9"))
         assert e.value.code == 130
         monkeypatch.setattr(engine, "train_step", orig)
     assert load_checkpoint(str(tmp_path / "part" / "last.pt"))["step"] == 8
-    rest = tt.main(_args(tiny_world, tmp_path / "part", "--resume", "--hole-frac", hole_frac))
+    rest = tt.main(_args(tiny_world, tmp_path / "part", "--resume", "--hole-frac", hole_frac, "--ema", "0.9"))
     assert rest["step"] == 18 and len(rest["losses"]) == 10
     assert max(abs(a - b) for a, b in zip(full["losses"][8:], rest["losses"])) < 1e-6
     a = torch.load(tmp_path / "full" / "transformer_last.pth")
     b = torch.load(tmp_path / "part" / "transformer_last.pth")
-    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)  # the EMA weights (its warmup resumes at step 8)
     # the epoch mean of epoch 2 (steps 7-12, resumed after step 8) averages all six steps
     full_means, part_means = (_metric_rows(tmp_path / d, "epoch_train_loss") for d in ("full", "part"))
     assert [s for s, _ in part_means] == [6, 12, 18]
     assert max(abs(x - y) for (_, x), (_, y) in zip(full_means, part_means)) < 1e-6
 
 
-def test_outputs_cache_and_lab_layout(tiny_world, tmp_path):
+def test_outputs_cache_and_lab_layout(tiny_world, tmp_path, monkeypatch):
+    steps, update = [], EMA.update
+    monkeypatch.setattr(EMA, "update", lambda self, model, step=None: (steps.append(step), update(self, model, step)))
     res = tt.main(_args(tiny_world, tmp_path / "run", "--epochs", "2", "--ckpt-interval", "1", "--hflip",
                         "--ema", "0.9"))
     out = tmp_path / "run"
@@ -103,6 +107,7 @@ def test_outputs_cache_and_lab_layout(tiny_world, tmp_path):
     # loss.png plots like with like: the unsmoothed train CE per epoch at the steps of the val loss
     ce, val = _metric_rows(out, "epoch_train_ce"), _metric_rows(out, "val_loss")
     assert [s for s, _ in ce] == [s for s, _ in val][1:] == [12, 24]  # 96 sequences with flips: 12 steps/epoch
+    assert steps == list(range(24))  # the weight EMA is told each step (its warmup), 0-based
     assert all(x > y for (_, x), (_, y) in zip(_metric_rows(out, "epoch_train_loss"), ce))  # label smoothing is on
     # validation reported on all val and on val images that never occur in train (12 of 16)
     assert {"val_loss", "val_unseen_loss", "val_acc"} <= set(res["history"][0]) and res["history"][0]["step"] == 0
@@ -236,19 +241,41 @@ def test_label_smoothing_against_its_closed_form():
     assert abs(loss.item() - ref.item()) < 1e-4
 
 
-def test_weight_ema_follows_the_formula():
+@pytest.mark.parametrize("with_step", [False, True])
+def test_weight_ema_follows_the_formula(with_step):
     torch.manual_seed(0)
     net, d = torch.nn.Linear(3, 2), 0.9
     ema = EMA(net, d)
     expected = [p.detach().clone() for p in net.parameters()]
-    for _ in range(4):
+    for step in range(12):
         with torch.no_grad():
             for p in net.parameters():
                 p.add_(torch.randn_like(p))
-        ema.update(net)
-        expected = [d * e + (1 - d) * p.detach() for e, p in zip(expected, net.parameters())]
+        ema.update(net, step if with_step else None)
+        # warmup: d_t = min(d, (1 + t) / (10 + t)): 0.1, 0.18, 0.25, ... until it reaches 0.9 at t = 80
+        dt = min(d, (1 + step) / (10 + step)) if with_step else d
+        expected = [dt * e + (1 - dt) * p.detach() for e, p in zip(expected, net.parameters())]
     for e, got in zip(expected, ema.model.parameters()):
         assert torch.allclose(got, e, atol=1e-6)
+
+
+def test_weight_ema_warmup_forgets_the_initial_weights():
+    """At decay 0.999 a plain EMA still holds 0.999^200 = 82% of the initial weights after 200
+    steps; with the warmup the initial weights' share is prod d_t = 1/10 * 2/11 * 3/12 ... = 6e-16."""
+    net = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        net.weight.fill_(0.0)
+    plain, warm = EMA(net, 0.999), EMA(net, 0.999)
+    with torch.no_grad():
+        net.weight.fill_(1.0)  # the model moves to 1 at once and stays there
+    for step in range(200):
+        plain.update(net)
+        warm.update(net, step)
+    assert plain.model.weight.item() == pytest.approx(1 - 0.999 ** 200, rel=1e-4)  # 0.181
+    # share of the initial weights: prod_t d_t = prod_t (1+t)/(10+t) = 9! * 200! / 209! (t < 200, all below 0.999)
+    share = math.exp(math.lgamma(10) + math.lgamma(201) - math.lgamma(210))
+    assert warm.model.weight.item() == pytest.approx(1 - share, abs=1e-6)
+    assert warm.model.weight.item() > 0.999
 
 
 def test_atomic_save_leaves_old_file_on_failure(tmp_path):

@@ -209,7 +209,7 @@ def train_step(parts: TrainParts, cfg: StepConfig, ids: torch.Tensor, step: int)
     if parts.sched is not None:
         parts.sched.step()
     if parts.ema is not None:
-        parts.ema.update(parts.raw)
+        parts.ema.update(parts.raw, step)
     stats = sums * (scale / W)  # this process's share of the global means
     if W > 1:
         dist.all_reduce(stats)

@@ -333,6 +333,35 @@ def test_budget_minutes_scale_every_stage(tmp_path, capsys):
     assert not os.path.exists(tmp_path / "out")  # a dry run writes nothing
 
 
+@pytest.mark.parametrize("recipe, device, stages, warned", [
+    ("config/pipeline.yml", "cpu", "tokenizer,tokens,transformer,inpaint,fid", True),
+    ("config/pipeline.yml", "cpu", "transformer", True),
+    ("config/pipeline.yml", "cpu", "inpaint,fid", False),  # nothing to train
+    ("config/pipeline_smoke.yml", "cpu", "tokenizer,tokens,transformer,inpaint,fid", False),  # step counts, no minutes
+])
+def test_a_gpu_timed_recipe_on_the_cpu_warns_once_and_names_the_smoke_recipe(tmp_path, capsys, recipe, device,
+                                                                              stages, warned):
+    world = make_world(tmp_path / "world", n_train=1, n_val=1, n_test=1)
+    pipeline.main(["--recipe", recipe, "--out", str(tmp_path / "out"), "--data", world["root"], "--device", device,
+                   "--stages", stages, "--dry-run"])
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("# warning")]
+    assert len(lines) == int(warned)
+    if warned:
+        assert "config/pipeline.yml" in lines[0] and "18 minutes" in lines[0]  # 9 + 9, the recipe's
+        assert "--recipe config/pipeline_smoke.yml --device cpu" in lines[0]
+
+
+def test_cpu_warning_scales_with_the_budget_and_stays_quiet_on_a_gpu(tmp_path, monkeypatch):
+    world = make_world(tmp_path / "world", n_train=1, n_val=1, n_test=1)
+    opts = pipeline.parse_args(["--out", str(tmp_path / "out"), "--data", world["root"], "--budget-minutes", "5",
+                                "--device", "cpu"])
+    ctx = pipeline_module.make_context(opts)
+    assert "3.6 minutes" in pipeline_module.cpu_warning(ctx)  # (9 + 9) * 5 / 25
+    monkeypatch.setattr(pipeline_module, "get_device", lambda name: torch.device("cuda"))  # as on a GPU machine
+    assert pipeline_module.cpu_warning(ctx) is None
+
+
 def test_transformer_time_budget_is_kept_on_resume(tiny_world, tmp_path, monkeypatch):
     """--time-budget-min sets the epochs once; a resumed run keeps them (same step total, same LR
     schedule) instead of measuring again: here its clock runs 10,000x fast, which would give 1 epoch."""

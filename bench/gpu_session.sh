@@ -1,45 +1,172 @@
 #!/usr/bin/env bash
 # The GPU checks of issues #14 and #13, prepared so that a session lent a GPU spends its device
-# minutes measuring, not writing scripts. Each part fits one device call (<= 10 minutes):
+# minutes measuring, not writing scripts. Each device part fits one device call (<= 10 minutes).
 #
-#   bash bench/gpu_session.sh speed  OUT     # #14: CUDA tests, training / decoding / FID speed (~6 min)
-#   bash bench/gpu_session.sh abl    OUT     # #13: the stage-1 ablation at GPU scale (resumable per variant)
-#   bash bench/gpu_session.sh pipe   OUT M   # #13: pipeline.py with --budget-minutes M (default 8)
+# Here, before the first device call (once per machine; .devdata is ignored by git):
+#   bash bench/gpu_session.sh pack                 # .devdata: the lab data as one .xz (30 MB), the pytorch-fid wheel
+# On the device (the device tool's `run`, carry [".devdata"], timeout_s 600):
+#   bash bench/gpu_session.sh speed  $OUT          # #14: CUDA tests, training / decoding / FID speed (~6 min)
+#   bash bench/gpu_session.sh pipe   $OUT [M]      # #13: pipeline.py --budget-minutes M (default 8), up to inpainting
+#   bash bench/gpu_session.sh all    $OUT [S]      # both in one call of S seconds (default 560): #14's main
+#                                                  # figures (b256, decode, FID time, CUDA tests), then the
+#                                                  # #13 chain in the time left; for a lease that holds one call
+#   bash bench/gpu_session.sh abl    $OUT [V,V]    # #13: the stage-1 ablation at GPU scale, these variants (~2 min
+#                                                  # each; default all), PSNR there, reconstructions sent back
+# Here again, with the call's files (its files_at folder):
+#   bash bench/gpu_session.sh score  FILES [DIR]   # the pipeline's FID stage on this CPU -> DIR/pipeline/summary.md
+#   bash bench/gpu_session.sh score-abl FILES [DIR] # the ablation's FIDs on this CPU -> DIR/ablation/results.md
 #
-# OUT collects logs and CSVs (the device tool's $OUT). Every figure comes with its baseline from
-# the same run (the benchmark scripts time before/after side by side).
+# Why the detours. The device gets the repository and the carried paths only (never ../shared), at
+# most 64 MiB in all: the lab's data is 55 MB of files, the bundled checkpoints 20 MB, and the FID
+# Inception weights (87 MB; not installed there, nor pytorch-fid) cannot travel beside the data. So
+# the data travels as one .xz (30 MB: the JPEG headers of 15,000 images compress away) and is unpacked
+# into ../shared/data there, so every script finds it where it does here; the device trains and
+# inpaints, and the FIDs of the #13 chain are computed here from the images it sends back (exact,
+# a few CPU minutes). The FID *timing* of #14 does not depend on the weights' values: there it runs
+# an Inception with random weights (its FID values are meaningless and marked so).
+# The device tool brings back at most 8 files (16 MiB each, 64 MiB together, 2 folders down), so
+# the work happens in WORK (default /tmp/gpu_session) and OUT receives, whatever happened:
+# session.log (each step's command, exit status, time, output tail), results.tgz (CSVs, logs,
+# summaries, grids, report pictures: everything but checkpoints and image folders), and from a
+# pipeline run vqgan.pt (fp32), transformer_fp16.pth (the bundled files' format) and the inpainted
+# images (images_lab.tgz, images_composited.tgz) that `score` needs; from an ablation run each
+# variant's reconstructions of the 570 originals (recon_VARIANT.tgz) that `score-abl` needs.
+# DEVICE=cpu RECIPE=config/pipeline_smoke.yml ... pipe $OUT 0 runs the pipe part on a CPU (0: the
+# recipe's own steps), to check this script.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PART=${1:?usage: gpu_session.sh speed|abl|pipe OUT [MINUTES]}
-OUT=${2:?usage: gpu_session.sh speed|abl|pipe OUT [MINUTES]}
-mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
+USAGE="usage: gpu_session.sh pack | speed|pipe|all|abl OUT [MINUTES|SECONDS|VARIANTS] | score|score-abl FILES [DIR]"
+PART=${1:?$USAGE}
+RECIPE=${RECIPE:-config/pipeline.yml}
+PACK=.devdata/lab3_data.tar.xz
+
+case "$PART" in
+  pack)
+    mkdir -p .devdata/whl
+    python -m pip download -q --no-deps --only-binary=:all: -d .devdata/whl pytorch-fid==0.3.0 || exit
+    tar -cf - -C ../shared/data lab3_dataset lab3_test_gt lab3_test_gt_mapping.csv | xz -9e -T2 >"$PACK.tmp" \
+      && mv "$PACK.tmp" "$PACK" && ls -l "$PACK" .devdata/whl
+    exit ;;
+  score)
+    FILES=${2:?$USAGE}; DIR=${3:-runs/gpu_session}
+    mkdir -p "$DIR"
+    for f in results images_lab images_composited; do tar -xzf "$FILES/$f.tgz" -C "$DIR" || exit; done
+    cp "$FILES/vqgan.pt" "$DIR/pipeline/tokenizer/vqgan.pt" || exit
+    python pipeline.py --recipe "$RECIPE" --out "$DIR/pipeline" --stages fid --device "${DEVICE:-auto}" || exit
+    cat "$DIR/pipeline/summary.md"
+    exit ;;
+  score-abl)
+    FILES=${2:?$USAGE}; DIR=${3:-runs/gpu_session}
+    mkdir -p "$DIR"
+    for f in "$FILES"/results.tgz "$FILES"/recon_*.tgz; do tar -xzf "$f" -C "$DIR" || exit; done
+    # shellcheck disable=SC2086
+    python bench/stage1_ablation.py ${ABL_ARGS:---scale h100} --out "$DIR/ablation" --rescore --device "${DEVICE:-cpu}" \
+      || exit
+    cat "$DIR/ablation/results.md"
+    exit ;;
+esac
+
+OUT=${2:?$USAGE}
+DEVICE=${DEVICE:-cuda}
+WORK=${WORK:-/tmp/gpu_session}
+mkdir -p "$OUT" "$WORK"
+OUT=$(cd "$OUT" && pwd)
+if [ ! -d ../shared/data/lab3_dataset ]; then  # on the device: the data came as $PACK
+  [ -f "$PACK" ] || { echo "no ../shared/data/lab3_dataset and no $PACK: run 'bash bench/gpu_session.sh pack' here and carry .devdata" >&2; exit 2; }
+  mkdir -p ../shared/data && tar -xJf "$PACK" -C ../shared/data || { echo "cannot unpack $PACK into ../shared/data" >&2; exit 2; }
+fi
+if ! python -c "import pytorch_fid" 2>/dev/null; then  # the FID Inception's architecture
+  python -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .devdata/whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+FID_WEIGHTS=1  # real FID Inception weights here? (on the device: no)
+python -c "from utils.inception import find_weights; find_weights()" >/dev/null 2>&1 || FID_WEIGHTS=0
+
+pack() {  # what comes back
+  cp "$WORK/session.log" "$OUT/session.log" 2>/dev/null
+  local run="$WORK/pipeline"
+  cp "$run/tokenizer/vqgan.pt" "$OUT/vqgan.pt" 2>/dev/null
+  python - "$run/transformer/transformer_best.pth" "$OUT/transformer_fp16.pth" <<'PY'
+import os, sys
+from collections import OrderedDict
+import torch
+src, dst = sys.argv[1:]
+if os.path.isfile(src):
+    sd = torch.load(src, map_location="cpu", weights_only=True)
+    half = OrderedDict((k, v.half() if v.is_floating_point() else v) for k, v in sd.items())
+    half._metadata = getattr(sd, "_metadata", None)  # keeps the stored config (utils.checkpoint)
+    torch.save(half, dst)
+PY
+  for rec in "$WORK"/ablation/*/recon_test; do
+    [ -d "$rec" ] && tar -czf "$OUT/recon_$(basename "$(dirname "$rec")").tgz" -C "$WORK" "${rec#"$WORK"/}"
+  done
+  for kind in lab composited; do
+    [ -d "$run/inpaint/$kind/test_results" ] && tar -czf "$OUT/images_$kind.tgz" -C "$WORK" "pipeline/inpaint/$kind/test_results"
+  done
+  tar -czf "$OUT/results.tgz" -C "$WORK" --exclude='*.pt' --exclude='*.pth' --exclude='pipeline/tokens/cache' \
+    --exclude='*/test_results' --exclude='*/imga' --exclude='*/mask_scheduling' --exclude='*/recon_test' .
+  ls -l "$OUT"
+}
+trap pack EXIT
+
+{ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total --format=csv; } | tee "$WORK/gpu.txt"
 run() {  # run NAME CMD...: time one step, keep its log, go on after a failure
   local name=$1; shift
-  echo "== $name: $*" | tee -a "$OUT/session.log"
+  echo "== $name: $*" | tee -a "$WORK/session.log"
   local t0=$SECONDS
-  "$@" >"$OUT/$name.log" 2>&1
-  echo "   exit $? in $((SECONDS - t0)) s" | tee -a "$OUT/session.log"
-  tail -n 25 "$OUT/$name.log"
+  "$@" >"$WORK/$name.log" 2>&1
+  local rc=$?
+  echo "   exit $rc in $((SECONDS - t0)) s" | tee -a "$WORK/session.log"
+  tail -n 25 "$WORK/$name.log" | tee -a "$WORK/session.log"
+}
+fid_time() {
+  if [ "$FID_WEIGHTS" = 0 ]; then  # timing only: an Inception of random weights, same work per image
+    python -c "import torch; from utils.inception import _architecture; torch.save(_architecture().state_dict(), '$WORK/random_inception.pth')"
+    echo "FID timing with RANDOM Inception weights (no real ones on this machine): the seconds hold, the FID values do not" | tee -a "$WORK/session.log"
+    FID_INCEPTION_WEIGHTS="$WORK/random_inception.pth" MASKGIT_CACHE="$WORK/fid_cache" \
+      run fid timeout "${1:-300}" python bench/fid_speed.py --device "$DEVICE" --csv "$WORK/fid.csv"
+  else
+    run fid timeout "${1:-300}" python bench/fid_speed.py --device "$DEVICE" --csv "$WORK/fid.csv"
+  fi
+}
+pipeline() {  # pipeline BUDGET_MINUTES (0: the recipe's own) [TIMEOUT_S]
+  local budget=() stages=tokenizer,tokens,transformer,inpaint
+  [ "$1" != 0 ] && budget=(--budget-minutes "$1")
+  [ "$FID_WEIGHTS" = 1 ] && stages=$stages,fid
+  run pipeline timeout "${2:-590}" python pipeline.py --recipe "$RECIPE" --out "$WORK/pipeline" --device "$DEVICE" \
+    --stages "$stages" "${budget[@]}"
+  cat "$WORK/pipeline/summary.md" >>"$WORK/session.log" 2>/dev/null
 }
 case "$PART" in
   speed)
     run gpu_tests python -m pytest -q -m gpu tests
-    run train_b256 python bench/train_throughput.py --config config/MaskGit.yml --device cuda --batch-size 256 \
-      --compile --fused-attn --no-naive --csv "$OUT/train_b256.csv"
-    run train_b512 python bench/train_throughput.py --config config/MaskGit.yml --device cuda --batch-size 512 \
-      --compile --no-naive --csv "$OUT/train_b512.csv"
-    run decode python bench/decode_throughput.py --config config/MaskGit.yml --device cuda --csv "$OUT/decode.csv"
-    run fid python bench/fid_speed.py --device cuda --csv "$OUT/fid.csv"
-    ;;
-  abl)  # ~2 min per variant on an H100 (2,000 steps of batch 128 + scoring); rerun to finish the rest
-    run ablation timeout 540 python bench/stage1_ablation.py --scale h100 --device cuda --out "$OUT/ablation"
-    find "$OUT/ablation" -name "*.pt" -delete  # keep results.json / results.md and the grids
+    run train_b256 python bench/train_throughput.py --config config/MaskGit.yml --device "$DEVICE" --batch-size 256 \
+      --compile --fused-attn --no-naive --csv "$WORK/train_b256.csv"
+    run train_b512 python bench/train_throughput.py --config config/MaskGit.yml --device "$DEVICE" --batch-size 512 \
+      --compile --no-naive --csv "$WORK/train_b512.csv"
+    run decode python bench/decode_throughput.py --config config/MaskGit.yml --device "$DEVICE" --csv "$WORK/decode.csv"
+    fid_time
     ;;
   pipe)
-    run pipeline python pipeline.py --out "$OUT/pipeline" --device cuda --budget-minutes "${3:-8}"
-    cp "$OUT/pipeline/summary.md" "$OUT/summary.md" 2>/dev/null
-    rm -rf "$OUT/pipeline/tokens" "$OUT/pipeline/inpaint"  # large; the figures are in summary.*
+    pipeline "${3:-8}"
     ;;
-  *) echo "unknown part $PART (speed | abl | pipe)" >&2; exit 2 ;;
+  all)
+    T0=$SECONDS; LIMIT=${3:-560}
+    run gpu_tests timeout 150 python -m pytest -q -m gpu tests
+    run train_b256 timeout 150 python bench/train_throughput.py --config config/MaskGit.yml --device "$DEVICE" \
+      --batch-size 256 --compile --fused-attn --no-naive --csv "$WORK/train_b256.csv"
+    run decode timeout 75 python bench/decode_throughput.py --config config/MaskGit.yml --device "$DEVICE" --csv "$WORK/decode.csv"
+    fid_time 45
+    LEFT=$((LIMIT - (SECONDS - T0) - 30))  # 30 s for packing
+    if [ "$LEFT" -lt 240 ]; then echo "only $LEFT s left: pipeline not started" | tee -a "$WORK/session.log"; exit 0; fi
+    # the stages that do not train take ~2 min on an H100 (estimate); the trainers get 18/25 of the budget
+    pipeline "$(python -c "print(round(max(1.0, ($LEFT / 60 - 2) * 25 / 18), 2))")" "$LEFT"
+    ;;
+  abl)  # ~2 min per variant on an H100 (2,000 steps of batch 128 + scoring); rerun to finish the rest
+    # shellcheck disable=SC2086  # ABL_ARGS: several words (e.g. "--scale cpu --steps 2" to check this script on a CPU)
+    run ablation timeout 540 python bench/stage1_ablation.py ${ABL_ARGS:---scale h100} --device "$DEVICE" \
+      --out "$WORK/ablation" ${3:+--variants "$3"}
+    cat "$WORK/ablation/results.md" >>"$WORK/session.log" 2>/dev/null
+    ;;
+  *) echo "unknown part $PART: $USAGE" >&2; exit 2 ;;
 esac

@@ -24,6 +24,7 @@ from utils.build import load_vqgan_weights  # noqa: E402
 from utils.config import load_vqgan_config, apply_overrides  # noqa: E402
 from utils.data import list_images  # noqa: E402
 from utils.fid import compute_fid  # noqa: E402
+from utils.inception import find_weights  # noqa: E402
 from utils.pipeline import reconstruct_images  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -72,16 +73,38 @@ def run_variant(name: str, extra: list, scale: dict, args) -> dict:
     load_vqgan_weights(model, os.path.join(out, "vqgan.pt"))
     rec_dir = os.path.join(out, "recon_test")
     p = reconstruct_images(model, args.gt, [os.path.basename(f) for f in list_images(args.gt)], rec_dir, args.device)
-    fid = compute_fid(rec_dir, args.gt, device=args.device, match_names=True)
-    return {"variant": name, "options": " ".join(extra) or "(base recipe)", "psnr": round(p, 2), "fid": round(fid, 2),
-            "train_s": round(train_s)}
+    return {"variant": name, "options": " ".join(extra) or "(base recipe)", "steps": args.steps or scale["steps"],
+            "psnr": round(p, 2),
+            "fid": recon_fid(rec_dir, args.gt, args.device), "train_s": round(train_s)}
 
 
-def write_table(results: list, path: str, scale_name: str, steps: int) -> None:
+def recon_fid(rec_dir: str, gt: str, device: str) -> float | None:
+    """FID of a variant's reconstructions against the originals; None on a machine without the FID
+    Inception weights (the device machine: its recon_test folders come back and --rescore scores them)."""
+    try:
+        find_weights()
+    except FileNotFoundError as e:
+        print(f"{rec_dir}: FID not scored on this machine ({str(e).split('. ')[0]}): rerun with --rescore where "
+              "the weights are", flush=True)
+        return None
+    return round(compute_fid(rec_dir, gt, device=device, match_names=True), 2)
+
+
+def rescore(results: list, args) -> None:
+    """Fill in the FIDs a machine without the Inception weights left out, from the recon_test folders."""
+    for r in results:
+        rec_dir = os.path.join(args.out, r["variant"], "recon_test")
+        if r["fid"] is None and os.path.isdir(rec_dir):
+            r["fid"] = recon_fid(rec_dir, args.gt, args.device)
+            print(json.dumps(r), flush=True)
+
+
+def write_table(results: list, path: str, scale_name: str) -> None:
+    steps = "/".join(sorted({str(r.get("steps", "?")) for r in results}))
     lines = [f"| variant ({scale_name} scale, {steps} steps each) | options | PSNR (dB) | recon FID | train s |",
              "|---|---|---|---|---|"]
-    lines += [f"| {r['variant']} | `{r['options']}` | {r['psnr']:.2f} | {r['fid']:.2f} | {r['train_s']} |"
-              for r in results]
+    lines += [f"| {r['variant']} | `{r['options']}` | {r['psnr']:.2f} | "
+              f"{'n/a' if r['fid'] is None else format(r['fid'], '.2f')} | {r['train_s']} |" for r in results]
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -95,21 +118,30 @@ def main(argv=None):
     p.add_argument("--gt", default=str(SHARED_DATA / "lab3_test_gt"), help="folder of originals to reconstruct")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="bench/results/stage1_ablation")
+    p.add_argument("--rescore", action="store_true",
+                   help="train nothing: score the FIDs left out by a machine without the FID Inception weights")
     args = p.parse_args(argv)
     scale = SCALES[args.scale]
     os.makedirs(args.out, exist_ok=True)
     res_path = os.path.join(args.out, "results.json")
     results = json.load(open(res_path)) if os.path.exists(res_path) else []
     done = {r["variant"] for r in results}
-    for name in args.variants.split(","):
+    def save():
+        with open(res_path, "w") as f:
+            json.dump(results, f, indent=1)
+        write_table(results, os.path.join(args.out, "results.md"), args.scale)
+
+    for name in () if args.rescore else args.variants.split(","):
         if name in done:
             continue
         r = run_variant(name, VARIANTS[name], scale, args)
         print(json.dumps(r), flush=True)
         results.append(r)
-        with open(res_path, "w") as f:
-            json.dump(results, f, indent=1)
-        write_table(results, os.path.join(args.out, "results.md"), args.scale, args.steps or scale["steps"])
+        save()
+    if args.rescore:
+        rescore(results, args)
+        save()
+    return results
 
 
 if __name__ == "__main__":

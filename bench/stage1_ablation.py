@@ -120,6 +120,9 @@ def main(argv=None):
     p.add_argument("--rescore", action="store_true",
                    help="train nothing: score the FIDs left out by a machine without the FID Inception weights")
     args = p.parse_args(argv)
+    unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
+    if unknown:
+        p.error(f"--variants: unknown {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     scale = SCALES[args.scale]
     os.makedirs(args.out, exist_ok=True)
     res_path = os.path.join(args.out, "results.json")

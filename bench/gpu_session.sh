@@ -123,8 +123,8 @@ fid_time() {
   if [ "$FID_WEIGHTS" = 0 ]; then  # timing only: an Inception of random weights, same work per image
     python -c "import torch; from utils.inception import _architecture; torch.save(_architecture().state_dict(), '$WORK/random_inception.pth')"
     echo "FID timing with RANDOM Inception weights (no real ones on this machine): the seconds hold, the FID values do not" | tee -a "$WORK/session.log"
-    FID_INCEPTION_WEIGHTS="$WORK/random_inception.pth" MASKGIT_CACHE="$WORK/fid_cache" \
-      run fid timeout "${1:-300}" python bench/fid_speed.py --device "$DEVICE" --csv "$WORK/fid.csv"
+    run fid env FID_INCEPTION_WEIGHTS="$WORK/random_inception.pth" MASKGIT_CACHE="$WORK/fid_cache" \
+      timeout "${1:-300}" python bench/fid_speed.py --device "$DEVICE" --csv "$WORK/fid.csv"
   else
     run fid timeout "${1:-300}" python bench/fid_speed.py --device "$DEVICE" --csv "$WORK/fid.csv"
   fi

@@ -6,7 +6,7 @@
 #   bash bench/gpu_session.sh pack                 # .devdata: the lab data as one .xz (30 MB), the pytorch-fid wheel
 # On the device (the device tool's `run`, carry [".devdata"], timeout_s 600):
 #   bash bench/gpu_session.sh speed  $OUT          # #14: CUDA tests, training / decoding / FID speed (~6 min)
-#   bash bench/gpu_session.sh pipe   $OUT [M]      # #13: pipeline.py --budget-minutes M (default 8), up to inpainting
+#   bash bench/gpu_session.sh pipe   $OUT [M]      # #13: pipeline.py --budget-minutes M (default 10: trainers 3.6 min each), up to inpainting
 #   bash bench/gpu_session.sh all    $OUT [S]      # both in one call of S seconds (default 560): #14's main
 #                                                  # figures (b256, decode, FID time, CUDA tests), then the
 #                                                  # #13 chain in the time left; for a lease that holds one call
@@ -133,7 +133,7 @@ pipeline() {  # pipeline BUDGET_MINUTES (0: the recipe's own) [TIMEOUT_S]
   local budget=() stages=tokenizer,tokens,transformer,inpaint
   [ "$1" != 0 ] && budget=(--budget-minutes "$1")
   [ "$FID_WEIGHTS" = 1 ] && stages=$stages,fid
-  run pipeline timeout "${2:-590}" python pipeline.py --recipe "$RECIPE" --out "$WORK/pipeline" --device "$DEVICE" \
+  run pipeline timeout "${2:-560}" python pipeline.py --recipe "$RECIPE" --out "$WORK/pipeline" --device "$DEVICE" \
     --stages "$stages" "${budget[@]}"
   cat "$WORK/pipeline/summary.md" >>"$WORK/session.log" 2>/dev/null
 }
@@ -148,7 +148,7 @@ case "$PART" in
     fid_time
     ;;
   pipe)
-    pipeline "${3:-8}"
+    pipeline "${3:-10}"  # ~8.7 min by estimate; the timeout leaves 40 s of the 600 for packing
     ;;
   all)
     T0=$SECONDS; LIMIT=${3:-560}

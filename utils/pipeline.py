@@ -330,18 +330,25 @@ def check_context(ctx: Context, stages: tuple) -> None:
         for script, argv in COMMANDS[stage](ctx):
             check_argv(script, argv, f"{ctx.recipe.path}: {stage}")
     tt = script_module("training_transformer.py")
-    vq = script_module("train_vqgan.py").parse_args(tokenizer_commands(ctx)[0][1])
     opts = tt.parse_options(transformer_commands(ctx)[0][1])
     try:
-        trained = VQGANConfig.from_dict(apply_overrides(load_vqgan_config(vq.config).to_dict(), vq.set)).to_dict()
+        vq_path, vq_cfg = recipe_tokenizer(ctx)
+        trained = VQGANConfig.from_dict(vq_cfg).to_dict()
         used = VQGANConfig.from_dict(tt.model_config(opts)["vqgan"]).to_dict()
     except ConfigError as e:
         raise UserError(f"{ctx.recipe.path}: {e}") from e
     diff = sorted(k for k in trained if trained[k] != used.get(k))
     if diff:
-        raise UserError(f"{ctx.recipe.path}: the tokenizer trains {vq.config} but the transformer's "
+        raise UserError(f"{ctx.recipe.path}: the tokenizer trains {vq_path} but the transformer's "
                         f"{opts.MaskGitConfig} names another tokenizer config (differs in {diff}): point its "
-                        f"model_param.VQ_Configs.VQ_config_path at {vq.config}")
+                        f"model_param.VQ_Configs.VQ_config_path at {vq_path}")
+
+
+def recipe_tokenizer(ctx: Context) -> tuple:
+    """(config path, config dict with the recipe's ``set`` overrides) of the tokenizer stage, as
+    train_vqgan.py reads its command."""
+    vq = script_module("train_vqgan.py").parse_args(tokenizer_commands(ctx)[0][1])
+    return vq.config, apply_overrides(load_vqgan_config(vq.config).to_dict(), vq.set)
 
 
 def command_line(script: str, argv: list) -> str:
@@ -420,8 +427,7 @@ def tokenizer_config(ctx: Context) -> dict:
     last = ctx.dir("tokenizer", "last.pt")
     if os.path.isfile(last):
         return load_checkpoint(last, "VQGAN training checkpoint")["config"]
-    vq = script_module("train_vqgan.py").parse_args(tokenizer_commands(ctx)[0][1])
-    return apply_overrides(load_vqgan_config(vq.config).to_dict(), vq.set)
+    return recipe_tokenizer(ctx)[1]
 
 
 def reconstruct(ctx: Context, names: list) -> float:

@@ -27,7 +27,7 @@ from models import VQGAN
 from models.VQGAN.discriminator import PatchDiscriminator, d_loss_fn, g_loss_fn
 from models.VQGAN.training import EMACodebook, LeCam, kmeans, restart_dead_codes, ssim_loss
 from utils.build import load_vqgan_weights
-from utils.checkpoint import atomic_save, load_checkpoint
+from utils.checkpoint import atomic_save, half_state_dict, load_checkpoint
 from utils.cli import ArgumentParser, Interrupted, UserError, run_cli
 from utils.config import ConfigError, apply_overrides, load_vqgan_config
 from utils.data import TRAIN_MEAN, TRAIN_STD, denormalize, load_image_stack, to_uint8, uint8_to_normalized
@@ -462,7 +462,7 @@ def main(argv=None) -> dict:
                               f"--resume ({last_path})")
     model = st.eval_model()
     if args.half:
-        atomic_save({k: v.half() for k, v in model.state_dict().items()}, os.path.join(args.out_dir, "vqgan_fp16.pt"))
+        atomic_save(half_state_dict(model.state_dict()), os.path.join(args.out_dir, "vqgan_fp16.pt"))
     metrics.plot(["rec_loss", "q_loss"], os.path.join(args.out_dir, "loss.png"), "VQGAN training losses")
     metrics.close()
     final_psnr, usage = (last_eval[1:3] if last_eval and last_eval[0] == st.step

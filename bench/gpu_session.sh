@@ -88,14 +88,11 @@ pack() {  # what comes back
   cp "$run/tokenizer/vqgan.pt" "$OUT/vqgan.pt" 2>/dev/null
   python - "$run/transformer/transformer_best.pth" "$OUT/transformer_fp16.pth" <<'PY'
 import os, sys
-from collections import OrderedDict
 import torch
+from utils.checkpoint import half_state_dict
 src, dst = sys.argv[1:]
 if os.path.isfile(src):
-    sd = torch.load(src, map_location="cpu", weights_only=True)
-    half = OrderedDict((k, v.half() if v.is_floating_point() else v) for k, v in sd.items())
-    half._metadata = getattr(sd, "_metadata", None)  # keeps the stored config (utils.checkpoint)
-    torch.save(half, dst)
+    torch.save(half_state_dict(torch.load(src, map_location="cpu", weights_only=True)), dst)
 PY
   for rec in "$WORK"/ablation/*/recon_test; do
     [ -d "$rec" ] && tar -czf "$OUT/recon_$(basename "$(dirname "$rec")").tgz" -C "$WORK" "${rec#"$WORK"/}"

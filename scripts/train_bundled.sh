@@ -18,11 +18,9 @@ python training_transformer.py --train_d_path "$DATA/train" --val_d_path "$DATA/
   --time-budget-min "$T_MIN" --device "$DEVICE" --no-progress
 python - "$OUT" <<'PY'
 import sys
-from collections import OrderedDict
 import torch
+from utils.checkpoint import half_state_dict  # keeps the stored config (utils.checkpoint.lab_state_dict)
 out = sys.argv[1]
 sd = torch.load(f"{out}/transformer_small/transformer_best.pth", map_location="cpu", weights_only=True)
-half = OrderedDict((k, v.half()) for k, v in sd.items())
-half._metadata = sd._metadata  # keeps the stored config (utils.checkpoint.lab_state_dict)
-torch.save(half, f"{out}/transformer_small/transformer_small_fp16.pth")
+torch.save(half_state_dict(sd), f"{out}/transformer_small/transformer_small_fp16.pth")
 PY

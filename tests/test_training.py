@@ -17,7 +17,7 @@ import utils.train_engine as engine
 from conftest import ROOT
 from models import MaskGit
 from models.Transformer import BidirectionalTransformer
-from utils.checkpoint import atomic_save, load_checkpoint
+from utils.checkpoint import atomic_save, half_state_dict, load_checkpoint
 from utils.cli import run_cli
 from utils.train_engine import StepConfig, evaluate, make_parts, masked_token_loss, train_step
 from utils.train_options import RunConfig
@@ -276,6 +276,21 @@ def test_weight_ema_warmup_forgets_the_initial_weights():
     share = math.exp(math.lgamma(10) + math.lgamma(201) - math.lgamma(210))
     assert warm.model.weight.item() == pytest.approx(1 - share, abs=1e-6)
     assert warm.model.weight.item() > 0.999
+
+
+def test_half_state_dict_keeps_config_and_integer_tensors(tiny_cfg, tmp_path):
+    from utils.checkpoint import lab_state_dict
+    net = BidirectionalTransformer(tiny_cfg["model_param"]["Transformer_param"])
+    sd = lab_state_dict(net, tiny_cfg)
+    sd["counter"] = torch.tensor([3, 70000])  # an integer buffer stays as it is
+    half = half_state_dict(sd)
+    assert all(half[k].dtype == torch.float16 and torch.equal(half[k], sd[k].half()) for k in sd if k != "counter")
+    assert half["counter"].dtype == torch.int64 and half["counter"].tolist() == [3, 70000]
+    torch.save(half, tmp_path / "h.pth")
+    back = torch.load(tmp_path / "h.pth", weights_only=True)
+    assert stored_config(back) == tiny_cfg and all(v.device.type == "cpu" for v in back.values())
+    del back["counter"]
+    net.load_state_dict({k: v.float() for k, v in back.items()})  # the lab's strict load
 
 
 def test_atomic_save_leaves_old_file_on_failure(tmp_path):

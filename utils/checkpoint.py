@@ -110,6 +110,14 @@ def lab_state_dict(module: torch.nn.Module, cfg: dict) -> OrderedDict:
     return out
 
 
+def half_state_dict(sd: dict) -> OrderedDict:
+    """A state_dict for bundling: floating tensors in fp16, every tensor on the CPU, the
+    ``_metadata`` kept (module versions and a config stored by :func:`lab_state_dict`)."""
+    out = OrderedDict((k, (v.half() if v.is_floating_point() else v).cpu()) for k, v in sd.items())
+    out._metadata = OrderedDict(getattr(sd, "_metadata", {}))
+    return out
+
+
 def stored_config(obj) -> dict | None:
     """The resolved config stored in a checkpoint we wrote: ``obj["config"]`` of a training
     checkpoint, or the ``_metadata`` entry of a raw state_dict (:func:`lab_state_dict`); else None."""

@@ -116,15 +116,22 @@ run() {  # run NAME CMD...: time one step, keep its log, go on after a failure
   echo "   exit $rc in $((SECONDS - t0)) s" | tee -a "$WORK/session.log"
   tail -n 25 "$WORK/$name.log" | tee -a "$WORK/session.log"
 }
-fid_time() {
+fid_time() {  # fid_time TIMEOUT_S
+  local env=()
   if [ "$FID_WEIGHTS" = 0 ]; then  # timing only: an Inception of random weights, same work per image
     python -c "import torch; from utils.inception import _architecture; torch.save(_architecture().state_dict(), '$WORK/random_inception.pth')"
     echo "FID timing with RANDOM Inception weights (no real ones on this machine): the seconds hold, the FID values do not" | tee -a "$WORK/session.log"
-    run fid env FID_INCEPTION_WEIGHTS="$WORK/random_inception.pth" MASKGIT_CACHE="$WORK/fid_cache" \
-      timeout "${1:-300}" python bench/fid_speed.py --device "$DEVICE" --csv "$WORK/fid.csv"
-  else
-    run fid timeout "${1:-300}" python bench/fid_speed.py --device "$DEVICE" --csv "$WORK/fid.csv"
+    env=(FID_INCEPTION_WEIGHTS="$WORK/random_inception.pth" MASKGIT_CACHE="$WORK/fid_cache")
   fi
+  run fid env "${env[@]}" timeout "$1" python bench/fid_speed.py --device "$DEVICE" --csv "$WORK/fid.csv"
+}
+speed_steps() {  # speed_steps TESTS_S TRAIN_S DECODE_S FID_S: #14's main figures, each step with its timeout
+  run gpu_tests timeout "$1" python -m pytest -q -m gpu tests
+  run train_b256 timeout "$2" python bench/train_throughput.py --config config/MaskGit.yml --device "$DEVICE" \
+    --batch-size 256 --compile --fused-attn --no-naive --csv "$WORK/train_b256.csv"
+  run decode timeout "$3" python bench/decode_throughput.py --config config/MaskGit.yml --device "$DEVICE" \
+    --csv "$WORK/decode.csv"
+  fid_time "$4"
 }
 pipeline() {  # pipeline BUDGET_MINUTES (0: the recipe's own) [TIMEOUT_S]
   local budget=() stages=tokenizer,tokens,transformer,inpaint
@@ -135,25 +142,17 @@ pipeline() {  # pipeline BUDGET_MINUTES (0: the recipe's own) [TIMEOUT_S]
   cat "$WORK/pipeline/summary.md" >>"$WORK/session.log" 2>/dev/null
 }
 case "$PART" in
-  speed)
-    run gpu_tests python -m pytest -q -m gpu tests
-    run train_b256 python bench/train_throughput.py --config config/MaskGit.yml --device "$DEVICE" --batch-size 256 \
-      --compile --fused-attn --no-naive --csv "$WORK/train_b256.csv"
+  speed)  # the call's own 600-s limit bounds each step
+    speed_steps 600 600 600 300
     run train_b512 python bench/train_throughput.py --config config/MaskGit.yml --device "$DEVICE" --batch-size 512 \
       --compile --no-naive --csv "$WORK/train_b512.csv"
-    run decode python bench/decode_throughput.py --config config/MaskGit.yml --device "$DEVICE" --csv "$WORK/decode.csv"
-    fid_time
     ;;
   pipe)
     pipeline "${3:-10}"  # ~8.7 min by estimate; the timeout leaves 40 s of the 600 for packing
     ;;
   all)
     T0=$SECONDS; LIMIT=${3:-560}
-    run gpu_tests timeout 150 python -m pytest -q -m gpu tests
-    run train_b256 timeout 150 python bench/train_throughput.py --config config/MaskGit.yml --device "$DEVICE" \
-      --batch-size 256 --compile --fused-attn --no-naive --csv "$WORK/train_b256.csv"
-    run decode timeout 75 python bench/decode_throughput.py --config config/MaskGit.yml --device "$DEVICE" --csv "$WORK/decode.csv"
-    fid_time 45
+    speed_steps 150 150 75 45
     LEFT=$((LIMIT - (SECONDS - T0) - 30))  # 30 s for packing
     if [ "$LEFT" -lt 240 ]; then echo "only $LEFT s left: pipeline not started" | tee -a "$WORK/session.log"; exit 0; fi
     # the stages that do not train take ~2 min on an H100 (estimate); the trainers get 18/25 of the budget

@@ -8,7 +8,8 @@ step, the step total fixed by a time budget, RNG), ``<out-dir>/vqgan.pt`` (a pla
 state_dict that loads like the lab's VQGAN.pt; the EMA weights with ``--ema``), reconstruction
 grids, TensorBoard scalars, ``metrics.csv`` and ``loss.png``.
 Losses: L1 + L2 (+ SSIM) reconstruction, codebook/commitment, PatchGAN (hinge or BCE, adaptive
-weight, optional LeCam regulariser). Perceptual (LPIPS/VGG) loss is not used: its weights cannot
+weight, optional LeCam and R1 regularisers of the discriminator, optional discriminator feature
+matching for the generator). Perceptual (LPIPS/VGG) loss is not used: its weights cannot
 be fetched offline, and an ImageNet network in the loss would game FID.
 """
 from __future__ import annotations
@@ -24,7 +25,7 @@ from torchvision.utils import save_image
 from tqdm import tqdm
 
 from models import VQGAN
-from models.VQGAN.discriminator import PatchDiscriminator, d_loss_fn, g_loss_fn
+from models.VQGAN.discriminator import PatchDiscriminator, d_loss_fn, feature_matching_loss, g_loss_fn, r1_penalty
 from models.VQGAN.training import EMACodebook, LeCam, kmeans, restart_dead_codes, ssim_loss
 from utils.build import load_vqgan_weights
 from utils.checkpoint import atomic_save, half_state_dict, load_checkpoint
@@ -63,6 +64,12 @@ def parse_args(argv=None):
     p.add_argument("--disc-weight", type=float, default=0.1, help="GAN loss weight (times the adaptive weight)")
     p.add_argument("--disc-loss", choices=["hinge", "bce"], default="hinge", help="discriminator loss")
     p.add_argument("--lecam-weight", type=float, default=0.0, help="LeCam regulariser of the discriminator (0: off)")
+    p.add_argument("--r1-weight", type=float, default=0.0,
+                   help="R1 gradient penalty gamma of the discriminator on real images (0: off), e.g. 1.0")
+    p.add_argument("--r1-every", type=int, default=16,
+                   help="apply R1 every N discriminator steps, scaled by N (StyleGAN2's lazy regularisation)")
+    p.add_argument("--fm-weight", type=float, default=0.0,
+                   help="discriminator feature-matching loss of the generator, fixed weight (0: off), e.g. 1.0")
     p.add_argument("--ema-codebook", type=float, default=0.0,
                    help="learn the codebook by EMA updates with this decay, e.g. 0.99 (0: by gradient)")
     p.add_argument("--kmeans-init", action="store_true", help="initialise the codebook by k-means on the first batch")
@@ -156,6 +163,12 @@ def check_options(args) -> None:
         raise UserError("--val-fid N scores the first N --val-data images: give --val-data DIR")
     if args.val_fid == 1 or args.val_fid < 0:
         raise UserError(f"--val-fid needs at least 2 images (got {args.val_fid}; 0 turns it off)")
+    if args.r1_every < 1:
+        raise UserError(f"--r1-every must be at least 1 (got {args.r1_every})")
+    bad = [f"--{n.replace('_', '-')} {getattr(args, n)}" for n in ("r1_weight", "fm_weight", "lecam_weight")
+           if getattr(args, n) < 0]
+    if bad:
+        raise UserError(f"negative loss weights: {', '.join(bad)} (0 turns a term off)")
 
 
 def build(args, raw_cfg: dict, device) -> Stage1:
@@ -207,15 +220,20 @@ def generator_step(st: Stage1, x: torch.Tensor, args, device) -> dict:
         rec = rec + args.ssim_weight * ssim_loss(denormalize(xr.float(), TRAIN_MEAN, TRAIN_STD),
                                                  denormalize(x, TRAIN_MEAN, TRAIN_STD), args.ssim_window)
     loss = rec + q_loss.float()
-    gan_w = torch.zeros((), device=x.device)
+    gan_w, fm = torch.zeros((), device=x.device), torch.zeros((), device=x.device)
     if use_disc:
         with autocast(device, args.precision):
-            g_gan = g_loss_fn(args.disc_loss, st.disc(xr).float())
+            fake_feats = st.disc.features(xr) if args.fm_weight else [st.disc(xr)]
+            g_gan = g_loss_fn(args.disc_loss, fake_feats[-1].float())
+            if args.fm_weight:
+                with torch.no_grad():
+                    real_feats = st.disc.features(x)
+                fm = feature_matching_loss(real_feats, fake_feats)
         last_layer = model.decoder.model[-1].weight
         g_rec = torch.autograd.grad(rec, last_layer, retain_graph=True)[0]
         g_adv = torch.autograd.grad(g_gan, last_layer, retain_graph=True)[0]
         gan_w = (g_rec.norm() / (g_adv.norm() + 1e-4)).clamp(0, 1e4).detach() * args.disc_weight
-        loss = loss + gan_w * g_gan
+        loss = loss + gan_w * g_gan + args.fm_weight * fm
     st.opt_g.zero_grad(set_to_none=True)
     st.scaler.scale(loss).backward()
     st.scaler.unscale_(st.opt_g)
@@ -223,18 +241,23 @@ def generator_step(st: Stage1, x: torch.Tensor, args, device) -> dict:
     st.scaler.step(st.opt_g)
     st.scaler.update()
     st.sched.step()
-    return {"loss": loss.detach(), "rec": rec.detach(), "q": q_loss.detach(), "gan_w": gan_w, "xr": xr.detach(), "z_e": z_e.detach(),
-            "codes": codes, "use_disc": use_disc}
+    return {"loss": loss.detach(), "rec": rec.detach(), "q": q_loss.detach(), "gan_w": gan_w, "fm": fm.detach(),
+            "xr": xr.detach(), "z_e": z_e.detach(), "codes": codes, "use_disc": use_disc}
 
 
 def discriminator_step(st: Stage1, x: torch.Tensor, xr: torch.Tensor, args, device) -> torch.Tensor:
+    """One discriminator update: GAN loss (+ LeCam) (+ R1 on every --r1-every-th GAN step). Returns the
+    GAN loss with LeCam, without the lazily applied R1 term (so the logged curve does not jump)."""
     with autocast(device, args.precision):
         real, fake = st.disc(x).float(), st.disc(xr).float()
     d_loss = d_loss_fn(args.disc_loss, real, fake)
     if st.lecam is not None:
         d_loss = d_loss + args.lecam_weight * st.lecam(real, fake)
+    total = d_loss
+    if args.r1_weight and (st.step - st.disc_start) % args.r1_every == 0:  # lazy: every N-th GAN step, scaled by N
+        total = d_loss + 0.5 * args.r1_weight * args.r1_every * r1_penalty(st.disc, x)
     st.opt_d.zero_grad(set_to_none=True)
-    d_loss.backward()
+    total.backward()
     st.opt_d.step()
     return d_loss.detach()
 
@@ -445,6 +468,7 @@ def main(argv=None) -> dict:
                 rec_v = out["rec"].item()
                 first_rec = rec_v if first_rec is None else first_rec
                 metrics.log(st.step, rec_loss=rec_v, q_loss=out["q"].item(), gan_weight=out["gan_w"].item(),
+                            **({"fm_loss": out["fm"].item()} if args.fm_weight else {}),
                             d_loss=d_loss.item() if d_loss is not None else 0.0, lr=st.sched.get_last_lr()[0])
                 pbar.set_postfix(rec=f"{rec_v:.4f}", img_s=f"{seen / (time.time() - t0):.1f}")
             pbar.update(1)

@@ -44,6 +44,32 @@ from utils.tokens import unseen_indices
 
 
 
+def parse_seeds(parser, text: str) -> list:
+    """'0,1,2' -> [0, 1, 2] (distinct non-negative integers)."""
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items or not all(t.isdigit() for t in items) or len(set(map(int, items))) != len(items):
+        parser.error(f"--seeds: {text!r} is not a comma-separated list of distinct non-negative integers, e.g. 0,1,2")
+    return [int(t) for t in items]
+
+
+def seed_summary(rows: list) -> list:
+    """Mean and sample std (ddof 1) of FID and hole PSNR over the seeds of each (set, method, protocol)
+    that ran with more than one seed."""
+    groups = {}
+    for r in rows:
+        if "seed" in r:
+            groups.setdefault((r["set"], r["method"], r["protocol"]), []).append(r)
+    out = []
+    for (set_name, method, protocol), rs in groups.items():
+        if len(rs) < 2:
+            continue
+        fid, ph = np.array([r["FID"] for r in rs]), np.array([r["psnr_hole"] for r in rs])
+        out.append({"set": set_name, "method": method, "protocol": protocol, "seeds": len(rs),
+                    "FID mean": fid.mean(), "FID std": fid.std(ddof=1), "FID min": fid.min(), "FID max": fid.max(),
+                    "hole PSNR mean": ph.mean(), "hole PSNR std": ph.std(ddof=1)})
+    return out
+
+
 def parse_combos(parser, text: str) -> list:
     """'cosine:10,linear:8:halton,cosine:10:logprob' -> [Combo("cosine", 10), Combo("linear", 8, "halton"),
     Combo("cosine", 10, confidence="logprob")]: schedule:T, then optionally an order and/or a confidence."""
@@ -76,9 +102,9 @@ class Combo:
     def dirname(self) -> str:
         return "ours_" + self.label().replace(" T=", "_T").replace(" ", "_")
 
-    def options(self) -> InpaintOptions:
+    def options(self, seed: int = 0) -> InpaintOptions:
         return InpaintOptions(total_iter=self.steps, mask_func=self.schedule, order=self.order,
-                              confidence=self.confidence, visualize=False)
+                              confidence=self.confidence, visualize=False, seed=seed)
 
 
 def build_sets(work: str, n: int | None, data: str, gt: str, wanted=("test", "val-unseen")) -> dict:
@@ -201,7 +227,11 @@ def main(argv=None):
     p.add_argument("--combos", default=None,
                    help="our settings as schedule:T[:order][:confidence], e.g. cosine:10,linear:8,cosine:10:halton,"
                         "cosine:10:logprob (default: the grid, confidence order, prob confidence)")
+    p.add_argument("--seeds", default="0",
+                   help="comma-separated decoding seeds (the confidence noise); with more than one, each of our "
+                        "settings runs once per seed and a mean +- std table over the seeds follows")
     args = p.parse_args(argv)
+    seeds = parse_seeds(p, args.seeds)
     wanted = [s.strip() for s in args.sets.split(",") if s.strip()]
     unknown = sorted(set(wanted) - {"test", "val-unseen"})
     if unknown or not wanted:
@@ -221,13 +251,15 @@ def main(argv=None):
     sets = build_sets(work, n, args.data, args.gt, wanted)
     rows = []
 
-    def score(set_name, root, method, pred_dir, protocol, seconds=None):
+    def score(set_name, root, method, pred_dir, protocol, seconds=None, seed=None):
         gt = os.path.join(root, "originals")
         row = {"set": set_name, "method": method, "protocol": protocol,
                "FID": compute_fid(pred_dir, gt, device=device), **hole_metrics(pred_dir, root),
                "images": len(list_images(pred_dir))}
         if seconds is not None:
             row["seconds"] = seconds
+        if seed is not None:
+            row["seed"] = seed
         rows.append(row)
         log.info("%-10s %-28s %-10s FID %7.2f  hole PSNR %.2f", set_name, method, protocol, row["FID"],
                  row["psnr_hole"])
@@ -237,14 +269,16 @@ def main(argv=None):
         rec = reconstruction(model, root, os.path.join(work, set_name, "recon"), device)  # moves with the tokenizer
         score(set_name, root, "tokenizer reconstruction (floor)", rec, "no holes")
         for c in combos:
-            d = os.path.join(work, set_name, c.dirname())
-            t0 = time.time()
-            run_inpainting(model, ds, d, c.options(), device, 8, progress=False)
-            sec = time.time() - t0
-            score(set_name, root, f"ours {c.label()}", os.path.join(d, "test_results"), "lab (no paste)", sec)
-            for blend, protocol in (("hard", "composited"), ("seamless", "composited, seamless")):
-                comp = composite(os.path.join(d, "test_results"), root, os.path.join(d, f"composited_{blend}"), blend)
-                score(set_name, root, f"ours {c.label()}", comp, protocol)
+            for seed in seeds:
+                d = os.path.join(work, set_name, c.dirname() + (f"_seed{seed}" if seed else ""))
+                t0 = time.time()
+                run_inpainting(model, ds, d, c.options(seed), device, 8, progress=False)
+                sec, tag = time.time() - t0, seed if len(seeds) > 1 else None
+                score(set_name, root, f"ours {c.label()}", os.path.join(d, "test_results"), "lab (no paste)", sec, tag)
+                for blend, protocol in (("hard", "composited"), ("seamless", "composited, seamless")):
+                    comp = composite(os.path.join(d, "test_results"), root, os.path.join(d, f"composited_{blend}"),
+                                     blend)
+                    score(set_name, root, f"ours {c.label()}", comp, protocol, seed=tag)
         for method in () if args.only_ours else ("telea", "ns", "biharmonic"):
             t0 = time.time()
             d = classical(root, os.path.join(work, set_name, method), method)
@@ -253,6 +287,10 @@ def main(argv=None):
                   time.time() - t0)
     print_table(rows, f"quality ({device_name(device)}; FID vs the originals of each set)")
     write_csv(rows, os.path.join(out, "quality.csv"))
+    spread = seed_summary(rows)
+    if spread:
+        print_table(spread, f"spread over the decoding seeds {args.seeds}")
+        write_csv(spread, os.path.join(out, "quality_seeds.csv"))
     if not args.skip_speed:
         from decode_throughput import main as decode_main
         from train_throughput import main as train_main

@@ -51,6 +51,13 @@ VARIANTS = {
     "ema_codebook_ssim_gan": ["--ema-codebook", "0.99", "--kmeans-init", "--ssim-weight", "0.5",
                               "--disc-start-frac", "0.6", "--disc-weight", "0.1"],
     "ema_codebook_ssim1": ["--ema-codebook", "0.99", "--kmeans-init", "--ssim-weight", "1.0"],
+    # the recipe of config/pipeline.yml (the one above + its GAN), then the GAN's hygiene on top of it
+    "ema_codebook_ssim1_gan": ["--ema-codebook", "0.99", "--kmeans-init", "--ssim-weight", "1.0",
+                               "--disc-start-frac", "0.6", "--disc-weight", "0.1"],
+    "ema_codebook_ssim1_gan_fm": ["--ema-codebook", "0.99", "--kmeans-init", "--ssim-weight", "1.0",
+                                  "--disc-start-frac", "0.6", "--disc-weight", "0.1", "--fm-weight", "1.0"],
+    "ema_codebook_ssim1_gan_r1": ["--ema-codebook", "0.99", "--kmeans-init", "--ssim-weight", "1.0",
+                                  "--disc-start-frac", "0.6", "--disc-weight", "0.1", "--r1-weight", "0.1"],
 }
 
 

@@ -306,6 +306,34 @@ def test_order_and_confidence_reach_the_decoder_from_the_cli_and_the_bench(tiny_
                                  ("cosine", 10, "confidence", "logprob"), ("linear", 8, "halton", "logprob")]
 
 
+def test_bench_seeds_spread():
+    """bench/run.py --seeds: parsed strictly, passed to the decoding options, and summarised per
+    (set, method, protocol) with the sample standard deviation (checked against statistics.stdev)."""
+    import statistics
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    from run import Combo, parse_seeds, seed_summary
+
+    class Parser:
+        def error(self, msg):
+            raise SystemExit(msg)
+    assert parse_seeds(Parser(), "0, 1,2") == [0, 1, 2]
+    for bad in ("", "0,0", "1,-2", "a"):
+        with pytest.raises(SystemExit, match="--seeds"):
+            parse_seeds(Parser(), bad)
+    assert Combo("cosine", 10).options(3).seed == 3 and Combo("cosine", 10).options().seed == 0
+    fids, psnrs = [46.9, 45.2, 47.4], [16.2, 16.0, 16.5]
+    rows = [{"set": "test", "method": "ours cosine T=10", "protocol": "lab (no paste)", "FID": f, "psnr_hole": p,
+             "seed": s} for s, (f, p) in enumerate(zip(fids, psnrs))]
+    rows += [{"set": "test", "method": "ours cosine T=10", "protocol": "composited", "FID": 20.0, "psnr_hole": 1.0,
+              "seed": 0},  # one seed only: no spread row
+             {"set": "test", "method": "OpenCV Telea", "protocol": "composited", "FID": 18.5, "psnr_hole": 20.3}]
+    (row,) = seed_summary(rows)
+    assert (row["protocol"], row["seeds"], row["FID min"], row["FID max"]) == ("lab (no paste)", 3, 45.2, 47.4)
+    assert row["FID mean"] == pytest.approx(statistics.mean(fids))
+    assert row["FID std"] == pytest.approx(statistics.stdev(fids))
+    assert row["hole PSNR std"] == pytest.approx(statistics.stdev(psnrs))
+
+
 def test_inpainting_clear_errors(tiny_world, tmp_path):
     from utils.checkpoint import CheckpointError
     with pytest.raises(CheckpointError, match="transformer checkpoint not found"):

@@ -245,6 +245,7 @@ def test_every_recipe_option_trains_and_exports_the_ema_weights(tiny_world, tmp_
     monkeypatch.setattr(EMA, "update", lambda self, model, step=None: (steps.append(step), update(self, model, step)))
     res = _run(tiny_world, tmp_path, "--steps", "40", "--ema-codebook", "0.9", "--kmeans-init", "--ssim-weight", "0.5",
                "--ssim-window", "3", "--disc-start", "20", "--lecam-weight", "0.1", "--ema", "0.9",
+               "--r1-weight", "1.0", "--r1-every", "4", "--fm-weight", "1.0",
                "--restart-every", "10", "--set", "codebook_norm=true")
     assert res["step"] == 40 and res["last_rec"] < 0.8 * res["first_rec"]
     assert steps == list(range(40))  # the weight EMA is told each step (its warmup), 0-based
@@ -339,6 +340,8 @@ def test_decoder_finetune_keeps_every_token_and_lowers_the_loss(tiny_world, tmp_
     (["--train-part", "decoder", "--init", "X", "--kmeans-init", "--ema-codebook", "0.9"],
      "drop --kmeans-init and --ema-codebook"),
     (["--val-fid", "8"], "give --val-data DIR"),
+    (["--r1-every", "0"], "--r1-every must be at least 1"),
+    (["--fm-weight", "-1", "--r1-weight", "-0.5"], "negative loss weights: --r1-weight -0.5, --fm-weight -1.0"),
 ])
 def test_finetune_and_val_fid_option_errors(tiny_world, tmp_path, extra, message):
     from utils.cli import UserError

@@ -215,6 +215,101 @@ def test_discriminator_step_adds_the_weighted_lecam_term():
     assert d_loss.item() == pytest.approx((hinge + 0.3 * reg).item(), rel=1e-5)
 
 
+def _hooked_features(disc, x):
+    """The discriminator's activations after each LeakyReLU, read by forward hooks (not by
+    PatchDiscriminator.features), and its logits."""
+    feats = []
+    hooks = [m.register_forward_hook(lambda mod, inp, out: feats.append(out.clone()))
+             for m in disc.modules() if isinstance(m, torch.nn.LeakyReLU)]
+    logits = disc(x)
+    for h in hooks:
+        h.remove()
+    return feats, logits
+
+
+def test_discriminator_features_are_its_hidden_activations_and_logits():
+    from models.VQGAN.discriminator import PatchDiscriminator
+    torch.manual_seed(0)
+    disc = PatchDiscriminator(base=8)
+    x = _images(3)
+    feats = disc.features(x)
+    ref, logits = _hooked_features(disc, x)
+    assert len(feats) == len(ref) + 1 == 4  # 3 LeakyReLUs of the default n_layers=3, then the logits
+    assert all(torch.equal(a, b) for a, b in zip(feats, ref)) and torch.equal(feats[-1], logits)
+
+
+def test_feature_matching_loss_against_a_direct_computation():
+    from models.VQGAN.discriminator import PatchDiscriminator, feature_matching_loss
+    torch.manual_seed(0)
+    disc = PatchDiscriminator(base=8)
+    x, xr = _images(2, seed=0), _images(2, seed=1)
+    (real, _), (fake, _) = _hooked_features(disc, x), _hooked_features(disc, xr)
+    expect = sum((f.double() - r.double()).abs().sum() / f.numel() for r, f in zip(real, fake)) / len(real)
+    got = feature_matching_loss(disc.features(x), disc.features(xr))
+    assert got.item() == pytest.approx(expect.item(), rel=1e-6)
+    assert feature_matching_loss(disc.features(x), disc.features(x)).item() == 0.0
+    x.requires_grad_(True)
+    xr.requires_grad_(True)
+    feature_matching_loss(disc.features(x), disc.features(xr)).backward()
+    params = list(disc.parameters())
+    assert xr.grad.abs().sum() > 0 and all(p.grad is not None for p in params[:-2])
+    assert x.grad is None  # the real activations are targets
+    assert params[-2].grad is None and params[-1].grad is None  # the logits layer is left out
+
+
+def test_r1_penalty_closed_forms():
+    from models.VQGAN.discriminator import r1_penalty
+    x = torch.randn(3, 3, 5, 4, generator=torch.Generator().manual_seed(0))
+    # D(x) = x^2 per pixel, 60 "patch logits" per image: the score's gradient is 2x / 60
+    assert r1_penalty(lambda t: t.pow(2), x).item() == pytest.approx(
+        (4 / 60 ** 2) * x.pow(2).sum((1, 2, 3)).mean().item(), rel=1e-6)
+    # a 1x1 convolution w, 20 patches: every pixel's gradient is w / 20, so 20 ||w||^2 / 400 for every image
+    conv = torch.nn.Conv2d(3, 1, 1)
+    assert r1_penalty(conv, x).item() == pytest.approx(conv.weight.pow(2).sum().item() / 20, rel=1e-6)
+    r1_penalty(conv, x).backward()  # differentiable in the discriminator's weights: d/dw = 2 w / 20
+    assert torch.allclose(conv.weight.grad, conv.weight.detach() / 10, rtol=1e-5)
+
+
+def test_discriminator_step_adds_lazy_r1_on_schedule(monkeypatch):
+    import copy
+    st, args = _stage1("--r1-weight", "2.0", "--r1-every", "4", "--disc-start", "3", "--steps", "20")
+    x, xr = _images(seed=0), _images(seed=1)
+    first = copy.deepcopy(st.disc)
+    # step 3 is the first GAN step: R1 is applied, scaled by gamma / 2 * every = 4
+    st.step = 3
+    d_loss = train_vqgan.discriminator_step(st, x, xr, args, CPU)
+    real, fake = first(x), first(xr)
+    hinge = 0.5 * (F.relu(1 - real).mean() + F.relu(1 + fake).mean())
+    assert d_loss.item() == pytest.approx(hinge.item(), rel=1e-5)  # the returned loss leaves R1 out
+    xg = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(first(xg).mean((1, 2, 3)).sum(), xg, create_graph=True)
+    (hinge + 4.0 * g.pow(2).flatten(1).sum(1).mean()).backward()
+    for p_ref, p in zip(first.parameters(), st.disc.parameters()):
+        assert torch.allclose(p.grad, p_ref.grad, rtol=1e-4, atol=1e-7)
+    calls = []
+    monkeypatch.setattr(train_vqgan, "r1_penalty", lambda disc, x: calls.append(st.step) or torch.zeros(()))
+    for step in range(3, 16):
+        st.step = step
+        train_vqgan.discriminator_step(st, x, xr, args, CPU)
+    assert calls == [3, 7, 11, 15]
+
+
+def test_generator_step_adds_the_weighted_feature_matching_term():
+    x = _images(seed=0)
+    outs = {}
+    for w in ("0", "2.5"):
+        st, args = _stage1("--fm-weight", w, "--disc-start", "0", "--steps", "10")
+        with torch.no_grad():
+            (real, _), (fake, _) = _hooked_features(st.disc, x), _hooked_features(st.disc, st.model(x)[0])
+        expect = sum((f - r).abs().mean() for r, f in zip(real, fake)) / len(real)
+        outs[w] = train_vqgan.generator_step(st, x, args, CPU)
+        if w != "0":
+            assert outs[w]["fm"].item() == pytest.approx(expect.item(), rel=1e-5)
+    assert outs["0"]["fm"].item() == 0.0
+    assert outs["2.5"]["gan_w"].item() == pytest.approx(outs["0"]["gan_w"].item(), rel=1e-5)
+    assert (outs["2.5"]["loss"] - outs["0"]["loss"]).item() == pytest.approx(2.5 * outs["2.5"]["fm"].item(), rel=1e-4)
+
+
 def _codebook_state(step: int):
     """What codebook_step reads: a gradient-codebook tiny VQGAN at ``step`` of 100, restarts every 10
     steps, and a batch of latents (2, D, 4, 4). Returns (state, args, z_e)."""

@@ -28,6 +28,15 @@ class PatchDiscriminator(nn.Module):
     def forward(self, x):
         return self.model(x)
 
+    def features(self, x) -> list:
+        """The activations after each LeakyReLU, then the logits (the last entry equals forward(x))."""
+        feats = []
+        for layer in self.model:
+            x = layer(x)
+            if isinstance(layer, nn.LeakyReLU):
+                feats.append(x)
+        return feats + [x]
+
 
 def d_loss_fn(kind: str, real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
     if kind == "hinge":
@@ -39,3 +48,21 @@ def d_loss_fn(kind: str, real_logits: torch.Tensor, fake_logits: torch.Tensor) -
 
 def g_loss_fn(kind: str, fake_logits: torch.Tensor) -> torch.Tensor:
     return -fake_logits.mean() if kind == "hinge" else F.softplus(-fake_logits).mean()
+
+
+def feature_matching_loss(real_feats: list, fake_feats: list) -> torch.Tensor:
+    """Discriminator feature matching (Salimans et al. 2016; pix2pixHD's form): the mean over the
+    hidden layers of the mean absolute difference between the activations of the real and the
+    reconstructed image. The real activations are targets (detached); the logits are left out."""
+    terms = [(f.float() - r.detach().float()).abs().mean() for r, f in zip(real_feats[:-1], fake_feats[:-1])]
+    return torch.stack(terms).mean()
+
+
+def r1_penalty(disc, x: torch.Tensor) -> torch.Tensor:
+    """R1 (Mescheder et al., ICML 2018) on real images: the mean over images of ||grad_x s(x)||^2, where
+    an image's score s is the mean of its patch logits (what the mean-reduced GAN loss sees; so gamma
+    keeps the scale it has for a one-logit discriminator such as StyleGAN2's). In fp32, with a graph
+    for the discriminator's update; the caller multiplies by gamma / 2."""
+    x = x.detach().float().requires_grad_(True)
+    (grad,) = torch.autograd.grad(disc(x).float().flatten(1).mean(1).sum(), x, create_graph=True)
+    return grad.pow(2).flatten(1).sum(1).mean()

@@ -5,7 +5,8 @@
 
 Writes ``<out-dir>/last.pt`` (resumable: model, discriminator, optimizers, codebook statistics,
 step, the step total fixed by a time budget, RNG), ``<out-dir>/vqgan.pt`` (a plain fp32
-state_dict that loads like the lab's VQGAN.pt; the EMA weights with ``--ema``), reconstruction
+state_dict that loads like the lab's VQGAN.pt, with its config in the dict's _metadata; the EMA
+weights with ``--ema``), reconstruction
 grids, TensorBoard scalars, ``metrics.csv`` and ``loss.png``.
 Losses: L1 + L2 (+ SSIM) reconstruction, codebook/commitment, PatchGAN (hinge or BCE, adaptive
 weight, optional LeCam and R1 regularisers of the discriminator, optional discriminator feature
@@ -28,7 +29,7 @@ from models import VQGAN
 from models.VQGAN.discriminator import PatchDiscriminator, d_loss_fn, feature_matching_loss, g_loss_fn, r1_penalty
 from models.VQGAN.training import EMACodebook, LeCam, kmeans, restart_dead_codes, ssim_loss
 from utils.build import load_vqgan_weights
-from utils.checkpoint import atomic_save, half_state_dict, load_checkpoint
+from utils.checkpoint import atomic_save, half_state_dict, lab_state_dict, load_checkpoint
 from utils.cli import ArgumentParser, Interrupted, UserError, run_cli
 from utils.config import ConfigError, apply_overrides, load_vqgan_config
 from utils.data import TRAIN_MEAN, TRAIN_STD, denormalize, load_image_stack, to_uint8, uint8_to_normalized
@@ -192,6 +193,13 @@ def build(args, raw_cfg: dict, device) -> Stage1:
     st.sched = torch.optim.lr_scheduler.LambdaLR(opt_g, lambda s: warmup_cosine(s, args.warmup_steps, st.total_steps))
     st.disc_start = disc_start(args, st.total_steps)
     return st
+
+
+def tokenizer_state_dict(model: VQGAN):
+    """The exported weights: the lab's raw layout (``VQGAN.pt`` loads the same way, strictly) with the
+    tokenizer's config stored in the dict's ``_metadata``, so the file names its own architecture
+    (training_transformer.py --vqgan-ckpt builds the tokenizer from it)."""
+    return lab_state_dict(model, model.cfg.to_dict())
 
 
 def disc_start(args, total_steps: int) -> int:
@@ -382,7 +390,7 @@ def validate(st: Stage1, val_images, args, device, metrics, val_fid: ValFID | No
         metrics.log(st.step, val_fid=fid)
         if fid < st.best_val_fid:
             st.best_val_fid = fid
-            atomic_save(st.eval_model().state_dict(), os.path.join(args.out_dir, "vqgan_best.pt"))
+            atomic_save(tokenizer_state_dict(st.eval_model()), os.path.join(args.out_dir, "vqgan_best.pt"))
     save_grid(st.eval_model(), val_images, device, args.precision, os.path.join(args.out_dir, f"recon_{st.step:06d}.png"))
     return st.step, p, usage, fid
 
@@ -445,7 +453,7 @@ def main(argv=None) -> dict:
         if out is not None:
             check_finite(out["loss"], st.step)  # never write weights a non-finite step touched
         atomic_save({**st.state_dict(), "config": st.model.cfg.to_dict(), "args": vars(args)}, last_path)
-        atomic_save(st.eval_model().state_dict(), os.path.join(args.out_dir, "vqgan.pt"))
+        atomic_save(tokenizer_state_dict(st.eval_model()), os.path.join(args.out_dir, "vqgan.pt"))
         metrics.flush()
 
     t0, seen, first_rec, rec_v, start_step, last_eval = time.time(), 0, None, math.nan, st.step, None
@@ -486,7 +494,7 @@ def main(argv=None) -> dict:
                               f"--resume ({last_path})")
     model = st.eval_model()
     if args.half:
-        atomic_save(half_state_dict(model.state_dict()), os.path.join(args.out_dir, "vqgan_fp16.pt"))
+        atomic_save(half_state_dict(tokenizer_state_dict(model)), os.path.join(args.out_dir, "vqgan_fp16.pt"))
     metrics.plot(["rec_loss", "q_loss"], os.path.join(args.out_dir, "loss.png"), "VQGAN training losses")
     metrics.close()
     final_psnr, usage = (last_eval[1:3] if last_eval and last_eval[0] == st.step

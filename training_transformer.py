@@ -15,7 +15,7 @@ import os
 
 import torch.distributed as dist
 
-from utils.build import build_maskgit
+from utils.build import build_maskgit, tokenizer_file_config
 from utils.checkpoint import atomic_save, lab_state_dict, load_checkpoint
 from utils.cli import Interrupted, UserError, run_cli
 from utils.config import load_maskgit_config, resolve_path
@@ -63,12 +63,22 @@ def load_tokens(opts: RunConfig, model, device, folders, rank: int, world: int):
     return train["ids"].to(device), val["ids"].to(device), val["ids"][unseen].to(device)
 
 
-def model_config(opts: RunConfig) -> dict:
-    """The resolved MaskGit config of the run: --MaskGitConfig, --set, and --vqgan-ckpt as its tokenizer."""
+def model_config(opts: RunConfig, notes: list | None = None) -> dict:
+    """The resolved MaskGit config of the run: --MaskGitConfig, --set, and --vqgan-ckpt as its tokenizer.
+    A tokenizer file that stores its config (train_vqgan.py's vqgan.pt) brings its own architecture;
+    for one without (the lab's VQGAN.pt) the YAML's model_param.VQ_Configs.VQ_config_path says it.
+    ``notes`` receives a line for the log when the file's config replaces the YAML's."""
     cfg = load_maskgit_config(opts.MaskGitConfig, list(opts.set))
     if opts.vqgan_ckpt:
-        cfg["model_param"]["VQ_Configs"] = dict(cfg["model_param"].get("VQ_Configs") or {},
-                                                VQ_CKPT_path=os.path.abspath(resolve_path(opts.vqgan_ckpt)))
+        path = os.path.abspath(resolve_path(opts.vqgan_ckpt))
+        cfg["model_param"]["VQ_Configs"] = dict(cfg["model_param"].get("VQ_Configs") or {}, VQ_CKPT_path=path)
+        own = tokenizer_file_config(path)
+        if own is not None and own != cfg["vqgan"]:
+            diff = sorted(k for k in set(own) | set(cfg["vqgan"]) if own.get(k) != cfg["vqgan"].get(k))
+            if notes is not None:
+                notes.append(f"tokenizer config: the one stored in {path} (the YAML's differs in "
+                             f"{', '.join(diff)})")
+            cfg["vqgan"] = own
     return cfg
 
 
@@ -91,7 +101,8 @@ def build(opts: RunConfig) -> Run:
     folders, last = data_folders(opts), os.path.join(opts.out_d_path, "last.pt")
     if opts.resume and not os.path.isfile(last):
         raise UserError(f"--resume: no checkpoint at {last}")
-    cfg = model_config(opts)
+    notes = []
+    cfg = model_config(opts, notes)
     rank, world, ddp_device = init_distributed()
     if opts.batch_size % world:
         raise UserError(f"--batch-size {opts.batch_size} must be a multiple of the number of processes {world}")
@@ -109,6 +120,8 @@ def build(opts: RunConfig) -> Run:
                        warmup_steps=opts.warmup_steps, total_steps=lambda: state.total_steps, ema=opts.ema,
                        compile=opts.compile, hole_frac=opts.hole_frac, seed=opts.seed, rank=rank, world=world)
     log = create_logger("maskgit", os.path.join(opts.out_d_path, "train.log") if rank == 0 else None, rank)
+    for note in notes:
+        log.info(note)
     if opts.resume:
         load_training_state(parts, state, load_checkpoint(last, "training checkpoint"), opts.time_budget_min > 0)
         log.info("resumed from %s at step %d (epoch %d)", last, state.step, state.step // state.steps_per_epoch)

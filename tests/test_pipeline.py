@@ -148,15 +148,22 @@ def test_composited_run_pastes_and_lab_run_does_not(chain):
 
 def test_fid_stage_without_the_training_checkpoints(chain, tmp_path, capsys):
     """What a run on another machine sends back (bench/gpu_session.sh score): vqgan.pt and the
-    images, no last.pt. The fid stage builds the tokenizer from the recipe and scores the same."""
+    images, no last.pt. The fid stage builds the tokenizer from the config vqgan.pt stores, or, for a
+    file without one, from the recipe, and scores the same."""
+    from utils.checkpoint import stored_config
     out = tmp_path / "out"
     shutil.copytree(chain["out"], out, ignore=shutil.ignore_patterns("last.pt", "cache", "fid"))
     assert not os.path.exists(out / "tokenizer" / "last.pt")
-    code, _ = run(args_for(chain["world"], chain["recipe"], out, "--stages", "fid"), capsys)
-    assert code == 0
-    got = yaml.safe_load(open(out / "summary.json"))["stages"]["fid"]["figures"]
     want = chain["summary"]["stages"]["fid"]["figures"]
-    assert got == pytest.approx(want, abs=1e-6)
+    vq = torch.load(out / "tokenizer" / "vqgan.pt", weights_only=True)
+    assert stored_config(vq)["latent_dim"] == 16  # config/VQGAN_smoke.yml
+    for plain in (False, True):
+        if plain:  # the layout of an older vqgan.pt: the recipe names the config
+            torch.save({k: v for k, v in vq.items()}, out / "tokenizer" / "vqgan.pt")
+        code, _ = run(args_for(chain["world"], chain["recipe"], out, "--stages", "fid", "--force", "fid"), capsys)
+        assert code == 0
+        got = yaml.safe_load(open(out / "summary.json"))["stages"]["fid"]["figures"]
+        assert got == pytest.approx(want, abs=1e-6)
 
 
 def test_stages_and_force_select_what_runs(chain, tmp_path, capsys):
@@ -246,7 +253,11 @@ def test_resume_skips_finished_stages_and_continues_the_interrupted_one(tmp_path
     ({"transformer": {"args": {"out_d_path": "x"}}},
      "transformer.args.out_d_path: --out_d_path is set by the pipeline"),
     ({"inpaint": {"args": {"total_iter": "x"}}}, "inpaint: argument --total-iter: invalid int value"),
-    ({"transformer": {"args": {"MaskGitConfig": "config/MaskGit_small.yml"}}}, "names another tokenizer config"),
+    ({"transformer": {"args": {"MaskGitConfig": "config/MaskGit_small.yml"}}},
+     "the tokenizer (config/VQGAN_smoke.yml) makes 16 tokens of 64 codes per image but the transformer's "
+     "config/MaskGit_small.yml expects 256 of 1024: set model_param.num_image_tokens and num_codebook_vectors"),
+    ({"transformer": {"args": {"set": ["model_param.Transformer_param.num_codebook_vectors=32"]}}},
+     "expects 16 of 32: set model_param.Transformer_param.num_image_tokens"),
 ])
 def test_recipe_errors_are_one_line_naming_the_file_and_key(tmp_path, capsys, change, expected):
     with open(SMOKE) as f:
@@ -294,6 +305,26 @@ def test_recipe_keys_become_the_scripts_flags():
     recipe.args["transformer"]["hflip"] = "yes"
     with pytest.raises(UserError, match="--hflip is a switch"):
         recipe_argv(recipe, "transformer")
+
+
+def test_a_transformer_yaml_naming_another_tokenizer_architecture_passes_the_check(tmp_path, capsys):
+    """Only the token interface must agree before the run: the tokenizer's architecture comes with
+    its vqgan.pt (training_transformer.py reads the config stored there)."""
+    with open(os.path.join(REPO_ROOT, "config", "VQGAN_smoke.yml")) as f:
+        vq = yaml.safe_load(f)
+    vq["model_param"]["dec_channels"] = [8, 16, 16]
+    (tmp_path / "vq.yml").write_text(yaml.safe_dump(vq))
+    with open(os.path.join(REPO_ROOT, "config", "MaskGit_smoke.yml")) as f:
+        mg = yaml.safe_load(f)
+    mg["model_param"]["VQ_Configs"]["VQ_config_path"] = str(tmp_path / "vq.yml")
+    (tmp_path / "mg.yml").write_text(yaml.safe_dump(mg))
+    with open(SMOKE) as f:
+        recipe = yaml.safe_load(f)
+    recipe["transformer"]["args"]["MaskGitConfig"] = str(tmp_path / "mg.yml")
+    (tmp_path / "recipe.yml").write_text(yaml.safe_dump(recipe))
+    world = make_world(tmp_path / "world", n_train=1, n_val=1, n_test=1)
+    res = pipeline.main(args_for(world, str(tmp_path / "recipe.yml"), tmp_path / "out") + ["--dry-run"])
+    assert str(tmp_path / "mg.yml") in res["commands"]["transformer"][0]
 
 
 def test_budget_minutes_scale_every_stage(tmp_path, capsys):

@@ -14,7 +14,7 @@ import yaml
 
 import training_transformer as tt
 import utils.train_engine as engine
-from conftest import ROOT
+from conftest import ROOT, TINY_VQ
 from models import MaskGit
 from models.Transformer import BidirectionalTransformer
 from utils.checkpoint import atomic_save, half_state_dict, load_checkpoint
@@ -122,6 +122,37 @@ def test_outputs_cache_and_lab_layout(tiny_world, tmp_path, monkeypatch):
     tt.main(_args(tiny_world, tmp_path / "run2", "--epochs", "1", "--cache-dir", cache, "--partial", "0.5"))
     new = [load_checkpoint(os.path.join(cache, c)) for c in os.listdir(cache) if c.startswith("tokens_")]
     assert len(new) == 4 and sorted(len(c["ids"]) for c in new) == [16, 16, 24, 96]
+
+
+def test_a_tokenizer_file_that_stores_its_config_brings_its_architecture(tiny_world, tmp_path, capfd):
+    """train_vqgan.py's vqgan.pt stores its config: training_transformer.py --vqgan-ckpt builds the
+    tokenizer from it even where the YAML names another (lab's strict load still works); a file
+    without one (the lab's layout) must fit the YAML, and the error names what differs."""
+    import train_vqgan
+    from models import VQGAN
+    from utils.build import load_vqgan_weights
+    from utils.checkpoint import CONFIG_KEY, stored_config
+    from models.convert import CheckpointLayoutError
+    other = dict(TINY_VQ, dec_channels=[8, 16, 16], enc_num_res_blocks=2)  # same token grid, other layers
+    torch.manual_seed(1)
+    vq = VQGAN(other)
+    path = tmp_path / "vqgan.pt"
+    torch.save(train_vqgan.tokenizer_state_dict(vq), path)
+    raw = torch.load(path, weights_only=True)
+    assert raw._metadata[CONFIG_KEY]["config"] == vq.cfg.to_dict()
+    VQGAN(other).load_state_dict(raw, strict=True)  # the lab's strict load of the exported file
+    tt.main(_args(tiny_world, tmp_path / "run", "--epochs", "1", "--vqgan-ckpt", str(path)))
+    assert f"tokenizer config: the one stored in {path} (the YAML's differs in dec_channels, enc_num_res_blocks)" \
+        in capfd.readouterr().err
+    ck = torch.load(tmp_path / "run" / "transformer_last.pth", weights_only=True)
+    assert stored_config(ck)["vqgan"]["dec_channels"] == [8, 16, 16]  # inference rebuilds the same tokenizer
+    torch.save(vq.state_dict(), tmp_path / "plain.pt")  # no stored config: the YAML's must fit
+    with pytest.raises(CheckpointLayoutError, match="plain.pt does not fit") as e:
+        tt.main(_args(tiny_world, tmp_path / "run2", "--epochs", "1", "--vqgan-ckpt", str(tmp_path / "plain.pt")))
+    assert "stores the config" not in str(e.value)
+    with pytest.raises(CheckpointLayoutError, match=r"differs from this one in dec_channels \(\[8, 16, 16\] in the "
+                                                    r"file, \[16, 32, 32\] here\), enc_num_res_blocks \(2 in"):
+        load_vqgan_weights(VQGAN(TINY_VQ), str(path))
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_world, tmp_path, monkeypatch, capsys):

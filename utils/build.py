@@ -23,14 +23,28 @@ def load_vqgan_weights(vqgan: torch.nn.Module, path: str) -> None:
     path = resolve_path(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"VQGAN checkpoint not found: {path}; {VQGAN_HINT}")
-    sd = unwrap_state_dict(load_checkpoint(path, "VQGAN checkpoint"))
+    raw = load_checkpoint(path, "VQGAN checkpoint")
+    sd = unwrap_state_dict(raw)
     sd = {k[len("vqgan."):] if k.startswith("vqgan.") else k: v for k, v in sd.items()}
     problem = describe_mismatch(vqgan.state_dict(), sd)
     if problem:
+        own, want = stored_config(raw), getattr(getattr(vqgan, "cfg", None), "to_dict", dict)()
+        note = ""
+        if own is not None and want:
+            diff = sorted(k for k in set(own) | set(want) if own.get(k) != want.get(k))
+            note = (f"; the file stores the config it was trained with, which differs from this one in "
+                    f"{', '.join(f'{k} ({own.get(k)!r} in the file, {want.get(k)!r} here)' for k in diff)}")
         raise CheckpointLayoutError(f"VQGAN checkpoint {path} does not fit the tokenizer config (a checkpoint needs the "
                                     f"config it was trained with: model_param.VQ_Configs.VQ_config_path in the "
-                                    f"--MaskGitConfig YAML): {problem}")
+                                    f"--MaskGitConfig YAML): {problem}{note}")
     vqgan.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
+
+
+def tokenizer_file_config(path: str) -> dict | None:
+    """The config a tokenizer file of ours stores (train_vqgan.py writes it into vqgan.pt's
+    ``_metadata``), or None: no such file yet, or a file without one (the lab's VQGAN.pt)."""
+    path = resolve_path(path)
+    return stored_config(load_checkpoint(path, "VQGAN checkpoint")) if os.path.isfile(path) else None
 
 
 def build_maskgit(cfg: dict, load_vqgan: bool = True, vqgan_ckpt: str | None = None) -> MaskGit:

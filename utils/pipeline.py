@@ -42,10 +42,11 @@ from PIL import Image
 from models import VQGAN
 from models.VQGAN import VQGANConfig
 
-from .build import build_maskgit, load_vqgan_weights
+from .build import build_maskgit, load_vqgan_weights, tokenizer_file_config
 from .checkpoint import atomic_write_text, load_checkpoint
 from .cli import Interrupted, ParserCaptured, UserError, capture_parser, one_line
-from .config import REPO_ROOT, ConfigError, apply_overrides, load_vqgan_config, load_yaml, resolve_path
+from .config import (REPO_ROOT, ConfigError, apply_overrides, load_maskgit_config, load_vqgan_config, load_yaml,
+                     resolve_path)
 from .data import (TEST_MEAN, TEST_STD, LabLayout, default_data_root, denormalize, find_lab_layout, list_images,
                    normalize, pil_to_tensor01, read_image, to_uint8)
 from .metrics import psnr
@@ -324,8 +325,9 @@ COMMANDS = {"tokenizer": tokenizer_commands, "tokens": tokens_commands, "transfo
 
 
 def check_context(ctx: Context, stages: tuple) -> None:
-    """Before any work: every selected stage's arguments parse, and the transformer's config names
-    the tokenizer config the tokenizer stage trains (else its vqgan.pt would not load, after training)."""
+    """Before any work: every selected stage's arguments parse, both configs load, and the transformer's
+    token interface (sequence length, vocabulary) is the one the tokenizer stage trains. The tokenizer's
+    architecture itself comes with its vqgan.pt (training_transformer.py reads the config stored in it)."""
     for stage in stages:
         for script, argv in COMMANDS[stage](ctx):
             check_argv(script, argv, f"{ctx.recipe.path}: {stage}")
@@ -333,15 +335,18 @@ def check_context(ctx: Context, stages: tuple) -> None:
     opts = tt.parse_options(transformer_commands(ctx)[0][1])
     try:
         vq_path, vq_cfg = recipe_tokenizer(ctx)
-        trained = VQGANConfig.from_dict(vq_cfg).to_dict()
-        used = VQGANConfig.from_dict(tt.model_config(opts)["vqgan"]).to_dict()
+        trained = VQGANConfig.from_dict(vq_cfg)
+        mp = load_maskgit_config(opts.MaskGitConfig, list(opts.set))["model_param"]
     except ConfigError as e:
         raise UserError(f"{ctx.recipe.path}: {e}") from e
-    diff = sorted(k for k in trained if trained[k] != used.get(k))
-    if diff:
-        raise UserError(f"{ctx.recipe.path}: the tokenizer trains {vq_path} but the transformer's "
-                        f"{opts.MaskGitConfig} names another tokenizer config (differs in {diff}): point its "
-                        f"model_param.VQ_Configs.VQ_config_path at {vq_path}")
+    tokens, codes = trained.latent_resolution ** 2, trained.num_codebook_vectors
+    for where in ("model_param", "model_param.Transformer_param"):
+        part = mp if where == "model_param" else mp.get("Transformer_param") or {}
+        if (part.get("num_image_tokens"), part.get("num_codebook_vectors")) != (tokens, codes):
+            raise UserError(f"{ctx.recipe.path}: the tokenizer ({vq_path}) makes {tokens} tokens of {codes} codes per "
+                            f"image but the transformer's {opts.MaskGitConfig} expects "
+                            f"{part.get('num_image_tokens')} of {part.get('num_codebook_vectors')}: set "
+                            f"{where}.num_image_tokens and num_codebook_vectors to match")
 
 
 def recipe_tokenizer(ctx: Context) -> tuple:
@@ -422,8 +427,12 @@ def run_fid(ctx: Context, commands: list) -> dict:
 
 
 def tokenizer_config(ctx: Context) -> dict:
-    """The trained tokenizer's config: from its last.pt, or where only vqgan.pt came back (a run on
-    another machine: bench/gpu_session.sh score), the recipe's config with its overrides."""
+    """The trained tokenizer's config: the one its vqgan.pt stores (train_vqgan.py writes it there), else
+    (a file of an older version) from its last.pt, else (only vqgan.pt came back from a run on another
+    machine) the recipe's config with its overrides."""
+    own = tokenizer_file_config(ctx.dir("tokenizer", "vqgan.pt"))
+    if own is not None:
+        return own
     last = ctx.dir("tokenizer", "last.pt")
     if os.path.isfile(last):
         return load_checkpoint(last, "VQGAN training checkpoint")["config"]

@@ -30,7 +30,7 @@
 # summaries, grids, report pictures: everything but checkpoints and image folders), and from a
 # pipeline run vqgan.pt (fp32), transformer_fp16.pth (the bundled files' format) and the inpainted
 # images (images_lab.tgz, images_composited.tgz) that `score` needs; from an ablation run each
-# variant's reconstructions of the 570 originals (recon_VARIANT.tgz) that `score-abl` needs.
+# variant's reconstructions of the held-out images (recon_VARIANT.tgz; 1,118 unseen val images by default) that `score-abl` needs.
 # DEVICE=cpu RECIPE=config/pipeline_smoke.yml ... pipe $OUT 0 runs the pipe part on a CPU (0: the
 # recipe's own steps), to check this script.
 set -uo pipefail
@@ -94,14 +94,14 @@ src, dst = sys.argv[1:]
 if os.path.isfile(src):
     torch.save(half_state_dict(torch.load(src, map_location="cpu", weights_only=True)), dst)
 PY
-  for rec in "$WORK"/ablation/*/recon_test; do
+  for rec in "$WORK"/ablation/*/recon; do
     [ -d "$rec" ] && tar -czf "$OUT/recon_$(basename "$(dirname "$rec")").tgz" -C "$WORK" "${rec#"$WORK"/}"
   done
   for kind in lab composited; do
     [ -d "$run/inpaint/$kind/test_results" ] && tar -czf "$OUT/images_$kind.tgz" -C "$WORK" "pipeline/inpaint/$kind/test_results"
   done
   tar -czf "$OUT/results.tgz" -C "$WORK" --exclude='*.pt' --exclude='*.pth' --exclude='pipeline/tokens/cache' \
-    --exclude='*/test_results' --exclude='*/imga' --exclude='*/mask_scheduling' --exclude='*/recon_test' .
+    --exclude='*/test_results' --exclude='*/imga' --exclude='*/mask_scheduling' --exclude='ablation/*/recon' .
   ls -l "$OUT"
 }
 trap pack EXIT

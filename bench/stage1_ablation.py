@@ -1,5 +1,7 @@
 """Stage-1 recipe ablation: train one tokenizer per variant with the same steps and data, then
-score each on the recovered test originals (reconstruction PSNR and FID, no holes).
+score each by its reconstructions (PSNR and FID, no holes) of held-out images: by default the
+1,118 val images that never occur in train (``--eval-set val-unseen``: the recipe is chosen on
+the lab's train/val data), or the 570 recovered test originals (``--eval-set test``, a report).
 
     python bench/stage1_ablation.py --out bench/results/stage1_ablation            # CPU scale
     python bench/stage1_ablation.py --scale h100 --device cuda --out runs/ablation   # GPU scale
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -25,6 +28,7 @@ from utils.config import load_vqgan_config, apply_overrides  # noqa: E402
 from utils.data import list_images  # noqa: E402
 from utils.fid import compute_fid, get_model  # noqa: E402
 from utils.pipeline import reconstruct_images  # noqa: E402
+from utils.tokens import unseen_indices  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -78,10 +82,27 @@ def run_variant(name: str, extra: list, scale: dict, args) -> dict:
     cfg = apply_overrides(load_vqgan_config(os.path.join(REPO, scale["config"])).to_dict(), sets)
     model = VQGAN(cfg).to(args.device).eval()
     load_vqgan_weights(model, os.path.join(out, "vqgan.pt"))
-    rec_dir = os.path.join(out, "recon_test")
-    p = reconstruct_images(model, args.gt, [os.path.basename(f) for f in list_images(args.gt)], rec_dir, args.device)
+    src, names = eval_images(args)
+    rec_dir = os.path.join(out, "recon")
+    shutil.rmtree(rec_dir, ignore_errors=True)  # no stale images of another run in the FID
+    p = reconstruct_images(model, src, names, rec_dir, args.device)
     return {"variant": name, "options": " ".join(extra) or "(base recipe)", "steps": args.steps or scale["steps"],
-            "psnr": round(p, 2), "fid": recon_fid(rec_dir, args.gt, args.device), "train_s": round(train_s)}
+            "eval_set": args.eval_set, "psnr": round(p, 2), "fid": recon_fid(rec_dir, src, args.device),
+            "train_s": round(train_s)}
+
+
+def eval_images(args) -> tuple:
+    """(folder, file names) of the held-out images a variant reconstructs: the val images that never
+    occur in train (val-unseen), or every original in --gt (test)."""
+    src = eval_folder(args, args.eval_set)
+    if args.eval_set == "test":
+        return src, [os.path.basename(f) for f in list_images(src)]
+    files = list_images(src)
+    return src, [os.path.basename(files[i]) for i in unseen_indices(src, os.path.join(args.data, "train")).tolist()]
+
+
+def eval_folder(args, eval_set: str) -> str:
+    return args.gt if eval_set == "test" else os.path.join(args.data, "val")
 
 
 def recon_fid(rec_dir: str, gt: str, device: str) -> float | None:
@@ -97,17 +118,20 @@ def recon_fid(rec_dir: str, gt: str, device: str) -> float | None:
 
 
 def rescore(results: list, args) -> None:
-    """Fill in the FIDs a machine without the Inception weights left out, from the recon_test folders."""
+    """Fill in the FIDs a machine without the Inception weights left out, from the variants' recon
+    folders (recon_test in results of older versions, which scored only the test originals)."""
     for r in results:
-        rec_dir = os.path.join(args.out, r["variant"], "recon_test")
+        eval_set = r.get("eval_set", "test")
+        rec_dir = os.path.join(args.out, r["variant"], "recon" if "eval_set" in r else "recon_test")
         if r["fid"] is None and os.path.isdir(rec_dir):
-            r["fid"] = recon_fid(rec_dir, args.gt, args.device)
+            r["fid"] = recon_fid(rec_dir, eval_folder(args, eval_set), args.device)
             print(json.dumps(r), flush=True)
 
 
 def write_table(results: list, path: str, scale_name: str) -> None:
     steps = "/".join(sorted({str(r.get("steps", "?")) for r in results}))
-    lines = [f"| variant ({scale_name} scale, {steps} steps each) | options | PSNR (dB) | recon FID | train s |",
+    sets = "/".join(sorted({r.get("eval_set", "test") for r in results}))
+    lines = [f"| variant ({scale_name} scale, {steps} steps each) | options | PSNR (dB) | recon FID ({sets}) | train s |",
              "|---|---|---|---|---|"]
     lines += [f"| {r['variant']} | `{r['options']}` | {r['psnr']:.2f} | "
               f"{'n/a' if r['fid'] is None else format(r['fid'], '.2f')} | {r['train_s']} |" for r in results]
@@ -121,7 +145,10 @@ def main(argv=None):
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of: " + ", ".join(VARIANTS))
     p.add_argument("--steps", type=int, default=None, help="steps per variant (default: the scale's)")
     p.add_argument("--data", default=str(SHARED_DATA / "lab3_dataset"))
-    p.add_argument("--gt", default=str(SHARED_DATA / "lab3_test_gt"), help="folder of originals to reconstruct")
+    p.add_argument("--gt", default=str(SHARED_DATA / "lab3_test_gt"), help="folder of test originals (--eval-set test)")
+    p.add_argument("--eval-set", choices=["val-unseen", "test"], default="val-unseen",
+                   help="held-out images to score: val images never in train (default; choose the recipe here) "
+                        "or the recovered test originals (a report)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="bench/results/stage1_ablation")
     p.add_argument("--rescore", action="store_true",
@@ -134,6 +161,10 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     res_path = os.path.join(args.out, "results.json")
     results = json.load(open(res_path)) if os.path.exists(res_path) else []
+    other = sorted({r.get("eval_set", "test") for r in results} - {args.eval_set})
+    if other and not args.rescore:
+        p.error(f"{res_path} holds variants scored on {', '.join(other)}, not --eval-set {args.eval_set}: "
+                f"give another --out (or the same --eval-set) so the table compares like with like")
     done = {r["variant"] for r in results}
 
     def save():

@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -380,7 +381,7 @@ def test_val_fid_matches_the_fid_script_and_keeps_the_best_weights(tiny_world, t
     assert compute_fid(str(tmp_path / "pred"), str(tmp_path / "gt"), device="cpu") == pytest.approx(min(fids), rel=1e-6)
 
 
-def test_ablation_without_fid_weights_keeps_psnr_and_rescores_later(tmp_path, monkeypatch):
+def test_ablation_without_fid_weights_keeps_psnr_and_rescores_later(tmp_path, monkeypatch, capsys):
     """On the device machine (no FID Inception weights) a variant is trained and its PSNR scored,
     its FID left out (n/a) with its reconstructions kept; --rescore scores them elsewhere, training nothing."""
     from utils.fid import compute_fid
@@ -397,15 +398,26 @@ def test_ablation_without_fid_weights_keeps_psnr_and_rescores_later(tmp_path, mo
     get_model = stage1_ablation.get_model
     monkeypatch.setattr(stage1_ablation, "get_model", no_weights)
     (r,) = stage1_ablation.main(argv)
-    assert r["fid"] is None and 5 < r["psnr"] < 60 and r["steps"] == 2
-    rec = os.path.join(out, "base", "recon_test")
-    assert sorted(os.listdir(rec)) == [f"image_{i:03d}.png" for i in GT_IDS]
-    assert "| base | `(base recipe)` |" in open(os.path.join(out, "results.md")).read()
-    assert "| n/a |" in open(os.path.join(out, "results.md")).read()
+    assert r["fid"] is None and 5 < r["psnr"] < 60 and r["steps"] == 2 and r["eval_set"] == "val-unseen"
+    rec = os.path.join(out, "base", "recon")
+    # the default held-out set: the val images that never occur in train (make_world: the first quarter are copies)
+    assert sorted(os.listdir(rec)) == [f"image_{i:05d}.png" for i in range(2, 8)]
+    table = open(os.path.join(out, "results.md")).read()
+    assert "| base | `(base recipe)` |" in table and "| n/a |" in table and "recon FID (val-unseen)" in table
     monkeypatch.setattr(stage1_ablation, "get_model", get_model)
     monkeypatch.setattr(stage1_ablation, "run_variant", lambda *a: pytest.fail("--rescore trained a variant"))
     (r2,) = stage1_ablation.main(argv + ["--rescore"])
-    assert r2["fid"] == round(compute_fid(rec, world["gt"], device="cpu", match_names=True), 2)
+    assert r2["fid"] == round(compute_fid(rec, world["val"], device="cpu", match_names=True), 2)
     assert {k: v for k, v in r2.items() if k != "fid"} == {k: v for k, v in r.items() if k != "fid"}
     assert json.load(open(os.path.join(out, "results.json")))[0]["fid"] == r2["fid"]
     assert "n/a" not in open(os.path.join(out, "results.md")).read()
+    with pytest.raises(SystemExit):  # one table, one held-out set
+        stage1_ablation.main(argv + ["--eval-set", "test"])
+    assert "holds variants scored on val-unseen, not --eval-set test" in capsys.readouterr().err
+    monkeypatch.undo()
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "bench"))
+    shutil.copytree(os.path.join(out, "base"), os.path.join(out + "_test", "base"))  # trained: resumes at its end
+    (t,) = stage1_ablation.main(argv[:-1] + [out + "_test", "--eval-set", "test"])  # the report set: the originals
+    assert sorted(os.listdir(os.path.join(out + "_test", "base", "recon"))) == [f"image_{i:03d}.png" for i in GT_IDS]
+    assert t["fid"] == round(compute_fid(os.path.join(out + "_test", "base", "recon"), world["gt"], device="cpu",
+                                         match_names=True), 2)

@@ -11,7 +11,8 @@
 #                                                  # figures (b256, decode, FID time, CUDA tests), then the
 #                                                  # #13 chain in the time left; for a lease that holds one call
 #   bash bench/gpu_session.sh abl    $OUT [V,V]    # #13: the stage-1 ablation at GPU scale, these variants (~2 min
-#                                                  # each; default all), PSNR there, reconstructions sent back
+#                                                  # each; default the 4 of ABL_DEFAULT), PSNR there, the
+#                                                  # reconstructions of the 1,118 unseen val images sent back
 # Here again, with the call's files (its files_at folder):
 #   bash bench/gpu_session.sh score  FILES [DIR]   # the pipeline's FID stage on this CPU -> DIR/pipeline/summary.md
 #   bash bench/gpu_session.sh score-abl FILES [DIR] # the ablation's FIDs on this CPU -> DIR/ablation/results.md
@@ -34,6 +35,9 @@
 # DEVICE=cpu RECIPE=config/pipeline_smoke.yml ... pipe $OUT 0 runs the pipe part on a CPU (0: the
 # recipe's own steps), to check this script.
 set -uo pipefail
+# the first GPU ablation: the base, the SSIM weight (0.5 / 1.0) on the EMA codebook, and the pipeline's recipe
+# (SSIM 1.0 + GAN); a later call: ema_codebook_ssim1_gan_fm,ema_codebook_ssim1_gan_r1,ema_codebook_ssim_ema
+ABL_DEFAULT=base,ema_codebook_ssim,ema_codebook_ssim1,ema_codebook_ssim1_gan
 cd "$(dirname "$0")/.."
 USAGE="usage: gpu_session.sh pack | speed|pipe|all|abl OUT [MINUTES|SECONDS|VARIANTS] | score|score-abl FILES [DIR]"
 PART=${1:?$USAGE}
@@ -161,7 +165,7 @@ case "$PART" in
   abl)  # ~2 min per variant on an H100 (2,000 steps of batch 128 + scoring); rerun to finish the rest
     # shellcheck disable=SC2086  # ABL_ARGS: several words (e.g. "--scale cpu --steps 2" to check this script on a CPU)
     run ablation timeout 540 python bench/stage1_ablation.py ${ABL_ARGS:---scale h100} --device "$DEVICE" \
-      --out "$WORK/ablation" ${3:+--variants "$3"}
+      --out "$WORK/ablation" --variants "${3:-$ABL_DEFAULT}"
     cat "$WORK/ablation/results.md" >>"$WORK/session.log" 2>/dev/null
     ;;
   *) echo "unknown part $PART: $USAGE" >&2; exit 2 ;;

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from utils.build import build_maskgit, tokenizer_file_config
 from utils.checkpoint import atomic_save, lab_state_dict, load_checkpoint
 from utils.cli import Interrupted, UserError, run_cli
-from utils.config import load_maskgit_config, resolve_path
+from utils.config import config_diff, load_maskgit_config, resolve_path
 from utils.data import DataError, default_data_root, find_lab_layout, list_images
 from utils.runtime import create_logger, get_device, resolve_precision, seed_everything
 from utils.tokens import cached_tokens, state_dict_fingerprint, unseen_indices
@@ -74,10 +74,9 @@ def model_config(opts: RunConfig, notes: list | None = None) -> dict:
         cfg["model_param"]["VQ_Configs"] = dict(cfg["model_param"].get("VQ_Configs") or {}, VQ_CKPT_path=path)
         own = tokenizer_file_config(path)
         if own is not None and own != cfg["vqgan"]:
-            diff = sorted(k for k in set(own) | set(cfg["vqgan"]) if own.get(k) != cfg["vqgan"].get(k))
             if notes is not None:
                 notes.append(f"tokenizer config: the one stored in {path} (the YAML's differs in "
-                             f"{', '.join(diff)})")
+                             f"{', '.join(config_diff(own, cfg['vqgan']))})")
             cfg["vqgan"] = own
     return cfg
 

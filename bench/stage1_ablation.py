@@ -131,7 +131,8 @@ def rescore(results: list, args) -> None:
 def write_table(results: list, path: str, scale_name: str) -> None:
     steps = "/".join(sorted({str(r.get("steps", "?")) for r in results}))
     sets = "/".join(sorted({r.get("eval_set", "test") for r in results}))
-    lines = [f"| variant ({scale_name} scale, {steps} steps each) | options | PSNR (dB) | recon FID ({sets}) | train s |",
+    lines = [f"| variant ({scale_name} scale, {steps} steps each) | options | PSNR (dB) | recon FID ({sets}) "
+             "| train s |",
              "|---|---|---|---|---|"]
     lines += [f"| {r['variant']} | `{r['options']}` | {r['psnr']:.2f} | "
               f"{'n/a' if r['fid'] is None else format(r['fid'], '.2f')} | {r['train_s']} |" for r in results]

@@ -9,7 +9,7 @@ from models import MaskGit, load_transformer_state
 from models.convert import CheckpointLayoutError, describe_mismatch, unwrap_state_dict
 
 from .checkpoint import load_checkpoint, stored_config
-from .config import ConfigError, apply_overrides, complete_config, load_maskgit_config, resolve_path
+from .config import ConfigError, apply_overrides, complete_config, config_diff, load_maskgit_config, resolve_path
 
 BUNDLED_CONFIG = "config/MaskGit_small.yml"  # the bundled small models (README, model zoo)
 BUNDLED_TRANSFORMER = "checkpoints/transformer_small_fp16.pth"
@@ -28,12 +28,11 @@ def load_vqgan_weights(vqgan: torch.nn.Module, path: str) -> None:
     sd = {k[len("vqgan."):] if k.startswith("vqgan.") else k: v for k, v in sd.items()}
     problem = describe_mismatch(vqgan.state_dict(), sd)
     if problem:
-        own, want = stored_config(raw), getattr(getattr(vqgan, "cfg", None), "to_dict", dict)()
-        note = ""
-        if own is not None and want:
-            diff = sorted(k for k in set(own) | set(want) if own.get(k) != want.get(k))
-            note = (f"; the file stores the config it was trained with, which differs from this one in "
-                    f"{', '.join(f'{k} ({own.get(k)!r} in the file, {want.get(k)!r} here)' for k in diff)}")
+        own, note = stored_config(raw), ""
+        if own is not None and hasattr(vqgan, "cfg"):  # a file of ours names the architecture it was trained as
+            want = vqgan.cfg.to_dict()
+            diff = [f"{k} ({own.get(k)!r} in the file, {want.get(k)!r} here)" for k in config_diff(own, want)]
+            note = "; the file stores the config it was trained with, which differs from this one in " + ", ".join(diff)
         raise CheckpointLayoutError(f"VQGAN checkpoint {path} does not fit the tokenizer config (a checkpoint needs the "
                                     f"config it was trained with: model_param.VQ_Configs.VQ_config_path in the "
                                     f"--MaskGitConfig YAML): {problem}{note}")

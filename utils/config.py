@@ -75,6 +75,11 @@ def apply_overrides(cfg: dict, overrides: list[str] | None, where: str = "config
     return cfg
 
 
+def config_diff(a: dict, b: dict) -> list:
+    """The keys (sorted) whose values differ between two flat configs, a key missing on one side included."""
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
 def load_vqgan_config(path: str) -> VQGANConfig:
     raw = load_yaml(path)
     params = raw.get("model_param", raw)

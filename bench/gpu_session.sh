@@ -35,9 +35,9 @@
 # DEVICE=cpu RECIPE=config/pipeline_smoke.yml ... pipe $OUT 0 runs the pipe part on a CPU (0: the
 # recipe's own steps), to check this script.
 set -uo pipefail
-# the first GPU ablation: the base, the SSIM weight (0.5 / 1.0) on the EMA codebook, and the pipeline's recipe
-# (SSIM 1.0 + GAN); a later call: ema_codebook_ssim1_gan_fm,ema_codebook_ssim1_gan_r1,ema_codebook_ssim_ema
-ABL_DEFAULT=base,ema_codebook_ssim,ema_codebook_ssim1,ema_codebook_ssim1_gan
+# the first GPU ablation: the SSIM weight (0.5 / 1.0) on the EMA codebook, its GAN, and the pipeline's recipe
+# (SSIM 1.0 + GAN + feature matching); a later call: base,ema_codebook_ssim1_gan_r1,ema_codebook_ssim_ema
+ABL_DEFAULT=ema_codebook_ssim,ema_codebook_ssim1,ema_codebook_ssim1_gan,ema_codebook_ssim1_gan_fm
 cd "$(dirname "$0")/.."
 USAGE="usage: gpu_session.sh pack | speed|pipe|all|abl OUT [MINUTES|SECONDS|VARIANTS] | score|score-abl FILES [DIR]"
 PART=${1:?$USAGE}

@@ -65,7 +65,9 @@ VARIANTS = {
 }
 
 
-def run_variant(name: str, extra: list, scale: dict, args) -> dict:
+def run_variant(name: str, extra: list, scale: dict, args, held_out: tuple) -> dict:
+    """Train one variant (resuming a run that was cut off) and score it on ``held_out``, the
+    (folder, names) of :func:`eval_images`."""
     out = os.path.join(args.out, name)
     cmd = [sys.executable, "train_vqgan.py", "--data", os.path.join(args.data, "train"),
            "--val-data", os.path.join(args.data, "val"), "--config", scale["config"], "--out-dir", out,
@@ -82,7 +84,7 @@ def run_variant(name: str, extra: list, scale: dict, args) -> dict:
     cfg = apply_overrides(load_vqgan_config(os.path.join(REPO, scale["config"])).to_dict(), sets)
     model = VQGAN(cfg).to(args.device).eval()
     load_vqgan_weights(model, os.path.join(out, "vqgan.pt"))
-    src, names = eval_images(args)
+    src, names = held_out
     rec_dir = os.path.join(out, "recon")
     shutil.rmtree(rec_dir, ignore_errors=True)  # no stale images of another run in the FID
     p = reconstruct_images(model, src, names, rec_dir, args.device)
@@ -173,10 +175,12 @@ def main(argv=None):
             json.dump(results, f, indent=1)
         write_table(results, os.path.join(args.out, "results.md"), args.scale)
 
+    held_out = None  # read once (unseen_indices decodes every train and val image), and only if a variant runs
     for name in () if args.rescore else args.variants.split(","):
         if name in done:
             continue
-        r = run_variant(name, VARIANTS[name], scale, args)
+        held_out = held_out or eval_images(args)
+        r = run_variant(name, VARIANTS[name], scale, args, held_out)
         print(json.dumps(r), flush=True)
         results.append(r)
         save()

@@ -340,8 +340,7 @@ def check_context(ctx: Context, stages: tuple) -> None:
     except ConfigError as e:
         raise UserError(f"{ctx.recipe.path}: {e}") from e
     tokens, codes = trained.latent_resolution ** 2, trained.num_codebook_vectors
-    for where in ("model_param", "model_param.Transformer_param"):
-        part = mp if where == "model_param" else mp.get("Transformer_param") or {}
+    for where, part in (("model_param", mp), ("model_param.Transformer_param", mp.get("Transformer_param") or {})):
         if (part.get("num_image_tokens"), part.get("num_codebook_vectors")) != (tokens, codes):
             raise UserError(f"{ctx.recipe.path}: the tokenizer ({vq_path}) makes {tokens} tokens of {codes} codes per "
                             f"image but the transformer's {opts.MaskGitConfig} expects "

@@ -10,6 +10,8 @@
 #   bash bench/gpu_session.sh all    $OUT [S]      # both in one call of S seconds (default 560): #14's main
 #                                                  # figures (b256, decode, FID time, CUDA tests), then the
 #                                                  # #13 chain in the time left; for a lease that holds one call
+#   bash bench/gpu_session.sh speed-abl $OUT [S] [V,V] # one call of S seconds (560): #14's figures with batch 512,
+#                                                  # then the ablation of these variants in the time left
 #   bash bench/gpu_session.sh abl    $OUT [V,V]    # #13: the stage-1 ablation at GPU scale, these variants (~2 min
 #                                                  # each; default the 4 of ABL_DEFAULT), PSNR there, the
 #                                                  # reconstructions of the 1,118 unseen val images sent back
@@ -39,7 +41,7 @@ set -uo pipefail
 # (SSIM 1.0 + GAN + feature matching); a later call: base,ema_codebook_ssim1_gan_r1,ema_codebook_ssim_ema
 ABL_DEFAULT=ema_codebook_ssim,ema_codebook_ssim1,ema_codebook_ssim1_gan,ema_codebook_ssim1_gan_fm
 cd "$(dirname "$0")/.."
-USAGE="usage: gpu_session.sh pack | speed|pipe|all|abl OUT [MINUTES|SECONDS|VARIANTS] | score|score-abl FILES [DIR]"
+USAGE="usage: gpu_session.sh pack | speed|pipe|all|speed-abl|abl OUT [MINUTES|SECONDS|VARIANTS] | score|score-abl FILES [DIR]"
 PART=${1:?$USAGE}
 RECIPE=${RECIPE:-config/pipeline.yml}
 PACK=.devdata/lab3_data.tar.xz
@@ -161,6 +163,18 @@ case "$PART" in
     if [ "$LEFT" -lt 240 ]; then echo "only $LEFT s left: pipeline not started" | tee -a "$WORK/session.log"; exit 0; fi
     # the stages that do not train take ~2 min on an H100 (estimate); the trainers get 18/25 of the budget
     pipeline "$(python -c "print(round(max(1.0, ($LEFT / 60 - 2) * 25 / 18), 2))")" "$LEFT"
+    ;;
+  speed-abl)  # one call of S seconds (default 560): #14's figures incl. batch 512, then the ablation in the time left
+    T0=$SECONDS; LIMIT=${3:-560}
+    speed_steps 150 150 75 45
+    run train_b512 timeout 120 python bench/train_throughput.py --config config/MaskGit.yml --device "$DEVICE" \
+      --batch-size 512 --compile --no-naive --csv "$WORK/train_b512.csv"
+    LEFT=$((LIMIT - (SECONDS - T0) - 40))  # 40 s for packing the reconstructions
+    if [ "$LEFT" -lt 120 ]; then echo "only $LEFT s left: ablation not started" | tee -a "$WORK/session.log"; exit 0; fi
+    # shellcheck disable=SC2086
+    run ablation timeout "$LEFT" python bench/stage1_ablation.py ${ABL_ARGS:---scale h100} --device "$DEVICE" \
+      --out "$WORK/ablation" --variants "${4:-ema_codebook_ssim1_gan_fm,ema_codebook_ssim1,base}"
+    cat "$WORK/ablation/results.md" >>"$WORK/session.log" 2>/dev/null
     ;;
   abl)  # ~2 min per variant on an H100 (2,000 steps of batch 128 + scoring); rerun to finish the rest
     # shellcheck disable=SC2086  # ABL_ARGS: several words (e.g. "--scale cpu --steps 2" to check this script on a CPU)

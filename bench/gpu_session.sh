@@ -107,7 +107,7 @@ PY
     [ -d "$run/inpaint/$kind/test_results" ] && tar -czf "$OUT/images_$kind.tgz" -C "$WORK" "pipeline/inpaint/$kind/test_results"
   done
   tar -czf "$OUT/results.tgz" -C "$WORK" --exclude='*.pt' --exclude='*.pth' --exclude='pipeline/tokens/cache' \
-    --exclude='*/test_results' --exclude='*/imga' --exclude='*/mask_scheduling' --exclude='ablation/*/recon' .
+    --exclude='fid_cache' --exclude='*/test_results' --exclude='*/imga' --exclude='*/mask_scheduling' --exclude='ablation/*/recon' .
   ls -l "$OUT"
 }
 trap pack EXIT

@@ -31,6 +31,7 @@ import torch
 
 from common import SHARED_DATA, device_name, print_table, sync, timed, write_csv
 from models import decode_step, gamma_func, image_noise, iterative_decode, masked_count
+from models.Transformer.modules.layers import MultiHeadAttention
 from utils.build import BUNDLED_CONFIG, BUNDLED_TRANSFORMER, build_maskgit
 from utils.config import REPO_ROOT, load_maskgit_config
 from utils.data import load_mask, list_images, pixel_to_token_mask
@@ -167,6 +168,9 @@ def main(argv=None):
                    help="only the decoding-step rows (previous vs ours on fixed logits): no model is built")
     p.add_argument("--repeat", type=int, default=5,
                    help="decoding-step rows: alternating timed runs of each path, the best one kept")
+    p.add_argument("--fused-attn", action="store_true", help="also time the batched final-only run with fused attention")
+    p.add_argument("--compile", action="store_true",
+                   help="also time it with the transformer under torch.compile (and, with --fused-attn, both)")
     p.add_argument("--csv", default="bench/results/decode_throughput.csv")
     args = p.parse_args(argv)
     device = get_device(args.device)
@@ -187,6 +191,13 @@ def main(argv=None):
     write_csv(rows, args.csv)
     sync(device)
     return rows
+
+
+def set_fused_attention(model, on: bool) -> None:
+    """Switch every attention layer of the transformer between the hand-written and the fused path."""
+    for m in model.transformer.modules():
+        if isinstance(m, MultiHeadAttention):
+            m.fused_attn = on
 
 
 def model_rows(args, device, precision: str, n: int, bs: int) -> list:
@@ -228,6 +239,19 @@ def model_rows(args, device, precision: str, n: int, bs: int) -> list:
         sec = timed(fn, device)
         rows.append({"path": path, "images": count, "images_per_s": count / sec, "seconds_for_747": 747 * sec / count,
                      "precision": prec})
+    # the opt-in fast paths on the batched final-only run: fused attention, torch.compile of the transformer
+    eager = model.transformer
+    for fused, compiled in [(True, False)] * args.fused_attn + [(False, True)] * args.compile \
+            + [(True, True)] * (args.fused_attn and args.compile):
+        set_fused_attention(model, fused)
+        model.transformer = torch.compile(eager) if compiled else eager
+        ours(n, bs, False, precision)  # warm-up: compiles for the full and the last, smaller batch
+        sec = timed(lambda: ours(n, bs, False, precision), device)
+        label = " + ".join(["fused attention"] * fused + ["torch.compile"] * compiled)
+        rows.append({"path": f"ours, batch {bs} (final only, --no-vis) + {label}", "images": n,
+                     "images_per_s": n / sec, "seconds_for_747": 747 * sec / n, "precision": precision})
+    set_fused_attention(model, False)
+    model.transformer = eager
     for r in rows:
         r["speedup_vs_seed"] = r["images_per_s"] / rows[0]["images_per_s"]
         r["speedup_vs_ours_batch1"] = r["images_per_s"] / rows[1]["images_per_s"]

@@ -5,13 +5,16 @@
 # Here, before the first device call (once per machine; .devdata is ignored by git):
 #   bash bench/gpu_session.sh pack                 # .devdata: the lab data as one .xz (30 MB), the pytorch-fid wheel
 # On the device (the device tool's `run`, carry [".devdata"], timeout_s 600):
-#   bash bench/gpu_session.sh speed  $OUT          # #14: CUDA tests, training / decoding / FID speed (~6 min)
+#   bash bench/gpu_session.sh speed  $OUT          # #14: CUDA tests, training / decoding / FID speed (~5 min)
 #   bash bench/gpu_session.sh pipe   $OUT [M]      # #13: pipeline.py --budget-minutes M (default 10: trainers 3.6 min each), up to inpainting
 #   bash bench/gpu_session.sh all    $OUT [S]      # both in one call of S seconds (default 560): #14's main
 #                                                  # figures (b256, decode, FID time, CUDA tests), then the
 #                                                  # #13 chain in the time left; for a lease that holds one call
 #   bash bench/gpu_session.sh speed-abl $OUT [S] [V,V] # one call of S seconds (560): #14's figures with batch 512,
 #                                                  # then the ablation of these variants in the time left
+# Measured in session 10 (H100): CUDA tests 16 s, b256 training (3 variants, 2 compiled) 66 s, decoding
+# 40 s, FID 13 s; a stage-1 ablation variant 75-90 s of training + ~15 s of reconstruction; the device
+# start and the transfers ~50 s; the whole speed-abl call (3 variants) 437 s.
 #   bash bench/gpu_session.sh abl    $OUT [V,V]    # #13: the stage-1 ablation at GPU scale, these variants (~2 min
 #                                                  # each; default the 4 of ABL_DEFAULT), PSNR there, the
 #                                                  # reconstructions of the 1,118 unseen val images sent back
@@ -136,7 +139,7 @@ speed_steps() {  # speed_steps TESTS_S TRAIN_S DECODE_S FID_S: #14's main figure
   run train_b256 timeout "$2" python bench/train_throughput.py --config config/MaskGit.yml --device "$DEVICE" \
     --batch-size 256 --compile --fused-attn --no-naive --csv "$WORK/train_b256.csv"
   run decode timeout "$3" python bench/decode_throughput.py --config config/MaskGit.yml --device "$DEVICE" \
-    --csv "$WORK/decode.csv"
+    --fused-attn --compile --csv "$WORK/decode.csv"
   fid_time "$4"
 }
 pipeline() {  # pipeline BUDGET_MINUTES (0: the recipe's own) [TIMEOUT_S]
@@ -151,14 +154,14 @@ case "$PART" in
   speed)  # the call's own 600-s limit bounds each step
     speed_steps 600 600 600 300
     run train_b512 python bench/train_throughput.py --config config/MaskGit.yml --device "$DEVICE" --batch-size 512 \
-      --compile --no-naive --csv "$WORK/train_b512.csv"
+      --compile --fused-attn --no-naive --csv "$WORK/train_b512.csv"
     ;;
   pipe)
     pipeline "${3:-10}"  # ~8.7 min by estimate; the timeout leaves 40 s of the 600 for packing
     ;;
   all)
     T0=$SECONDS; LIMIT=${3:-560}
-    speed_steps 150 150 75 45
+    speed_steps 150 150 120 45
     LEFT=$((LIMIT - (SECONDS - T0) - 30))  # 30 s for packing
     if [ "$LEFT" -lt 240 ]; then echo "only $LEFT s left: pipeline not started" | tee -a "$WORK/session.log"; exit 0; fi
     # the stages that do not train take ~2 min on an H100 (estimate); the trainers get 18/25 of the budget
@@ -166,9 +169,9 @@ case "$PART" in
     ;;
   speed-abl)  # one call of S seconds (default 560): #14's figures incl. batch 512, then the ablation in the time left
     T0=$SECONDS; LIMIT=${3:-560}
-    speed_steps 150 150 75 45
-    run train_b512 timeout 120 python bench/train_throughput.py --config config/MaskGit.yml --device "$DEVICE" \
-      --batch-size 512 --compile --no-naive --csv "$WORK/train_b512.csv"
+    speed_steps 150 150 120 45
+    run train_b512 timeout 150 python bench/train_throughput.py --config config/MaskGit.yml --device "$DEVICE" \
+      --batch-size 512 --compile --fused-attn --no-naive --csv "$WORK/train_b512.csv"
     LEFT=$((LIMIT - (SECONDS - T0) - 40))  # 40 s for packing the reconstructions
     if [ "$LEFT" -lt 120 ]; then echo "only $LEFT s left: ablation not started" | tee -a "$WORK/session.log"; exit 0; fi
     # shellcheck disable=SC2086

@@ -35,8 +35,9 @@ class MultiHeadAttention(nn.Module):
 
     def attention_weights(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """softmax(q k^T / sqrt(d)) over keys: (B,H,N,D) x (B,H,M,D) -> (B,H,N,M)."""
-        # (q @ k^T) * scale, then softmax, dropout and @ v in forward: the pattern inductor's
-        # attention fusion recognises, so torch.compile can turn this code into one flash-style kernel.
+        # (q @ k^T) * scale, then softmax, dropout and @ v in forward: the pattern of inductor's
+        # attention fusion. torch 2.14 on CPU rewrites it into one fused kernel under torch.compile;
+        # torch 2.11 on an H100 did not (bench/attn_fusion.py asks the compiler; README, Speed).
         scores = (q @ k.transpose(-2, -1)) * self.scale  # (B, H, N, M)
         # dtype= keeps the maps in the matmul's dtype under autocast (which would otherwise write
         # them in fp32 only for the next matmul to cast them back): half the memory traffic and the

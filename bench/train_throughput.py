@@ -79,6 +79,8 @@ def main(argv=None):
     p.add_argument("--compile", action="store_true", help="also measure ours with torch.compile")
     p.add_argument("--fused-attn", action="store_true",
                    help="also measure ours with the fused attention path (and, with --compile, both together)")
+    p.add_argument("--recompute-attn", action="store_true",
+                   help="also measure ours with the hand-written attention maps recomputed in backward (with --compile, also compiled)")
     p.add_argument("--no-naive", action="store_true", help="skip the naive seed loop")
     p.add_argument("--csv", default="bench/results/train_throughput.csv", help="where to write the table")
     args = p.parse_args(argv)
@@ -88,13 +90,16 @@ def main(argv=None):
     steps = args.steps or (20 if cuda else 3)
     cfg = load_maskgit_config(args.config)
     prec = resolve_precision("auto", device)
-    variants = [("", False, False)] + [(" + torch.compile", True, False)] * args.compile \
-        + [(" + fused attention", False, True)] * args.fused_attn \
-        + [(" + torch.compile + fused attention", True, True)] * (args.compile and args.fused_attn)
+    # (label, torch.compile, the Transformer_param option turned on)
+    variants = [("", False, "")] + [(" + torch.compile", True, "")] * args.compile
+    for opt, label, on in (("fused_attn", "fused attention", args.fused_attn),
+                           ("recompute_attn", "attention maps recomputed in backward", args.recompute_attn)):
+        variants += [(f" + {label}", False, opt)] * on + [(f" + torch.compile + {label}", True, opt)] * (on and args.compile)
     rows = []
-    for label, compile_, fused in variants:
+    for label, compile_, opt in variants:
         c = copy.deepcopy(cfg)
-        c["model_param"]["Transformer_param"]["fused_attn"] = fused
+        if opt:
+            c["model_param"]["Transformer_param"][opt] = True
         torch.manual_seed(0)
         model = build_maskgit(c, load_vqgan=False).to(device).train()
         n_params = sum(q.numel() for q in model.transformer.parameters())

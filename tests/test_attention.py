@@ -243,3 +243,122 @@ def test_ready_made_attention_only_on_the_opt_in_path(monkeypatch):
     with torch.no_grad():
         fused.eval()(ids)
     assert calls == [0.1] * TINY_T["n_layers"] + [0.0] * TINY_T["n_layers"]
+
+
+def _saved_shapes(fn):
+    """Shapes of every tensor autograd saves for the backward pass while fn() runs."""
+    shapes = []
+
+    def pack(t):
+        shapes.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, shapes
+
+
+@pytest.mark.parametrize("B,N,dim,heads", [(2, 16, 64, 4), (3, 33, 96, 16)])
+def test_recompute_attn_same_outputs_and_gradients_in_training(B, N, dim, heads):
+    """recompute_attn=True: with dropout active, the same output and the same gradients (input and
+    every parameter) as the default path for the same RNG state; the replayed dropout mask is the
+    one of the forward pass (a different mask would change the gradients)."""
+    torch.manual_seed(0)
+    ref = MultiHeadAttention(dim, heads, attn_drop=0.3).train()
+    rec = MultiHeadAttention(dim, heads, attn_drop=0.3, recompute_attn=True).train()
+    rec.load_state_dict(ref.state_dict())
+    x = torch.randn(B, N, dim, dtype=torch.float64)
+    ref.double(), rec.double()
+    outs, grads = [], []
+    for m in (ref, rec):
+        xi = x.clone().requires_grad_(True)
+        torch.manual_seed(7)
+        y = m(xi)
+        torch.manual_seed(99)  # the recompute must not draw a fresh mask from the current RNG state
+        (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
+        outs.append(y.detach())
+        grads.append([xi.grad] + [p.grad for p in m.parameters()])
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-12, rtol=1e-12)
+    for g_rec, g_ref in zip(grads[1], grads[0]):
+        torch.testing.assert_close(g_rec, g_ref, atol=1e-12, rtol=1e-12)
+    with torch.no_grad():  # dropout was active in the compared runs: without it the output differs
+        assert not torch.allclose(ref.eval()(x), outs[0])
+
+
+def test_recompute_attn_keeps_no_attention_maps_for_backward():
+    """What the option is for: the default path saves (B, H, N, N) tensors for the backward pass
+    (the weights and the dropout mask); with recompute_attn none of that shape is saved."""
+    B, N, dim, heads = 2, 24, 32, 4
+    x = torch.randn(B, N, dim, requires_grad=True)
+    for recompute, expect_maps in ((False, True), (True, False)):
+        m = MultiHeadAttention(dim, heads, attn_drop=0.1, recompute_attn=recompute).train()
+        _, shapes = _saved_shapes(lambda: m(x))
+        assert ((B, heads, N, N) in shapes) == expect_maps, (recompute, shapes)
+        assert shapes  # the rest of the layer still saves its inputs
+
+
+def test_recompute_attn_inactive_without_gradients_and_for_return_attention():
+    """In eval / no_grad the layer computes as before (nothing to keep), and return_attention still
+    returns the weights."""
+    torch.manual_seed(0)
+    m = MultiHeadAttention(32, 4, attn_drop=0.1, recompute_attn=True).eval()
+    ref = MultiHeadAttention(32, 4, attn_drop=0.1).eval()
+    ref.load_state_dict(m.state_dict())
+    x = torch.randn(2, 10, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), ref(x), atol=0, rtol=0)
+    out, attn = m(x, return_attention=True)
+    assert attn.shape == (2, 4, 10, 10)
+    torch.testing.assert_close(attn.sum(-1), torch.ones(2, 4, 10), atol=1e-6, rtol=0)
+
+
+def test_recompute_attn_config_key_and_transformer_gradients(tiny_cfg):
+    """The YAML key reaches every layer; a whole transformer trained one step with it gets the
+    gradients of the default one (same seed, dropout on)."""
+    from utils.build import build_maskgit
+    from utils.config import apply_overrides
+    assert TransformerConfig().recompute_attn is False  # off by default
+    cfg = dict(tiny_cfg)
+    cfg["model_param"] = dict(tiny_cfg["model_param"], Transformer_param=dict(TINY_T, recompute_attn=False))
+    on = apply_overrides(cfg, ["model_param.Transformer_param.recompute_attn=true"])
+    assert all(b.Attention.recompute_attn for b in build_maskgit(on, load_vqgan=False).transformer.blocks)
+    torch.manual_seed(0)
+    ref = BidirectionalTransformer(TransformerConfig(**TINY_T)).train()
+    rec = BidirectionalTransformer(TransformerConfig(**TINY_T, recompute_attn=True)).train()
+    rec.load_state_dict(ref.state_dict())
+    ids = torch.randint(0, TINY_T["num_codebook_vectors"] + 1, (3, TINY_T["num_image_tokens"]))
+    for m in (ref, rec):
+        torch.manual_seed(5)
+        torch.nn.functional.cross_entropy(m(ids).flatten(0, 1), ids.flatten()).backward()
+    for (name, p_ref), p_rec in zip(ref.named_parameters(), rec.parameters()):
+        torch.testing.assert_close(p_rec.grad, p_ref.grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_recompute_attn_same_gradients_less_memory():
+    """On CUDA under bf16 autocast (the trainer's setup), a stack of 6 layers: the same gradients as
+    the default path for the same CUDA RNG state (dropout on), and a lower peak memory for the forward
+    + backward (the default keeps six layers' maps; recomputing holds one layer's at a time)."""
+    torch.manual_seed(0)
+    B, N, dim, heads, depth = 16, 256, 384, 8, 6
+    ref = nn.Sequential(*[MultiHeadAttention(dim, heads, attn_drop=0.1) for _ in range(depth)]).cuda().train()
+    rec = nn.Sequential(*[MultiHeadAttention(dim, heads, attn_drop=0.1, recompute_attn=True)
+                          for _ in range(depth)]).cuda().train()
+    rec.load_state_dict(ref.state_dict())
+    x = torch.randn(B, N, dim, device="cuda")
+    grads, peaks = [], []
+    for m in (ref, rec):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.manual_seed(3)
+        with torch.autocast("cuda", torch.bfloat16):
+            y = m(x)
+        y.float().square().mean().backward()
+        torch.cuda.synchronize()
+        peaks.append(torch.cuda.max_memory_allocated() - base)
+        grads.append([p.grad.clone() for p in m.parameters()])
+        m.zero_grad(set_to_none=True)
+    for g_rec, g_ref in zip(grads[1], grads[0]):
+        torch.testing.assert_close(g_rec, g_ref, atol=1e-3, rtol=1e-2)
+    assert peaks[1] < 0.75 * peaks[0], peaks

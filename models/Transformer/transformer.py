@@ -21,6 +21,7 @@ class TransformerConfig(StrictConfig):
     dropout: float = 0.1
     attn_dropout: float = 0.1
     fused_attn: bool = False  # opt-in F.scaled_dot_product_attention; the hand-written path is the reference
+    recompute_attn: bool = False  # opt-in: the hand-written attention maps are recomputed in backward, not kept
 
 
 def weights_init(m: nn.Module) -> None:
@@ -48,7 +49,7 @@ class BidirectionalTransformer(nn.Module):
         self.tok_emb = nn.Embedding(self.vocab_size, cfg.dim)
         self.pos_emb = nn.Parameter(torch.zeros(cfg.num_image_tokens, cfg.dim))
         self.blocks = nn.Sequential(*[Encoder(cfg.dim, cfg.hidden_dim, cfg.num_heads, cfg.dropout, cfg.attn_dropout,
-                                              cfg.fused_attn) for _ in range(cfg.n_layers)])
+                                              cfg.fused_attn, cfg.recompute_attn) for _ in range(cfg.n_layers)])
         self.Token_Prediction = TokenPredictor(cfg.dim)
         self.LN = nn.LayerNorm(cfg.dim, eps=1e-12)
         self.drop = nn.Dropout(cfg.dropout)

@@ -36,7 +36,7 @@ from utils.build import BUNDLED_CONFIG, BUNDLED_TRANSFORMER, build_maskgit
 from utils.config import REPO_ROOT, load_maskgit_config
 from utils.data import load_mask, list_images, pixel_to_token_mask
 from utils.inpaint import InpaintOptions, inpaint_batch
-from utils.runtime import get_device, resolve_precision
+from utils.runtime import autocast, get_device, resolve_precision
 
 LAB_MASKS = SHARED_DATA / "lab3_dataset" / "mask64"
 
@@ -171,6 +171,8 @@ def main(argv=None):
     p.add_argument("--fused-attn", action="store_true", help="also time the batched final-only run with fused attention")
     p.add_argument("--compile", action="store_true",
                    help="also time it with the transformer under torch.compile (and, with --fused-attn, both)")
+    p.add_argument("--breakdown", action="store_true",
+                   help="also time the VQGAN encode, the T transformer passes and the VQGAN decode apart")
     p.add_argument("--csv", default="bench/results/decode_throughput.csv")
     args = p.parse_args(argv)
     device = get_device(args.device)
@@ -198,6 +200,36 @@ def set_fused_attention(model, on: bool) -> None:
     for m in model.transformer.modules():
         if isinstance(m, MultiHeadAttention):
             m.fused_attn = on
+
+
+def breakdown_rows(model, x_all, total_iter: int, bs: int, device, precision: str) -> list:
+    """VQGAN encode, T transformer passes and VQGAN decode of all images at batch ``bs``, timed apart
+    (no decoding steps between the passes: these rows bound what each part costs)."""
+    n = len(x_all)
+    ids = torch.cat([model.encode_to_z(x_all[i:i + bs])[1] for i in range(0, n, bs)])
+
+    def encode():
+        for i in range(0, n, bs):
+            model.encode_to_z(x_all[i:i + bs])
+
+    def passes():
+        for i in range(0, n, bs):
+            for _ in range(total_iter):
+                model.transformer(ids[i:i + bs])
+
+    def decode():
+        for i in range(0, n, bs):
+            model.decode_tokens(ids[i:i + bs])
+
+    rows = []
+    for name, fn in (("VQGAN encode", encode), (f"{total_iter} transformer passes", passes), ("VQGAN decode", decode)):
+        with torch.no_grad(), autocast(device, precision):
+            fn()  # warm-up
+            sec = timed(fn, device)
+        rows.append({"path": f"part: {name} of {n} images, batch {bs}", "images": n, "images_per_s": n / sec,
+                     "seconds_for_747": 747 * sec / n, "precision": precision})
+        print(f"{rows[-1]['path']}: {rows[-1]['seconds_for_747']:.3f} s for 747", flush=True)
+    return rows
 
 
 def model_rows(args, device, precision: str, n: int, bs: int) -> list:
@@ -250,11 +282,14 @@ def model_rows(args, device, precision: str, n: int, bs: int) -> list:
         label = " + ".join(["fused attention"] * fused + ["torch.compile"] * compiled)
         rows.append({"path": f"ours, batch {bs} (final only, --no-vis) + {label}", "images": n,
                      "images_per_s": n / sec, "seconds_for_747": 747 * sec / n, "precision": precision})
+        print(f"{rows[-1]['path']}: {rows[-1]['seconds_for_747']:.3f} s for 747", flush=True)  # kept if cut off later
     set_fused_attention(model, False)
     model.transformer = eager
     for r in rows:
         r["speedup_vs_seed"] = r["images_per_s"] / rows[0]["images_per_s"]
         r["speedup_vs_ours_batch1"] = r["images_per_s"] / rows[1]["images_per_s"]
+    if args.breakdown:  # where the batched final-only run's time goes: its three parts, each alone
+        rows += breakdown_rows(model, x_all, args.total_iter, bs, device, precision)
     return rows
 
 

@@ -5,19 +5,18 @@
 # Here, before the first device call (once per machine; .devdata is ignored by git):
 #   bash bench/gpu_session.sh pack                 # .devdata: the lab data as one .xz (30 MB), the pytorch-fid wheel
 # On the device (the device tool's `run`, carry [".devdata"], timeout_s 600):
-#   bash bench/gpu_session.sh speed  $OUT          # #14: CUDA tests, training / decoding / FID speed (~5 min)
+#   bash bench/gpu_session.sh speed  $OUT          # #14: CUDA tests, training / decoding / FID speed, every
+#                                                  # variant at batch 256 and 512 (~8 min by estimate)
 #   bash bench/gpu_session.sh pipe   $OUT [M]      # #13: pipeline.py --budget-minutes M (default 10: trainers 3.6 min each), up to inpainting
-#   bash bench/gpu_session.sh all    $OUT [S]      # both in one call of S seconds (default 560): #14's main
-#                                                  # figures (b256, decode, FID time, CUDA tests), then the
-#                                                  # #13 chain in the time left; for a lease that holds one call
-#   bash bench/gpu_session.sh speed-abl $OUT [S] [V,V] # one call of S seconds (560): #14's figures with batch 512,
-#                                                  # then the ablation of these variants in the time left
+#   bash bench/gpu_session.sh speed-abl $OUT [S] [V,V] # one call of S seconds (560): #14's main figures (fewer
+#                                                  # compiled variants), batch 512 eager, then the ablation
+#                                                  # of these variants in the time left
+#   bash bench/gpu_session.sh abl    $OUT [V,V]    # #13: the stage-1 ablation at GPU scale, these variants (~2 min
+#                                                  # each; default the 3 of ABL_DEFAULT), PSNR there, the
+#                                                  # reconstructions of the 1,118 unseen val images sent back
 # Measured in session 10 (H100): CUDA tests 16 s, b256 training (3 variants, 2 compiled) 66 s, decoding
 # 40 s, FID 13 s; a stage-1 ablation variant 75-90 s of training + ~15 s of reconstruction; the device
-# start and the transfers ~50 s; the whole speed-abl call (3 variants) 437 s.
-#   bash bench/gpu_session.sh abl    $OUT [V,V]    # #13: the stage-1 ablation at GPU scale, these variants (~2 min
-#                                                  # each; default the 4 of ABL_DEFAULT), PSNR there, the
-#                                                  # reconstructions of the 1,118 unseen val images sent back
+# start and the transfers ~50 s; that speed-abl call (3 variants) 437 s.
 # Here again, with the call's files (its files_at folder):
 #   bash bench/gpu_session.sh score  FILES [DIR]   # the pipeline's FID stage on this CPU -> DIR/pipeline/summary.md
 #   bash bench/gpu_session.sh score-abl FILES [DIR] # the ablation's FIDs on this CPU -> DIR/ablation/results.md
@@ -40,11 +39,11 @@
 # DEVICE=cpu RECIPE=config/pipeline_smoke.yml ... pipe $OUT 0 runs the pipe part on a CPU (0: the
 # recipe's own steps), to check this script.
 set -uo pipefail
-# the first GPU ablation: the SSIM weight (0.5 / 1.0) on the EMA codebook, its GAN, and the pipeline's recipe
-# (SSIM 1.0 + GAN + feature matching); a later call: base,ema_codebook_ssim1_gan_r1,ema_codebook_ssim_ema
-ABL_DEFAULT=ema_codebook_ssim,ema_codebook_ssim1,ema_codebook_ssim1_gan,ema_codebook_ssim1_gan_fm
+# run at H100 scale in session 10: base, ema_codebook_ssim1, ema_codebook_ssim1_gan_fm (the recipe; README).
+# Next: the GAN without feature matching (what FM adds), R1 on top of the recipe's GAN, SSIM 0.5
+ABL_DEFAULT=ema_codebook_ssim1_gan,ema_codebook_ssim1_gan_r1,ema_codebook_ssim
 cd "$(dirname "$0")/.."
-USAGE="usage: gpu_session.sh pack | speed|pipe|all|speed-abl|abl OUT [MINUTES|SECONDS|VARIANTS] | score|score-abl FILES [DIR]"
+USAGE="usage: gpu_session.sh pack | speed|pipe|speed-abl|abl OUT [MINUTES|SECONDS|VARIANTS] | score|score-abl FILES [DIR]"
 PART=${1:?$USAGE}
 RECIPE=${RECIPE:-config/pipeline.yml}
 PACK=.devdata/lab3_data.tar.xz
@@ -134,12 +133,16 @@ fid_time() {  # fid_time TIMEOUT_S
   fi
   run fid env "${env[@]}" timeout "$1" python bench/fid_speed.py --device "$DEVICE" --csv "$WORK/fid.csv"
 }
-speed_steps() {  # speed_steps TESTS_S TRAIN_S DECODE_S FID_S: #14's main figures, each step with its timeout
+TRAIN_FULL=(--compile --fused-attn --recompute-attn)  # every training variant (6, 3 compiled)
+DECODE_FULL=(--fused-attn --compile --breakdown)      # every decoding variant (2 compiled)
+speed_steps() {  # speed_steps TESTS_S TRAIN_S DECODE_S FID_S [quick]: #14's figures, each step with its timeout
+  local train=("${TRAIN_FULL[@]}") decode=("${DECODE_FULL[@]}")
+  [ "${5:-}" = quick ] && train=(--compile --fused-attn) && decode=(--fused-attn --breakdown)
   run gpu_tests timeout "$1" python -m pytest -q -m gpu tests
   run train_b256 timeout "$2" python bench/train_throughput.py --config config/MaskGit.yml --device "$DEVICE" \
-    --batch-size 256 --compile --fused-attn --recompute-attn --no-naive --csv "$WORK/train_b256.csv"
+    --batch-size 256 "${train[@]}" --no-naive --csv "$WORK/train_b256.csv"
   run decode timeout "$3" python bench/decode_throughput.py --config config/MaskGit.yml --device "$DEVICE" \
-    --fused-attn --compile --csv "$WORK/decode.csv"
+    "${decode[@]}" --csv "$WORK/decode.csv"
   fid_time "$4"
 }
 pipeline() {  # pipeline BUDGET_MINUTES (0: the recipe's own) [TIMEOUT_S]
@@ -154,29 +157,21 @@ case "$PART" in
   speed)  # the call's own 600-s limit bounds each step
     speed_steps 600 600 600 300
     run train_b512 python bench/train_throughput.py --config config/MaskGit.yml --device "$DEVICE" --batch-size 512 \
-      --compile --fused-attn --recompute-attn --no-naive --csv "$WORK/train_b512.csv"
+      "${TRAIN_FULL[@]}" --no-naive --csv "$WORK/train_b512.csv"
     ;;
   pipe)
     pipeline "${3:-10}"  # ~8.7 min by estimate; the timeout leaves 40 s of the 600 for packing
     ;;
-  all)
-    T0=$SECONDS; LIMIT=${3:-560}
-    speed_steps 150 210 120 45
-    LEFT=$((LIMIT - (SECONDS - T0) - 30))  # 30 s for packing
-    if [ "$LEFT" -lt 240 ]; then echo "only $LEFT s left: pipeline not started" | tee -a "$WORK/session.log"; exit 0; fi
-    # the stages that do not train take ~2 min on an H100 (estimate); the trainers get 18/25 of the budget
-    pipeline "$(python -c "print(round(max(1.0, ($LEFT / 60 - 2) * 25 / 18), 2))")" "$LEFT"
-    ;;
   speed-abl)  # one call of S seconds (default 560): #14's figures incl. batch 512, then the ablation in the time left
     T0=$SECONDS; LIMIT=${3:-560}
-    speed_steps 150 210 120 45
-    run train_b512 timeout 210 python bench/train_throughput.py --config config/MaskGit.yml --device "$DEVICE" \
-      --batch-size 512 --compile --fused-attn --recompute-attn --no-naive --csv "$WORK/train_b512.csv"
+    speed_steps 150 150 75 45 quick
+    run train_b512 timeout 120 python bench/train_throughput.py --config config/MaskGit.yml --device "$DEVICE" \
+      --batch-size 512 --fused-attn --recompute-attn --no-naive --csv "$WORK/train_b512.csv"
     LEFT=$((LIMIT - (SECONDS - T0) - 40))  # 40 s for packing the reconstructions
     if [ "$LEFT" -lt 120 ]; then echo "only $LEFT s left: ablation not started" | tee -a "$WORK/session.log"; exit 0; fi
     # shellcheck disable=SC2086
     run ablation timeout "$LEFT" python bench/stage1_ablation.py ${ABL_ARGS:---scale h100} --device "$DEVICE" \
-      --out "$WORK/ablation" --variants "${4:-ema_codebook_ssim1_gan_fm,ema_codebook_ssim1,base}"
+      --out "$WORK/ablation" --variants "${4:-$ABL_DEFAULT}"
     cat "$WORK/ablation/results.md" >>"$WORK/session.log" 2>/dev/null
     ;;
   abl)  # ~2 min per variant on an H100 (2,000 steps of batch 128 + scoring); rerun to finish the rest

@@ -19,6 +19,9 @@
 # start and the transfers ~50 s; that speed-abl call (3 variants) 437 s.
 # Here again, with the call's files (its files_at folder):
 #   bash bench/gpu_session.sh score  FILES [DIR]   # the pipeline's FID stage on this CPU -> DIR/pipeline/summary.md
+#       then, to decide on bundling on the lab's val data (the test set is a report): python bench/run.py
+#       --sets val-unseen --combos cosine:10 --skip-speed --only-ours --transformer-ckpt FILES/transformer_fp16.pth
+#       --vqgan-ckpt FILES/vqgan.pt --out runs/candidate   (~10 min here; the bundled pair: README's val table)
 #   bash bench/gpu_session.sh score-abl FILES [DIR] # the ablation's FIDs on this CPU -> DIR/ablation/results.md
 #
 # Why the detours. The device gets the repository and the carried paths only (never ../shared), at

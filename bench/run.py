@@ -6,7 +6,8 @@
 Quality sets:
   test        the lab's masked test images whose originals were recovered (570)
   val-unseen  val images that never occur in train, holed with the lab's masks (1,118)
-Methods: ours (bundled small model; lab protocol = no pasting; composited = known pixels
+Methods: ours (bundled small model, or --transformer-ckpt with --vqgan-ckpt, e.g. a pipeline run's
+candidate; lab protocol = no pasting; composited = known pixels
 pasted back; composited, seamless = pasted with the hole corrected to meet them, as
 `inpainting.py --paste-known` does) for cosine / linear / square and T in {4, 8, 12} (or the
 settings of --combos, e.g. cosine:10:halton for the Halton order, cosine:10:logprob for the
@@ -30,8 +31,8 @@ from PIL import Image
 
 from common import SHARED_DATA, device_name, print_table, write_csv
 from inpainting import BUNDLED_CONFIG, BUNDLED_TRANSFORMER
-from utils.build import build_maskgit, load_transformer_checkpoint
-from utils.config import REPO_ROOT, load_maskgit_config
+from utils.build import build_maskgit, checkpoint_config, load_inference_model, load_transformer_checkpoint
+from utils.config import REPO_ROOT, load_maskgit_config, resolve_path
 from utils.composite import paste_known
 from utils.data import (TEST_MEAN, TEST_STD, MaskedImageSet, denormalize, list_images, normalize, pil_to_tensor01,
                         to_uint8)
@@ -42,6 +43,19 @@ from utils.metrics import paired_metrics
 from utils.runtime import create_logger, get_device
 from utils.tokens import unseen_indices
 
+
+
+def load_model(args):
+    """The model scored as "ours", in eval mode on the CPU: the bundled small models (with
+    ``--vqgan-ckpt``, another tokenizer of the bundled config), or ``--transformer-ckpt`` built as
+    inpainting.py builds it (the config the checkpoint stores, else ``--config``, default
+    config/MaskGit.yml) with its tokenizer from ``--vqgan-ckpt`` (default: the config's VQ_CKPT_path)."""
+    if args.transformer_ckpt:
+        cfg, obj = checkpoint_config(args.transformer_ckpt, args.config)
+        return load_inference_model(cfg, obj, resolve_path(args.transformer_ckpt), args.vqgan_ckpt)
+    model = build_maskgit(load_maskgit_config(str(REPO_ROOT / BUNDLED_CONFIG)), vqgan_ckpt=args.vqgan_ckpt)
+    load_transformer_checkpoint(model, str(REPO_ROOT / BUNDLED_TRANSFORMER))
+    return model.eval()
 
 
 def parse_seeds(parser, text: str) -> list:
@@ -222,7 +236,13 @@ def main(argv=None):
     p.add_argument("--only-ours", action="store_true",
                    help="skip the classical baselines (they do not depend on our model)")
     p.add_argument("--vqgan-ckpt", default=None, metavar="PATH",
-                   help="score another tokenizer of the bundled config (e.g. a decoder fine-tune of it: same tokens)")
+                   help="score another tokenizer: of the bundled config (e.g. a decoder fine-tune of it: same "
+                        "tokens), or the one --transformer-ckpt was trained on")
+    p.add_argument("--transformer-ckpt", default=None, metavar="PATH",
+                   help="score this transformer instead of the bundled one (e.g. a pipeline run's, with its "
+                        "tokenizer as --vqgan-ckpt); its stored config is used, else --config")
+    p.add_argument("--config", default=None, metavar="YAML",
+                   help="MaskGit YAML for a --transformer-ckpt that stores no config (default config/MaskGit.yml)")
     p.add_argument("--sets", default="test,val-unseen", help="comma-separated subset of: test, val-unseen")
     p.add_argument("--combos", default=None,
                    help="our settings as schedule:T[:order][:confidence], e.g. cosine:10,linear:8,cosine:10:halton,"
@@ -245,9 +265,7 @@ def main(argv=None):
     n = args.n or (48 if args.quick else None)
     out = str(REPO_ROOT / args.out) if not os.path.isabs(args.out) else args.out
     work = os.path.join(out, "work")
-    model = build_maskgit(load_maskgit_config(str(REPO_ROOT / BUNDLED_CONFIG)), vqgan_ckpt=args.vqgan_ckpt)
-    load_transformer_checkpoint(model, str(REPO_ROOT / BUNDLED_TRANSFORMER))
-    model = model.to(device).eval()
+    model = load_model(args).to(device)
     sets = build_sets(work, n, args.data, args.gt, wanted)
     rows = []
 

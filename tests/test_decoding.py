@@ -404,3 +404,31 @@ def test_inpaint_options_reject_unknown_prefill_or_blend(bad):
     from utils.inpaint import InpaintOptions
     with pytest.raises(ValueError, match=repr(next(iter(bad.values())))):
         InpaintOptions(**bad)
+
+
+def test_bench_scores_a_given_transformer_checkpoint(tiny_world, tmp_path):
+    """bench/run.py --transformer-ckpt: the scored model is that checkpoint's transformer, built from
+    the config it stores (a tiny one, not the bundled or the lab's), with the tokenizer of
+    --vqgan-ckpt; without it, the bundled small models."""
+    import types
+    import training_transformer as tt
+    from utils.checkpoint import load_checkpoint
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    from run import load_model
+    tt.main(["--train_d_path", tiny_world["train"], "--val_d_path", tiny_world["val"], "--MaskGitConfig",
+             tiny_world["config"], "--out_d_path", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache"),
+             "--batch-size", "8", "--epochs", "1", "--device", "cpu", "--no-progress"])
+    ckpt = str(tmp_path / "run" / "transformer_last.pth")
+    args = types.SimpleNamespace(transformer_ckpt=ckpt, config=None, vqgan_ckpt=tiny_world["vqgan"])
+    model = load_model(args)
+    assert not model.training and model.transformer.cfg.dim == TINY_T["dim"]
+    stored = load_checkpoint(ckpt, "transformer checkpoint")
+    weights = stored.get("state_dict", stored) if isinstance(stored, dict) else stored
+    for name, p in model.transformer.state_dict().items():
+        torch.testing.assert_close(p, weights[name].to(p.dtype), atol=0, rtol=0, msg=name)
+    vq = torch.load(tiny_world["vqgan"], map_location="cpu", weights_only=True)
+    vq_sd = vq.get("state_dict", vq)
+    k = next(k for k in model.vqgan.state_dict() if k in vq_sd)
+    torch.testing.assert_close(model.vqgan.state_dict()[k], vq_sd[k].float(), atol=0, rtol=0)
+    bundled = load_model(types.SimpleNamespace(transformer_ckpt=None, config=None, vqgan_ckpt=None))
+    assert (bundled.transformer.cfg.dim, bundled.transformer.cfg.n_layers) == (256, 8)  # MaskGit_small.yml

@@ -1,0 +1,73 @@
+"""scripts/bundle.py: a pair becomes the bundled models only if it fits the bundled config and the
+size limits; what it writes is the input in fp16 on the CPU, configs kept; a refused pair writes nothing."""
+import os
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+import bundle  # noqa: E402
+
+VQ = os.path.join(ROOT, "checkpoints", "vqgan_small_fp16.pt")
+TR = os.path.join(ROOT, "checkpoints", "transformer_small_fp16.pth")
+
+
+def _tensors(path):
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def test_bundling_an_fp32_pair_writes_fp16_copies_that_build_the_bundled_model(tmp_path):
+    """The bundled pair, the tokenizer made fp32 with a stored config (as train_vqgan.py writes
+    vqgan.pt): the outputs are the inputs in fp16, the config kept, and the bundled model loads them."""
+    from utils.build import BUNDLED_CONFIG, build_maskgit, load_transformer_checkpoint, load_vqgan_weights
+    from utils.checkpoint import lab_state_dict, stored_config
+    from utils.config import load_maskgit_config
+    model = build_maskgit(load_maskgit_config(os.path.join(ROOT, BUNDLED_CONFIG)), load_vqgan=False)
+    load_vqgan_weights(model.vqgan, VQ)
+    vq32 = tmp_path / "vqgan.pt"
+    torch.save(lab_state_dict(model.vqgan, model.vqgan.cfg.to_dict()), vq32)  # fp32 + stored config
+    out = tmp_path / "out"
+    s = bundle.main(["--vqgan", str(vq32), "--transformer", TR, "--out-dir", str(out)])
+    assert sorted(os.listdir(out)) == sorted(bundle.NAMES.values()) and len(s["written"]) == 2
+    got = _tensors(out / bundle.NAMES["vqgan"])
+    want = _tensors(vq32)
+    assert got.keys() == want.keys() and all(got[k].dtype == torch.float16 and got[k].device.type == "cpu"
+                                             for k in got if want[k].is_floating_point())
+    for k in got:
+        torch.testing.assert_close(got[k], want[k].half() if want[k].is_floating_point() else want[k], atol=0, rtol=0)
+    stored = stored_config(torch.load(out / bundle.NAMES["vqgan"], map_location="cpu", weights_only=True))
+    assert stored == model.vqgan.cfg.to_dict()  # the stored config kept
+    got_t, want_t = _tensors(out / bundle.NAMES["transformer"]), _tensors(TR)
+    assert got_t.keys() == want_t.keys() and all(torch.equal(got_t[k], want_t[k]) for k in got_t)
+    fresh = build_maskgit(load_maskgit_config(os.path.join(ROOT, BUNDLED_CONFIG)), load_vqgan=False)
+    load_vqgan_weights(fresh.vqgan, str(out / bundle.NAMES["vqgan"]))
+    load_transformer_checkpoint(fresh, str(out / bundle.NAMES["transformer"]))
+
+
+def test_a_pair_that_does_not_fit_is_refused_and_nothing_is_written(tiny_world, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match="do not fit the bundled config") as e:
+        bundle.main(["--vqgan", tiny_world["vqgan"], "--transformer", TR, "--out-dir", str(out)])
+    assert tiny_world["vqgan"] in str(e.value)  # names the input, not a temp file
+    assert not out.exists()
+    with pytest.raises(SystemExit, match="do not fit"):  # a dry run checks the same way
+        bundle.main(["--vqgan", VQ, "--transformer", tiny_world["vqgan"], "--out-dir", str(out), "--dry-run"])
+    assert not out.exists()
+
+
+def test_dry_run_writes_nothing(tmp_path):
+    s = bundle.main(["--vqgan", VQ, "--transformer", TR, "--out-dir", str(tmp_path / "out"), "--dry-run"])
+    assert s["written"] == [] and not (tmp_path / "out").exists()
+    assert s["transformer_params"] > s["vqgan_params"] > 0
+
+
+def test_size_limits():
+    bundle.check_sizes({"a": 24 * 2**20, "b": 40_000_000 - 24 * 2**20})  # at the limits: allowed
+    with pytest.raises(SystemExit, match="over the 24 MiB"):
+        bundle.check_sizes({"a": 24 * 2**20 + 1})
+    with pytest.raises(SystemExit, match="over 40 MB"):
+        bundle.check_sizes({"a": 20_000_000, "b": 20_000_001})

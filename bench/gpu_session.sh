@@ -22,6 +22,7 @@
 #       then, to decide on bundling on the lab's val data (the test set is a report): python bench/run.py
 #       --sets val-unseen --combos cosine:10 --skip-speed --only-ours --transformer-ckpt FILES/transformer_fp16.pth
 #       --vqgan-ckpt FILES/vqgan.pt --out runs/candidate   (~10 min here; the bundled pair: README's val table)
+#       and, if it is better there: python scripts/bundle.py --vqgan FILES/vqgan.pt --transformer FILES/transformer_fp16.pth
 #   bash bench/gpu_session.sh score-abl FILES [DIR] # the ablation's FIDs on this CPU -> DIR/ablation/results.md
 #
 # Why the detours. The device gets the repository and the carried paths only (never ../shared), at

@@ -33,6 +33,8 @@ from common import SHARED_DATA, device_name, print_table, write_csv
 from inpainting import BUNDLED_CONFIG, BUNDLED_TRANSFORMER
 from utils.build import build_maskgit, checkpoint_config, load_inference_model, load_transformer_checkpoint
 from utils.config import REPO_ROOT, load_maskgit_config, resolve_path
+from utils.checkpoint import stored_config
+from utils.cli import UserError, run_cli
 from utils.composite import paste_known
 from utils.data import (TEST_MEAN, TEST_STD, MaskedImageSet, denormalize, list_images, normalize, pil_to_tensor01,
                         to_uint8)
@@ -48,10 +50,16 @@ from utils.tokens import unseen_indices
 def load_model(args):
     """The model scored as "ours", in eval mode on the CPU: the bundled small models (with
     ``--vqgan-ckpt``, another tokenizer of the bundled config), or ``--transformer-ckpt`` built as
-    inpainting.py builds it (the config the checkpoint stores, else ``--config``, default
-    config/MaskGit.yml) with its tokenizer from ``--vqgan-ckpt`` (default: the config's VQ_CKPT_path)."""
+    inpainting.py builds it (the config the checkpoint stores, else ``--config``) with its tokenizer
+    from ``--vqgan-ckpt``; a file without a config needs ``--config``, and the tokenizer is never guessed."""
     if args.transformer_ckpt:
         cfg, obj = checkpoint_config(args.transformer_ckpt, args.config)
+        if args.config is None and stored_config(obj) is None:
+            raise UserError(f"{args.transformer_ckpt} stores no config: pass the MaskGit YAML it was trained with as "
+                            f"--config (for the bundled transformer: --config {BUNDLED_CONFIG})")
+        if args.vqgan_ckpt is None:
+            raise UserError("--transformer-ckpt needs --vqgan-ckpt: the tokenizer it was trained on (a pipeline "
+                            "run's tokenizer/vqgan.pt)")
         return load_inference_model(cfg, obj, resolve_path(args.transformer_ckpt), args.vqgan_ckpt)
     model = build_maskgit(load_maskgit_config(str(REPO_ROOT / BUNDLED_CONFIG)), vqgan_ckpt=args.vqgan_ckpt)
     load_transformer_checkpoint(model, str(REPO_ROOT / BUNDLED_TRANSFORMER))
@@ -242,7 +250,8 @@ def main(argv=None):
                    help="score this transformer instead of the bundled one (e.g. a pipeline run's, with its "
                         "tokenizer as --vqgan-ckpt); its stored config is used, else --config")
     p.add_argument("--config", default=None, metavar="YAML",
-                   help="MaskGit YAML for a --transformer-ckpt that stores no config (default config/MaskGit.yml)")
+                   help="MaskGit YAML for a --transformer-ckpt that stores no config (the bundled one: "
+                        "config/MaskGit_small.yml)")
     p.add_argument("--sets", default="test,val-unseen", help="comma-separated subset of: test, val-unseen")
     p.add_argument("--combos", default=None,
                    help="our settings as schedule:T[:order][:confidence], e.g. cosine:10,linear:8,cosine:10:halton,"
@@ -328,4 +337,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -25,6 +25,7 @@ import torch  # noqa: E402
 
 from utils.build import BUNDLED_CONFIG, build_maskgit, load_transformer_checkpoint, load_vqgan_weights  # noqa: E402
 from utils.checkpoint import atomic_write, half_state_dict, load_checkpoint  # noqa: E402
+from utils.cli import UserError, run_cli  # noqa: E402
 from utils.config import REPO_ROOT, load_maskgit_config  # noqa: E402
 
 NAMES = {"vqgan": "vqgan_small_fp16.pt", "transformer": "transformer_small_fp16.pth"}
@@ -35,7 +36,7 @@ def half_file(src: str, what: str) -> dict:
     """The file's content with every floating tensor in fp16 on the CPU (the stored config kept)."""
     obj = load_checkpoint(src, what)
     if not isinstance(obj, dict):
-        raise SystemExit(f"{src}: not a state_dict ({type(obj).__name__})")
+        raise UserError(f"{src}: not a state_dict ({type(obj).__name__})")
     return half_state_dict(obj)
 
 
@@ -43,17 +44,18 @@ def check_sizes(sizes: dict, max_file_mib: float = MAX_FILE_MIB, max_total_mb: f
     """``sizes``: file name -> bytes; refuses a file over ``max_file_mib`` MiB or a sum over ``max_total_mb`` MB."""
     for name, n in sizes.items():
         if n > max_file_mib * 2**20:
-            raise SystemExit(f"{name} would be {n / 2**20:.1f} MiB, over the {max_file_mib} MiB a bundled file may have")
+            raise UserError(f"{name} would be {n / 2**20:.1f} MiB, over the {max_file_mib} MiB a bundled file may have")
     total = sum(sizes.values())
     if total > max_total_mb * 1e6:
-        raise SystemExit(f"the bundled files would be {total / 1e6:.1f} MB together, over {max_total_mb} MB")
+        raise UserError(f"the bundled files would be {total / 1e6:.1f} MB together, over {max_total_mb} MB")
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--vqgan", required=True, help="tokenizer weights (train_vqgan.py's vqgan.pt, fp32 or fp16)")
     p.add_argument("--transformer", required=True, help="transformer weights (a .pth of training_transformer.py)")
-    p.add_argument("--out-dir", default=str(REPO_ROOT / "checkpoints"))
+    p.add_argument("--out-dir", default=str(REPO_ROOT / "checkpoints"),
+                   help="where the two files are written (default: the repository's checkpoints/)")
     p.add_argument("--dry-run", action="store_true", help="check only, write nothing")
     args = p.parse_args(argv)
     halves = {"vqgan": half_file(args.vqgan, "VQGAN checkpoint"),
@@ -62,13 +64,16 @@ def main(argv=None) -> dict:
         paths = {k: os.path.join(tmp, NAMES[k]) for k in halves}
         for k, obj in halves.items():
             torch.save(obj, paths[k])
-        model = build_maskgit(load_maskgit_config(str(REPO_ROOT / BUNDLED_CONFIG)), load_vqgan=False)
+        cfg = load_maskgit_config(str(REPO_ROOT / BUNDLED_CONFIG))
+        model = build_maskgit(cfg, load_vqgan=False)
         try:
             load_vqgan_weights(model.vqgan, paths["vqgan"])
             load_transformer_checkpoint(model, paths["transformer"])
         except Exception as e:  # noqa: BLE001  (the loaders' messages name the problem; say which input)
-            raise SystemExit(f"{args.vqgan} + {args.transformer} do not fit the bundled config {BUNDLED_CONFIG}: "
-                             f"{str(e).replace(paths['vqgan'], args.vqgan).replace(paths['transformer'], args.transformer)}")
+            raise UserError(f"{args.vqgan} + {args.transformer} do not fit the bundled config {BUNDLED_CONFIG} (--vqgan "
+                            f"must be a tokenizer of {cfg['model_param']['VQ_Configs']['VQ_config_path']}, --transformer a transformer of "
+                            f"{BUNDLED_CONFIG}; check that the two are not swapped): "
+                            f"{str(e).replace(paths['vqgan'], args.vqgan).replace(paths['transformer'], args.transformer)}")
         sizes = {NAMES[k]: os.path.getsize(paths[k]) for k in halves}
         check_sizes(sizes)
         summary = {"sizes_mib": {n: round(b / 2**20, 2) for n, b in sizes.items()},
@@ -89,4 +94,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

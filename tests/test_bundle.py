@@ -10,6 +10,7 @@ from conftest import ROOT
 
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 import bundle  # noqa: E402
+from utils.cli import UserError  # noqa: E402
 
 VQ = os.path.join(ROOT, "checkpoints", "vqgan_small_fp16.pt")
 TR = os.path.join(ROOT, "checkpoints", "transformer_small_fp16.pth")
@@ -50,11 +51,11 @@ def test_bundling_an_fp32_pair_writes_fp16_copies_that_build_the_bundled_model(t
 
 def test_a_pair_that_does_not_fit_is_refused_and_nothing_is_written(tiny_world, tmp_path):
     out = tmp_path / "out"
-    with pytest.raises(SystemExit, match="do not fit the bundled config") as e:
+    with pytest.raises(UserError, match="do not fit the bundled config") as e:
         bundle.main(["--vqgan", tiny_world["vqgan"], "--transformer", TR, "--out-dir", str(out)])
-    assert tiny_world["vqgan"] in str(e.value)  # names the input, not a temp file
+    assert tiny_world["vqgan"] in str(e.value) and "swapped" in str(e.value)  # names the input, not a temp file
     assert not out.exists()
-    with pytest.raises(SystemExit, match="do not fit"):  # a dry run checks the same way
+    with pytest.raises(UserError, match="do not fit"):  # a dry run checks the same way
         bundle.main(["--vqgan", VQ, "--transformer", tiny_world["vqgan"], "--out-dir", str(out), "--dry-run"])
     assert not out.exists()
 
@@ -67,7 +68,16 @@ def test_dry_run_writes_nothing(tmp_path):
 
 def test_size_limits():
     bundle.check_sizes({"a": 24 * 2**20, "b": 40_000_000 - 24 * 2**20})  # at the limits: allowed
-    with pytest.raises(SystemExit, match="over the 24 MiB"):
+    with pytest.raises(UserError, match="over the 24 MiB"):
         bundle.check_sizes({"a": 24 * 2**20 + 1})
-    with pytest.raises(SystemExit, match="over 40 MB"):
+    with pytest.raises(UserError, match="over 40 MB"):
         bundle.check_sizes({"a": 20_000_000, "b": 20_000_001})
+
+
+def test_missing_file_is_one_line_naming_it(tmp_path, capsys):
+    from utils.cli import run_cli
+    with pytest.raises(SystemExit) as e:
+        run_cli(bundle.main, ["--vqgan", str(tmp_path / "nope.pt"), "--transformer", TR, "--out-dir", str(tmp_path)])
+    assert e.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nope.pt" in err[0] and "not found" in err[0]

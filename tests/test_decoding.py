@@ -432,3 +432,10 @@ def test_bench_scores_a_given_transformer_checkpoint(tiny_world, tmp_path):
     torch.testing.assert_close(model.vqgan.state_dict()[k], vq_sd[k].float(), atol=0, rtol=0)
     bundled = load_model(types.SimpleNamespace(transformer_ckpt=None, config=None, vqgan_ckpt=None))
     assert (bundled.transformer.cfg.dim, bundled.transformer.cfg.n_layers) == (256, 8)  # MaskGit_small.yml
+    from utils.cli import UserError
+    from utils.build import BUNDLED_TRANSFORMER
+    no_config = os.path.join(ROOT, BUNDLED_TRANSFORMER)  # stores no config: the YAML must be named, not guessed
+    with pytest.raises(UserError, match="stores no config.*--config config/MaskGit_small.yml"):
+        load_model(types.SimpleNamespace(transformer_ckpt=no_config, config=None, vqgan_ckpt=tiny_world["vqgan"]))
+    with pytest.raises(UserError, match="needs --vqgan-ckpt"):
+        load_model(types.SimpleNamespace(transformer_ckpt=ckpt, config=None, vqgan_ckpt=None))

@@ -24,7 +24,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from utils.build import BUNDLED_CONFIG, build_maskgit, load_transformer_checkpoint, load_vqgan_weights  # noqa: E402
-from utils.checkpoint import atomic_write, half_state_dict, load_checkpoint  # noqa: E402
+from models.convert import CheckpointLayoutError  # noqa: E402
+from utils.checkpoint import CheckpointError, atomic_write, half_state_dict, load_checkpoint  # noqa: E402
 from utils.cli import UserError, run_cli  # noqa: E402
 from utils.config import REPO_ROOT, load_maskgit_config  # noqa: E402
 
@@ -69,11 +70,12 @@ def main(argv=None) -> dict:
         try:
             load_vqgan_weights(model.vqgan, paths["vqgan"])
             load_transformer_checkpoint(model, paths["transformer"])
-        except Exception as e:  # noqa: BLE001  (the loaders' messages name the problem; say which input)
-            raise UserError(f"{args.vqgan} + {args.transformer} do not fit the bundled config {BUNDLED_CONFIG} (--vqgan "
-                            f"must be a tokenizer of {cfg['model_param']['VQ_Configs']['VQ_config_path']}, --transformer a transformer of "
-                            f"{BUNDLED_CONFIG}; check that the two are not swapped): "
-                            f"{str(e).replace(paths['vqgan'], args.vqgan).replace(paths['transformer'], args.transformer)}")
+        except (CheckpointLayoutError, CheckpointError) as e:  # the loaders name the problem; say which input
+            vq_yaml = cfg["model_param"]["VQ_Configs"]["VQ_config_path"]
+            detail = str(e).replace(paths["vqgan"], args.vqgan).replace(paths["transformer"], args.transformer)
+            raise UserError(f"{args.vqgan} + {args.transformer} do not fit the bundled config {BUNDLED_CONFIG} "
+                            f"(--vqgan must be a tokenizer of {vq_yaml}, --transformer a transformer of "
+                            f"{BUNDLED_CONFIG}; check that the two are not swapped): {detail}") from e
         sizes = {NAMES[k]: os.path.getsize(paths[k]) for k in halves}
         check_sizes(sizes)
         summary = {"sizes_mib": {n: round(b / 2**20, 2) for n, b in sizes.items()},

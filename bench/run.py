@@ -53,13 +53,13 @@ def load_model(args):
     inpainting.py builds it (the config the checkpoint stores, else ``--config``) with its tokenizer
     from ``--vqgan-ckpt``; a file without a config needs ``--config``, and the tokenizer is never guessed."""
     if args.transformer_ckpt:
+        if args.vqgan_ckpt is None:  # a flag check first, before the checkpoint is read
+            raise UserError("--transformer-ckpt needs --vqgan-ckpt: the tokenizer it was trained on (a pipeline "
+                            "run's tokenizer/vqgan.pt)")
         cfg, obj = checkpoint_config(args.transformer_ckpt, args.config)
         if args.config is None and stored_config(obj) is None:
             raise UserError(f"{args.transformer_ckpt} stores no config: pass the MaskGit YAML it was trained with as "
                             f"--config (for the bundled transformer: --config {BUNDLED_CONFIG})")
-        if args.vqgan_ckpt is None:
-            raise UserError("--transformer-ckpt needs --vqgan-ckpt: the tokenizer it was trained on (a pipeline "
-                            "run's tokenizer/vqgan.pt)")
         return load_inference_model(cfg, obj, resolve_path(args.transformer_ckpt), args.vqgan_ckpt)
     model = build_maskgit(load_maskgit_config(str(REPO_ROOT / BUNDLED_CONFIG)), vqgan_ckpt=args.vqgan_ckpt)
     load_transformer_checkpoint(model, str(REPO_ROOT / BUNDLED_TRANSFORMER))

@@ -14,8 +14,8 @@ from .config import ConfigError, apply_overrides, complete_config, config_diff, 
 BUNDLED_CONFIG = "config/MaskGit_small.yml"  # the bundled small models (README, model zoo)
 BUNDLED_TRANSFORMER = "checkpoints/transformer_small_fp16.pth"
 VQGAN_HINT = ("put the lab's VQGAN.pt there, or pass --vqgan-ckpt PATH together with the tokenizer config it was "
-              "trained with (model_param.VQ_Configs.VQ_config_path in the --MaskGitConfig YAML), use a bundled "
-              "tokenizer (see the README's model zoo) or train one with train_vqgan.py")
+              "trained with (the tokenizer YAML a MaskGit YAML names in model_param.VQ_Configs.VQ_config_path), use a "
+              "bundled tokenizer (see the README's model zoo) or train one with train_vqgan.py")
 
 
 def load_vqgan_weights(vqgan: torch.nn.Module, path: str) -> None:
@@ -34,8 +34,8 @@ def load_vqgan_weights(vqgan: torch.nn.Module, path: str) -> None:
             diff = [f"{k} ({own.get(k)!r} in the file, {want.get(k)!r} here)" for k in config_diff(own, want)]
             note = "; the file stores the config it was trained with, which differs from this one in " + ", ".join(diff)
         raise CheckpointLayoutError(f"VQGAN checkpoint {path} does not fit the tokenizer config (a checkpoint needs the "
-                                    f"config it was trained with: model_param.VQ_Configs.VQ_config_path in the "
-                                    f"--MaskGitConfig YAML): {problem}{note}")
+                                    f"config it was trained with: the tokenizer YAML, which a MaskGit YAML names in "
+                                    f"model_param.VQ_Configs.VQ_config_path): {problem}{note}")
     vqgan.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
 
 

@@ -69,13 +69,15 @@ def parse_args(argv=None):
     p.add_argument("--mask-rule", choices=["lab", "dilated"], default="lab",
                    help="pixel->token rule: lab (token known if all its pixels are) or dilated (+1 token ring)")
     p.add_argument("--prefill", choices=PREFILLS, default="smooth",
-                   help="what the tokenizer sees in the holes: smooth (filled from the known pixels, default) "
-                        "or gray (the masked image as given, as the lab's seed encodes it)")
+                   help="what the tokenizer sees in the holes: smooth (filled from the known pixels, default), "
+                        "biharmonic (an exact thin-plate fill of them) or gray (the masked image as given, as the "
+                        "lab's seed encodes it)")
     p.add_argument("--paste-known", action="store_true",
                    help="composite the known pixels into the output (not allowed for lab scoring)")
-    p.add_argument("--blend", choices=BLENDS, default="seamless",
-                   help="with --paste-known: seamless (the hole is corrected to meet the known pixels, Poisson "
-                        "style; default) or hard (plain paste)")
+    p.add_argument("--blend", choices=BLENDS, default="biharmonic",
+                   help="with --paste-known: biharmonic (the hole is corrected to meet the known pixels and their "
+                        "slope, an exact thin-plate fill of the difference; default), seamless (the same with a "
+                        "membrane, Poisson style, the default before) or hard (plain paste)")
     p.add_argument("--no-vis", action="store_true", help="skip mask_scheduling/ and imga/ (faster)")
     p.add_argument("--gif", action="store_true", help="write an animated GIF of the decoding per image")
     p.add_argument("--report-ids", default="", help="comma-separated image ids for report.png (cosine/linear/square)")

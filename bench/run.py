@@ -8,10 +8,11 @@ Quality sets:
   val-unseen  val images that never occur in train, holed with the lab's masks (1,118)
 Methods: ours (bundled small model, or --transformer-ckpt with --vqgan-ckpt, e.g. a pipeline run's
 candidate; lab protocol = no pasting; composited = known pixels
-pasted back; composited, seamless = pasted with the hole corrected to meet them, as
-`inpainting.py --paste-known` does) for cosine / linear / square and T in {4, 8, 12} (or the
+pasted back; composited, seamless = pasted with the hole corrected to meet them (membrane);
+composited, biharmonic = the same with a thin-plate correction, as `inpainting.py --paste-known`
+does by default) for cosine / linear / square and T in {4, 8, 12} (or the
 settings of --combos, e.g. cosine:10:halton for the Halton order, cosine:10:logprob for the
-official log-probability confidence); OpenCV Telea and Navier-Stokes; scikit-image biharmonic;
+official log-probability confidence, cosine:10:prefill=biharmonic for another hole prefill); OpenCV Telea and Navier-Stokes; scikit-image biharmonic;
 and the tokenizer's own reconstruction (encode -> decode of the originals), the floor of the lab
 protocol. Metrics: FID (our FID, pytorch-fid features) and
 PSNR / SSIM / L1 on the hole region. Speed: training and decoding throughput ratios.
@@ -35,7 +36,7 @@ from utils.build import build_maskgit, checkpoint_config, load_inference_model, 
 from utils.config import REPO_ROOT, load_maskgit_config, resolve_path
 from utils.checkpoint import stored_config
 from utils.cli import UserError, run_cli
-from utils.composite import paste_known
+from utils.composite import PREFILLS, paste_known
 from utils.data import (TEST_MEAN, TEST_STD, MaskedImageSet, denormalize, list_images, normalize, pil_to_tensor01,
                         to_uint8)
 from utils.fid import compute_fid
@@ -93,18 +94,22 @@ def seed_summary(rows: list) -> list:
 
 
 def parse_combos(parser, text: str) -> list:
-    """'cosine:10,linear:8:halton,cosine:10:logprob' -> [Combo("cosine", 10), Combo("linear", 8, "halton"),
-    Combo("cosine", 10, confidence="logprob")]: schedule:T, then optionally an order and/or a confidence."""
+    """'cosine:10,linear:8:halton,cosine:10:logprob,cosine:10:prefill=gray' -> [Combo("cosine", 10),
+    Combo("linear", 8, "halton"), Combo("cosine", 10, confidence="logprob"), Combo("cosine", 10, prefill="gray")]:
+    schedule:T, then optionally an order, a confidence and / or prefill=NAME."""
     from models import CONFIDENCES, ORDERS, SCHEDULES
     combos = []
     for item in text.split(","):
         name, t, *extra = item.strip().split(":") + [""] * (":" not in item)
         orders, confs = [e for e in extra if e in ORDERS], [e for e in extra if e in CONFIDENCES]
+        fills = [e[len("prefill="):] for e in extra if e.startswith("prefill=") and e[len("prefill="):] in PREFILLS]
         if (name not in SCHEDULES or not t.isdigit() or int(t) < 1 or len(orders) > 1 or len(confs) > 1
-                or len(orders) + len(confs) != len(extra)):
-            parser.error(f"--combos: {item!r} is not schedule:T[:order][:confidence] with schedule in "
-                         f"{list(SCHEDULES)}, T >= 1, order in {list(ORDERS)}, confidence in {list(CONFIDENCES)}")
-        combos.append(Combo(name, int(t), (orders or ["confidence"])[0], (confs or ["prob"])[0]))
+                or len(fills) > 1 or len(orders) + len(confs) + len(fills) != len(extra)):
+            parser.error(f"--combos: {item!r} is not schedule:T[:order][:confidence][:prefill=NAME] with schedule in "
+                         f"{list(SCHEDULES)}, T >= 1, order in {list(ORDERS)}, confidence in {list(CONFIDENCES)}, "
+                         f"prefill in {list(PREFILLS)}")
+        combos.append(Combo(name, int(t), (orders or ["confidence"])[0], (confs or ["prob"])[0],
+                            (fills or ["smooth"])[0]))
     return combos
 
 
@@ -115,18 +120,20 @@ class Combo:
     steps: int
     order: str = "confidence"
     confidence: str = "prob"
+    prefill: str = "smooth"
 
     def label(self) -> str:
-        """'cosine T=10', plus the order / confidence where they are not the defaults."""
-        extra = [e for e, default in ((self.order, "confidence"), (self.confidence, "prob")) if e != default]
+        """'cosine T=10', plus the order / confidence / prefill where they are not the defaults."""
+        extra = [e for e, default in ((self.order, "confidence"), (self.confidence, "prob"),
+                                      (f"prefill={self.prefill}", "prefill=smooth")) if e != default]
         return " ".join([f"{self.schedule} T={self.steps}", *extra])
 
     def dirname(self) -> str:
-        return "ours_" + self.label().replace(" T=", "_T").replace(" ", "_")
+        return "ours_" + self.label().replace(" T=", "_T").replace(" ", "_").replace("=", "-")
 
     def options(self, seed: int = 0) -> InpaintOptions:
         return InpaintOptions(total_iter=self.steps, mask_func=self.schedule, order=self.order,
-                              confidence=self.confidence, visualize=False, seed=seed)
+                              confidence=self.confidence, prefill=self.prefill, visualize=False, seed=seed)
 
 
 def build_sets(work: str, n: int | None, data: str, gt: str, wanted=("test", "val-unseen")) -> dict:
@@ -176,9 +183,15 @@ def _load01(path):
     return pil_to_tensor01(Image.open(path).convert("RGB"))
 
 
+# bench/run.py's composited rows: each blend of utils.composite.paste_known, and its protocol label
+BLEND_PROTOCOLS = (("hard", "composited"), ("seamless", "composited, seamless"),
+                   ("biharmonic", "composited, biharmonic"))
+
+
 def composite(pred_dir: str, root: str, out_dir: str, blend: str = "hard") -> str:
-    """Paste the known pixels of the masked inputs into the predictions: ``hard`` (plain paste)
-    or ``seamless`` (the hole is corrected to meet the known pixels, as ``--paste-known`` does)."""
+    """Paste the known pixels of the masked inputs into the predictions: ``hard`` (plain paste),
+    ``seamless`` (the hole is corrected to meet the known pixels with a membrane, the default
+    before) or ``biharmonic`` (with a thin plate, as ``--paste-known`` now does by default)."""
     os.makedirs(out_dir, exist_ok=True)
     imgs, masks = list_images(os.path.join(root, "masked_image")), list_images(os.path.join(root, "mask64"))
     for ip, mp in zip(imgs, masks):
@@ -254,8 +267,9 @@ def main(argv=None):
                         "config/MaskGit_small.yml)")
     p.add_argument("--sets", default="test,val-unseen", help="comma-separated subset of: test, val-unseen")
     p.add_argument("--combos", default=None,
-                   help="our settings as schedule:T[:order][:confidence], e.g. cosine:10,linear:8,cosine:10:halton,"
-                        "cosine:10:logprob (default: the grid, confidence order, prob confidence)")
+                   help="our settings as schedule:T[:order][:confidence][:prefill=NAME], e.g. cosine:10,linear:8,"
+                        "cosine:10:halton,cosine:10:logprob,cosine:10:prefill=biharmonic (default: the grid, "
+                        "confidence order, prob confidence, smooth prefill)")
     p.add_argument("--seeds", default="0",
                    help="comma-separated decoding seeds (the confidence noise); with more than one, each of our "
                         "settings runs once per seed and a mean +- std table over the seeds follows")
@@ -302,7 +316,7 @@ def main(argv=None):
                 run_inpainting(model, ds, d, c.options(seed), device, 8, progress=False)
                 sec, tag = time.time() - t0, seed if len(seeds) > 1 else None
                 score(set_name, root, f"ours {c.label()}", os.path.join(d, "test_results"), "lab (no paste)", sec, tag)
-                for blend, protocol in (("hard", "composited"), ("seamless", "composited, seamless")):
+                for blend, protocol in BLEND_PROTOCOLS:
                     comp = composite(os.path.join(d, "test_results"), root, os.path.join(d, f"composited_{blend}"),
                                      blend)
                     score(set_name, root, f"ours {c.label()}", comp, protocol, seed=tag)

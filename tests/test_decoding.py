@@ -266,7 +266,8 @@ def test_inpainting_script_writes_lab_outputs(tiny_world, tmp_path):
     assert s2["images"] == 6
     # --paste-known: the known pixels are the input's exactly, whatever the blend; the holes differ
     outs = {}
-    for extra in (["--blend", "hard", "--prefill", "gray"], ["--blend", "seamless"]):
+    for extra in (["--blend", "hard", "--prefill", "gray"], ["--blend", "seamless"],
+                  ["--blend", "biharmonic", "--prefill", "biharmonic"]):
         d = tmp_path / f"paste_{extra[1]}"
         inpainting.main(["--load-transformer-ckpt-path", str(tmp_path / "run" / "last.pt"), "--data",
                          tiny_world["root"], "--out-dir", str(d), "--device", "cpu", "--no-vis", "--total-iter", "3",
@@ -277,6 +278,7 @@ def test_inpainting_script_writes_lab_outputs(tiny_world, tmp_path):
     for out in outs.values():
         assert np.array_equal(out[known], given[known])
     assert not np.array_equal(outs["hard"][~known], outs["seamless"][~known])
+    assert not np.array_equal(outs["seamless"][~known], outs["biharmonic"][~known])
 
 
 def test_order_and_confidence_reach_the_decoder_from_the_cli_and_the_bench(tiny_world, tmp_path, monkeypatch):
@@ -300,10 +302,21 @@ def test_order_and_confidence_reach_the_decoder_from_the_cli_and_the_bench(tiny_
         assert seen == {want}, extra
     sys.path.insert(0, os.path.join(ROOT, "bench"))
     from run import parse_combos
-    combos = parse_combos(None, "cosine:10,exp:4:halton,cosine:10:logprob,linear:8:logprob:halton")
-    assert [(c.options().mask_func, c.options().total_iter, c.options().order, c.options().confidence)
-            for c in combos] == [("cosine", 10, "confidence", "prob"), ("exp", 4, "halton", "prob"),
-                                 ("cosine", 10, "confidence", "logprob"), ("linear", 8, "halton", "logprob")]
+    combos = parse_combos(None, "cosine:10,exp:4:halton,cosine:10:logprob,linear:8:logprob:halton,"
+                                "cosine:10:prefill=biharmonic")
+    assert [(c.options().mask_func, c.options().total_iter, c.options().order, c.options().confidence,
+             c.options().prefill) for c in combos] == [
+        ("cosine", 10, "confidence", "prob", "smooth"), ("exp", 4, "halton", "prob", "smooth"),
+        ("cosine", 10, "confidence", "logprob", "smooth"), ("linear", 8, "halton", "logprob", "smooth"),
+        ("cosine", 10, "confidence", "prob", "biharmonic")]
+    assert combos[-1].dirname() == "ours_cosine_T10_prefill-biharmonic"
+
+    class Parser:
+        def error(self, msg):
+            raise SystemExit(msg)
+    for bad in ("cosine:10:prefill=blur", "cosine:10:prefill=gray:prefill=smooth", "cosine:10:biharmonic"):
+        with pytest.raises(SystemExit, match="--combos"):
+            parse_combos(Parser(), bad)
 
 
 def test_bench_seeds_spread():

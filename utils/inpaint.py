@@ -10,7 +10,7 @@ import torch
 
 from models import CONFIDENCES, ORDERS, image_noise
 
-from .composite import BLENDS, PREFILLS, fill_holes, paste_known
+from .composite import BLENDS, PREFILLS, fill_holes, paste_known, smooth_fill
 from .data import TEST_MEAN, TEST_STD, denormalize, pixel_to_token_mask
 from .runtime import autocast
 
@@ -27,7 +27,7 @@ class InpaintOptions:
     mask_rule: str = "lab"
     prefill: str = "smooth"
     paste_known: bool = False
-    blend: str = "seamless"
+    blend: str = "biharmonic"
     visualize: bool = True
     gif: bool = False
     precision: str = "fp32"
@@ -46,6 +46,14 @@ def latent_mask_images(mask: torch.Tensor, res: int) -> torch.Tensor:
     return (~mask).float().view(-1, 1, res, res).expand(-1, 3, -1, -1)  # (S, 3, h, w)
 
 
+def prefill(x: torch.Tensor, pixel_mask: torch.Tensor, how: str) -> torch.Tensor:
+    """What the tokenizer sees in the holes: smooth (the push-pull membrane of :func:`fill_holes`),
+    biharmonic (the exact thin-plate fill of :func:`smooth_fill`) or gray (x as given)."""
+    if how == "smooth":
+        return fill_holes(x, pixel_mask)
+    return smooth_fill(x, pixel_mask, order=2) if how == "biharmonic" else x
+
+
 @torch.no_grad()
 def inpaint_batch(model, x: torch.Tensor, pixel_mask: torch.Tensor, indices, opts: InpaintOptions, device,
                   with_steps: bool = False):
@@ -56,7 +64,7 @@ def inpaint_batch(model, x: torch.Tensor, pixel_mask: torch.Tensor, indices, opt
     final image is the last step's decode, so the final tokens are decoded once, not twice.
     """
     res = model.vqgan.cfg.latent_resolution
-    _, ids = model.encode_to_z(fill_holes(x, pixel_mask) if opts.prefill == "smooth" else x)  # (B, N)
+    _, ids = model.encode_to_z(prefill(x, pixel_mask, opts.prefill))  # (B, N)
     token_mask = pixel_to_token_mask(pixel_mask, res, opts.mask_rule).to(device)  # (B, N) True = masked
     noise = image_noise(opts.seed, indices, device)  # image i's draws depend on (seed, i), not on the batch
     result = model.inpaint(ids, token_mask, opts.total_iter, noise, opts.mask_func, opts.sweet_spot, opts.token_choice,

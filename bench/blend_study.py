@@ -7,7 +7,7 @@ each (FID vs the originals, hole PSNR / SSIM), so a blend is chosen on the lab's
 
     python bench/run.py --sets val-unseen --combos cosine:10 --skip-speed --only-ours --out runs/blend_val
     python bench/blend_study.py --root runs/blend_val/work/val-unseen \
-        --pred runs/blend_val/work/val-unseen/cosine_10/test_results --out runs/blend_study
+        --pred runs/blend_val/work/val-unseen/ours_cosine_T10/test_results --out runs/blend_study
 
 Variants (every one keeps the known pixels exactly): hard (plain paste), seamless (the
 default before: membrane fill of the residual, 30 Jacobi steps), seamless_<N> (N steps),

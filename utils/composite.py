@@ -93,7 +93,8 @@ def paste_known(pred: torch.Tensor, orig: torch.Tensor, pixel_mask: torch.Tensor
     against the surroundings, and the seams, go. "seamless" fills the residual with the membrane of
     :func:`fill_holes` (``smooth_iters`` steps); "biharmonic" (the default) with the exact thin-plate
     fill of :func:`smooth_fill`, whose correction also meets the residual's slope at the border
-    (unseen val images, bundled model: composited FID 9.71 -> 8.71, hole PSNR +0.5 dB; README)."""
+    (unseen val images, the previous bundled pair: composited FID 9.71 -> 8.73, hole PSNR +0.5 dB;
+    README)."""
     if blend not in BLENDS:
         raise ValueError(f"blend must be one of {BLENDS}, got {blend!r}")
     known = pixel_mask.to(pred.dtype)

@@ -37,8 +37,8 @@ from utils.config import REPO_ROOT, load_maskgit_config, resolve_path
 from utils.checkpoint import stored_config
 from utils.cli import UserError, run_cli
 from utils.composite import PREFILLS, paste_known
-from utils.data import (TEST_MEAN, TEST_STD, MaskedImageSet, denormalize, list_images, normalize, pil_to_tensor01,
-                        to_uint8)
+from utils.data import (TEST_MEAN, TEST_STD, MaskedImageSet, denormalize, known_pixels, list_images, load_mask,
+                        normalize, pil_to_tensor01, to_uint8)
 from utils.fid import compute_fid
 from utils.inpaint import InpaintOptions
 from utils.outputs import run_inpainting
@@ -167,7 +167,7 @@ def _val_unseen_set(work: str, n: int | None, data: str, masks: list) -> str:
         img = np.asarray(Image.open(val[i]).convert("RGB")).copy()
         m = np.asarray(Image.open(masks[j % len(masks)]).convert("L"))
         Image.fromarray(img).save(os.path.join(root, "originals", f"image_{j:04d}.png"))
-        img[m < 128] = 128
+        img[~known_pixels(m)] = 128
         Image.fromarray(img).save(os.path.join(root, "masked_image", f"image_{j:04d}.png"))
         Image.fromarray(m).save(os.path.join(root, "mask64", f"mask_{j:04d}.png"))
     return root
@@ -196,7 +196,7 @@ def composite(pred_dir: str, root: str, out_dir: str, blend: str = "hard") -> st
     imgs, masks = list_images(os.path.join(root, "masked_image")), list_images(os.path.join(root, "mask64"))
     for ip, mp in zip(imgs, masks):
         name = os.path.basename(ip)
-        known = torch.from_numpy((np.asarray(Image.open(mp).convert("L")) >= 128).astype(np.float32))[None]
+        known = load_mask(mp)
         orig, pred = _load01(ip), _load01(os.path.join(pred_dir, name))
         out = paste_known(pred[None], orig[None], known[None], blend)[0]
         Image.fromarray(to_uint8(out)).save(os.path.join(out_dir, name))
@@ -210,7 +210,7 @@ def hole_metrics(pred_dir: str, root: str) -> dict:
         name = os.path.basename(ip)
         preds.append(_load01(os.path.join(pred_dir, name)))
         gts.append(_load01(os.path.join(root, "originals", name)))
-        holes.append(torch.from_numpy((np.asarray(Image.open(mp).convert("L")) < 128).astype(np.float32))[None])
+        holes.append(1 - load_mask(mp))
     m = paired_metrics(torch.stack(preds), torch.stack(gts), torch.stack(holes))
     return {"psnr_hole": m["psnr_hole"].mean().item(), "ssim_hole": m["ssim_hole"].mean().item(),
             "l1_hole": m["l1_hole"].mean().item()}
@@ -223,7 +223,7 @@ def classical(root: str, out_dir: str, method: str) -> str:
     imgs, masks = list_images(os.path.join(root, "masked_image")), list_images(os.path.join(root, "mask64"))
     for ip, mp in zip(imgs, masks):
         img = np.asarray(Image.open(ip).convert("RGB"))
-        hole = (np.asarray(Image.open(mp).convert("L")) < 128).astype(np.uint8)
+        hole = (~known_pixels(np.asarray(Image.open(mp).convert("L")))).astype(np.uint8)
         if method == "biharmonic":
             out = (inpaint_biharmonic(img / 255.0, hole.astype(bool), channel_axis=-1) * 255).round()
         else:

@@ -256,6 +256,34 @@ def test_bench_composites_keep_known_pixels_and_the_seamless_one_removes_a_colou
         assert err <= 1 if blend != "hard" else err == 30
 
 
+def test_bench_hole_metrics_count_only_the_lab_hole_pixels(tmp_path):
+    """bench/run.py's hole PSNR / L1 by hand: a prediction off by exactly 51/255 = 0.2 inside the hole
+    and exact outside gives L1 0.2 and PSNR 10 log10(1 / 0.04) = 13.98 dB, whatever the known pixels
+    hold; a mask saved with grey levels is read with the lab's >= 128 rule (utils.data.load_mask)."""
+    import sys
+
+    from conftest import ROOT
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    from run import hole_metrics
+
+    rng = np.random.default_rng(1)
+    orig = rng.integers(60, 190, (16, 16, 3), dtype=np.uint8)
+    mask = np.full((16, 16), 200, np.uint8)  # known (>= 128), not 255
+    mask[4:10, 3:12] = 90  # hole (< 128), not 0
+    hole = mask < 128
+    pred = orig.copy()
+    pred[hole] += 51
+    pred[~hole] = orig[~hole]
+    for sub, arr in (("masked_image", orig), ("originals", orig), ("pred", pred)):
+        (tmp_path / sub).mkdir()
+        Image.fromarray(arr).save(tmp_path / sub / "image_000.png")
+    (tmp_path / "mask64").mkdir()
+    Image.fromarray(mask).save(tmp_path / "mask64" / "mask_000.png")
+    m = hole_metrics(str(tmp_path / "pred"), str(tmp_path))
+    assert m["l1_hole"] == pytest.approx(0.2, abs=1e-6)
+    assert m["psnr_hole"] == pytest.approx(10 * np.log10(1 / 0.04), abs=1e-4)
+
+
 def test_normalization_constants_are_the_labs():
     assert TRAIN_MEAN == (0.4816, 0.4324, 0.3845) and TRAIN_STD == (0.2602, 0.2518, 0.2537)
     assert TEST_MEAN == (0.4868, 0.4341, 0.3844) and TEST_STD == (0.2620, 0.2527, 0.2543)

@@ -1,6 +1,7 @@
 """pipeline.py: the whole chain (tokenizer -> token cache -> transformer -> inpainting -> FID) on a
 tiny generated lab dataset with the shipped smoke recipe; resume after an interrupt; recipe errors;
 --stages / --force; --budget-minutes; the transformer's time budget kept on --resume."""
+import json
 import math
 import os
 import shlex
@@ -170,9 +171,18 @@ def test_stages_and_force_select_what_runs(chain, tmp_path, capsys):
     out = tmp_path / "out"
     shutil.copytree(chain["out"], out)
     world, recipe = chain["world"], chain["recipe"]
+    tok_done = yaml.safe_load(open(out / "tokenizer" / "done.json"))  # as if the tokenizer had trained on a GPU
+    tok_done.update(device="cuda", budget_minutes=9.5, minutes=3.42)
+    (out / "tokenizer" / "done.json").write_text(json.dumps(tok_done))
     before, old_log = {s: stamp(out / s / "done.json") for s in STAGES}, open(out / "pipeline.log").read()
     code, _ = run(args_for(world, recipe, out, "--stages", "inpaint,fid", "--force", "inpaint"), capsys)
     assert code == 0
+    summary = yaml.safe_load(open(out / "summary.json"))  # each stage keeps the device and budget it ran with
+    assert {k: summary["stages"]["tokenizer"][k] for k in ("device", "budget_minutes", "minutes")} == \
+        {"device": "cuda", "budget_minutes": 9.5, "minutes": 3.42}
+    assert summary["stages"]["fid"]["device"] == "cpu" and summary["stages"]["fid"]["budget_minutes"] is None
+    md = open(out / "summary.md").read()
+    assert "| tokenizer | done | cuda, 3.42 min planned of budget 9.5 |" in md and "| fid | done | cpu |" in md
     after = {s: stamp(out / s / "done.json") for s in STAGES}
     assert [s for s in STAGES if after[s] != before[s]] == ["inpaint", "fid"]
     log = open(out / "pipeline.log").read()[len(old_log):]

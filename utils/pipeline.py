@@ -508,17 +508,25 @@ FIGURES = {  # stage -> (key, label, format) shown in summary.md
 }
 
 
+RAN_WITH = ("device", "budget_minutes", "minutes")  # per stage in attempts.json / done.json / summary.json
+
+
 def stage_record(ctx: Context, stage: str, note: str | None) -> dict:
-    """A stage's entry of summary.json, from its files: done.json, else its attempts so far."""
+    """A stage's entry of summary.json, from its files: done.json, else its attempts so far. Each entry
+    keeps the device and budget that stage ran with: a later invocation (e.g. ``--stages fid`` on
+    another machine) does not rewrite them."""
     done = read_json(ctx.dir(stage, "done.json"))
     if done is not None:
         rec = {k: done[k] for k in ("done_at", "wall_s", "attempts", "figures", "commands")}
         rec["status"] = "done"
+        last = done
     else:
         attempts = read_json(ctx.dir(stage, "attempts.json")) or []
         rec = {"status": attempts[-1]["outcome"] if attempts else "not run", "attempts": len(attempts),
                "wall_s": sum(a["wall_s"] for a in attempts), "figures": {},
                "commands": attempts[-1]["commands"] if attempts else []}
+        last = attempts[-1] if attempts else {}
+    rec.update({k: last.get(k) for k in RAN_WITH})  # None for runs recorded before these keys existed
     if note:
         rec["note"] = note
     return rec
@@ -538,16 +546,21 @@ def summary_markdown(s: dict) -> str:
     budget = f", budget {s['budget_minutes']:g} min (recipe minutes x{s['budget_scale']:.3g})" \
         if s["budget_minutes"] else ""
     lines = ["# Pipeline summary", "",
-             f"Recipe `{s['recipe']}`, data `{s['data']}`, originals `{s['gt'] or 'none (FID skipped)'}`, device "
-             f"`{s['device']}`{budget}. Updated {s['updated']}; total wall time {duration(s['wall_s'])}.", "",
-             "| stage | status | wall time | key figures |", "| --- | --- | --- | --- |"]
+             f"Recipe `{s['recipe']}`, data `{s['data']}`, originals `{s['gt'] or 'none (FID skipped)'}`; last "
+             f"invoked with device `{s['device']}`{budget}. Updated {s['updated']}; total wall time "
+             f"{duration(s['wall_s'])}. Each stage's row shows the device and the minutes it ran with.", "",
+             "| stage | status | ran on | wall time | key figures |", "| --- | --- | --- | --- | --- |"]
     for stage, rec in s["stages"].items():
         shown = [f"{label} {fmt.format(rec['figures'][k])}" for k, label, fmt in FIGURES[stage]
                  if isinstance(rec["figures"].get(k), (int, float))]
         status = rec["status"] + (f" ({rec['note']})" if rec.get("note") else "")
         if rec.get("attempts", 0) > 1:
             status += f", {rec['attempts']} attempts"
-        lines.append(f"| {stage} | {status} | {duration(rec['wall_s']) if rec['wall_s'] else ''} | "
+        ran_on = rec.get("device") or ""
+        if ran_on and rec.get("minutes"):
+            ran_on += f", {rec['minutes']:.3g} min planned" + (f" of budget {rec['budget_minutes']:g}"
+                                                        if rec.get("budget_minutes") else "")
+        lines.append(f"| {stage} | {status} | {ran_on} | {duration(rec['wall_s']) if rec['wall_s'] else ''} | "
                      f"{' · '.join(shown)} |")
     lines += ["", "FID and PSNR of the fid stage are on the test images whose originals are in the --gt folder; "
               "lab protocol = the decoded images as the lab scores them (no pixels pasted), composited = "
@@ -613,12 +626,15 @@ def run_stage(ctx: Context, opts: PipelineOptions, stage: str, log, t_start: flo
                           f"{RERUN_HINT}") from e
     finally:
         detach_stage_logs()
-        attempts.append({"started": now(), "wall_s": time.time() - t0, "outcome": outcome, "commands": shown})
+        ran_with = {"device": str(get_device(ctx.device)), "budget_minutes": opts.budget_minutes,
+                    "minutes": round(ctx.minutes(stage), 4)}
+        attempts.append({"started": now(), "wall_s": time.time() - t0, "outcome": outcome, "commands": shown,
+                         **ran_with})
         write_json(os.path.join(folder, "attempts.json"), attempts)
         if outcome == "done":
             write_json(os.path.join(folder, "done.json"),
                        {"stage": stage, "done_at": now(), "wall_s": sum(a["wall_s"] for a in attempts),
-                        "attempts": len(attempts), "figures": figures, "commands": shown})
+                        "attempts": len(attempts), "figures": figures, "commands": shown, **ran_with})
         write_summary(ctx, opts, notes)
         log.info("%s: %s in %s (elapsed %s)%s", stage, outcome, duration(time.time() - t0),
                  duration(time.time() - t_start), f" | {json.dumps(figures)}" if figures else "")

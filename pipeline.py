@@ -30,6 +30,9 @@ def parse_args(argv=None) -> PipelineOptions:
     p.add_argument("--device", default="auto", help="cuda | cpu | auto, for every stage")
     p.add_argument("--budget-minutes", type=float, default=None,
                    help="scale every stage's minutes in the recipe so that they add up to this")
+    p.add_argument("--minutes", nargs="+", default=[], metavar="STAGE=M",
+                   help="replace the recipe's minutes of these stages, e.g. --minutes tokenizer=5.5 "
+                        "transformer=2.5 (applied before --budget-minutes scales them all)")
     p.add_argument("--stages", default=",".join(STAGES),
                    help=f"comma-separated subset of {','.join(STAGES)} to run (in that order)")
     p.add_argument("--force", default=None, choices=STAGES,
@@ -44,8 +47,19 @@ def parse_args(argv=None) -> PipelineOptions:
         p.error(f"--force {args.force}: not among --stages {args.stages}")
     if args.budget_minutes is not None and args.budget_minutes <= 0:
         p.error("--budget-minutes must be positive")
-    return PipelineOptions(args.recipe, args.out, args.data, args.gt, args.device, args.budget_minutes, stages,
-                           args.force, args.dry_run)
+    minutes = {}
+    for item in args.minutes:
+        stage, _, value = item.partition("=")
+        try:
+            m = float(value)
+        except ValueError:
+            m = -1.0
+        if stage not in STAGES or not (m >= 0 and m != float("inf")):
+            p.error(f"--minutes {item}: expected STAGE=MINUTES with STAGE one of {','.join(STAGES)} and "
+                    f"MINUTES a number >= 0")
+        minutes[stage] = m
+    return PipelineOptions(args.recipe, args.out, args.data, args.gt, args.device, args.budget_minutes,
+                           tuple(minutes.items()), stages, args.force, args.dry_run)
 
 
 def main(argv=None) -> dict:

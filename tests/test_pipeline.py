@@ -354,6 +354,17 @@ def test_budget_minutes_scale_every_stage(tmp_path, capsys):
                                                    "transformer": minutes["transformer"] / 2}
     assert budgets("--budget-minutes", "100") == {"tokenizer": minutes["tokenizer"] * 4,
                                                   "transformer": minutes["transformer"] * 4}
+    # --minutes replaces the named stages' minutes, then --budget-minutes scales the whole: with the
+    # tokenizer at 16 and the transformer at 2, the recipe totals 16 + 1 + 2 + 2 + 4 = 25 again
+    assert budgets("--minutes", "tokenizer=5.5", "transformer=2.5") == {"tokenizer": 5.5, "transformer": 2.5}
+    assert budgets("--minutes", "transformer=0") == {"tokenizer": minutes["tokenizer"]}  # 0: no budget
+    rest = 25 - minutes["tokenizer"] - minutes["transformer"]
+    assert budgets("--minutes", f"tokenizer={23 - rest}", "transformer=2", "--budget-minutes", "12.5") == \
+        {"tokenizer": (23 - rest) / 2, "transformer": 1.0}
+    for bad in ("tokeniser=3", "tokenizer", "tokenizer=-1", "tokenizer=nan", "tokenizer=fast"):
+        with pytest.raises(SystemExit) as e:
+            pipeline.main(base + ["--minutes", bad])
+        assert e.value.code == 2 and f"--minutes {bad}: expected STAGE=MINUTES" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "out")  # a dry run writes nothing
 
 

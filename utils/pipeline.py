@@ -208,6 +208,7 @@ class PipelineOptions:
     gt: str | None = None
     device: str = "auto"
     budget_minutes: float | None = None
+    minutes: tuple = ()  # ((stage, minutes), ...): replace the recipe's minutes of these stages
     stages: tuple = STAGES
     force: str | None = None
     dry_run: bool = False
@@ -237,6 +238,8 @@ class Context:
 
 def make_context(opts: PipelineOptions) -> Context:
     recipe = load_recipe(opts.recipe)
+    if opts.minutes:
+        recipe = dataclasses.replace(recipe, minutes={**recipe.minutes, **dict(opts.minutes)})
     root = opts.data or default_data_root()
     if root is None:
         raise UserError("no lab dataset found (./lab3_dataset, ./lab5_dataset, ../shared/data/lab3_dataset): pass "
@@ -655,7 +658,8 @@ def run_pipeline(opts: PipelineOptions) -> dict:
         return {"commands": cmds}
     os.makedirs(ctx.out, exist_ok=True)
     log = create_logger("pipeline", os.path.join(ctx.out, "pipeline.log"))
-    log.info("pipeline: recipe %s -> %s (stages %s%s)", ctx.recipe.path, ctx.out, ",".join(selected),
+    log.info("pipeline: recipe %s -> %s (stages %s%s%s)", ctx.recipe.path, ctx.out, ",".join(selected),
+             "".join(f", {s} {m:g} min" for s, m in opts.minutes),
              f", budget {opts.budget_minutes:g} min" if opts.budget_minutes else "")
     if warning:
         log.warning(warning)

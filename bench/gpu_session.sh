@@ -7,7 +7,11 @@
 # On the device (the device tool's `run`, carry [".devdata"], timeout_s 600):
 #   bash bench/gpu_session.sh speed  $OUT          # #14: CUDA tests, training / decoding / FID speed, every
 #                                                  # variant at batch 256 and 512 (~8 min by estimate)
-#   bash bench/gpu_session.sh pipe   $OUT [M]      # #13: pipeline.py --budget-minutes M (default 10: trainers 3.6 min each), up to inpainting
+#   bash bench/gpu_session.sh pipe   $OUT [M]      # #13: pipeline.py --budget-minutes M (default 10: trainers 3.6 min each), up to inpainting;
+#                                                  # M 0 with MINUTES="tokenizer=5.5 transformer=2.5": those minutes exactly
+#   bash bench/gpu_session.sh dec    $OUT [M]      # #13: decoder fine-tune of M minutes (default 2) of the pipe call's
+#                                                  # tokenizer if this machine still has it, else of .devdata/vqgan_init.pt
+#                                                  # (copy a returned vqgan.pt there to carry it), else of the bundled one
 #   bash bench/gpu_session.sh speed-abl $OUT [S] [V,V] # one call of S seconds (560): #14's main figures (fewer
 #                                                  # compiled variants), batch 512 eager, then the ablation
 #                                                  # of these variants in the time left
@@ -47,7 +51,7 @@ set -uo pipefail
 # Next: the GAN without feature matching (what FM adds), R1 on top of the recipe's GAN, SSIM 0.5
 ABL_DEFAULT=ema_codebook_ssim1_gan,ema_codebook_ssim1_gan_r1,ema_codebook_ssim
 cd "$(dirname "$0")/.."
-USAGE="usage: gpu_session.sh pack | speed|pipe|speed-abl|abl OUT [MINUTES|SECONDS|VARIANTS] | score|score-abl FILES [DIR]"
+USAGE="usage: gpu_session.sh pack | speed|pipe|dec|speed-abl|abl OUT [MINUTES|SECONDS|VARIANTS] | score|score-abl FILES [DIR]"
 PART=${1:?$USAGE}
 RECIPE=${RECIPE:-config/pipeline.yml}
 PACK=.devdata/lab3_data.tar.xz
@@ -98,6 +102,7 @@ pack() {  # what comes back
   cp "$WORK/session.log" "$OUT/session.log" 2>/dev/null
   local run="$WORK/pipeline"
   cp "$run/tokenizer/vqgan.pt" "$OUT/vqgan.pt" 2>/dev/null
+  cp "$WORK/decoder_ft/vqgan.pt" "$OUT/vqgan_decoder_ft.pt" 2>/dev/null
   python - "$run/transformer/transformer_best.pth" "$OUT/transformer_fp16.pth" <<'PY'
 import os, sys
 import torch
@@ -153,8 +158,9 @@ pipeline() {  # pipeline BUDGET_MINUTES (0: the recipe's own) [TIMEOUT_S]
   local budget=() stages=tokenizer,tokens,transformer,inpaint
   [ "$1" != 0 ] && budget=(--budget-minutes "$1")
   [ "$FID_WEIGHTS" = 1 ] && stages=$stages,fid
+  # shellcheck disable=SC2086  # MINUTES: several STAGE=M words
   run pipeline timeout "${2:-560}" python pipeline.py --recipe "$RECIPE" --out "$WORK/pipeline" --device "$DEVICE" \
-    --stages "$stages" "${budget[@]}"
+    --stages "$stages" "${budget[@]}" ${MINUTES:+--minutes $MINUTES}
   cat "$WORK/pipeline/summary.md" >>"$WORK/session.log" 2>/dev/null
 }
 case "$PART" in
@@ -165,6 +171,14 @@ case "$PART" in
     ;;
   pipe)
     pipeline "${3:-10}"  # ~8.7 min by estimate; the timeout leaves 40 s of the 600 for packing
+    ;;
+  dec)  # the decoder fine-tune of scripts/train_bundled.sh (every token kept, so the transformer stays valid)
+    INIT=$WORK/pipeline/tokenizer/vqgan.pt
+    [ -f "$INIT" ] || INIT=.devdata/vqgan_init.pt
+    [ -f "$INIT" ] || INIT=checkpoints/vqgan_small_fp16.pt
+    echo "decoder fine-tune of $INIT" | tee -a "$WORK/session.log"
+    run decoder_ft timeout 560 env OUT_RUNS="$WORK" STEPS=decoder INIT="$INIT" bash scripts/train_bundled.sh \
+      ../shared/data/lab3_dataset "$DEVICE" 0 "${3:-2}"
     ;;
   speed-abl)  # one call of S seconds (default 560): #14's figures incl. batch 512, then the ablation in the time left
     T0=$SECONDS; LIMIT=${3:-560}

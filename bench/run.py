@@ -93,23 +93,37 @@ def seed_summary(rows: list) -> list:
     return out
 
 
+def _temperature(tag: str) -> float | None:
+    """'sample' -> 1.0, 'sample=0.7' -> 0.7, anything else (or a temperature <= 0) -> None."""
+    if tag == "sample":
+        return 1.0
+    try:
+        t = float(tag[len("sample="):]) if tag.startswith("sample=") else None
+    except ValueError:
+        return None
+    return t if t is not None and 0 < t < float("inf") else None
+
+
 def parse_combos(parser, text: str) -> list:
-    """'cosine:10,linear:8:halton,cosine:10:logprob,cosine:10:prefill=gray' -> [Combo("cosine", 10),
-    Combo("linear", 8, "halton"), Combo("cosine", 10, confidence="logprob"), Combo("cosine", 10, prefill="gray")]:
-    schedule:T, then optionally an order, a confidence and / or prefill=NAME."""
+    """'cosine:10,linear:8:halton,cosine:10:logprob,cosine:10:prefill=gray,cosine:10:sample=0.7' ->
+    [Combo("cosine", 10), Combo("linear", 8, "halton"), Combo("cosine", 10, confidence="logprob"),
+    Combo("cosine", 10, prefill="gray"), Combo("cosine", 10, temperature=0.7)]: schedule:T, then
+    optionally an order, a confidence, prefill=NAME and / or sample[=TEMPERATURE] (--token-choice
+    sample at that --sample-temperature, default 1; without it argmax)."""
     from models import CONFIDENCES, ORDERS, SCHEDULES
     combos = []
     for item in text.split(","):
         name, t, *extra = item.strip().split(":") + [""] * (":" not in item)
         orders, confs = [e for e in extra if e in ORDERS], [e for e in extra if e in CONFIDENCES]
         fills = [e[len("prefill="):] for e in extra if e.startswith("prefill=") and e[len("prefill="):] in PREFILLS]
+        temps = [_temperature(e) for e in extra if _temperature(e) is not None]
         if (name not in SCHEDULES or not t.isdigit() or int(t) < 1 or len(orders) > 1 or len(confs) > 1
-                or len(fills) > 1 or len(orders) + len(confs) + len(fills) != len(extra)):
-            parser.error(f"--combos: {item!r} is not schedule:T[:order][:confidence][:prefill=NAME] with schedule in "
-                         f"{list(SCHEDULES)}, T >= 1, order in {list(ORDERS)}, confidence in {list(CONFIDENCES)}, "
-                         f"prefill in {list(PREFILLS)}")
+                or len(fills) > 1 or len(temps) > 1 or len(orders) + len(confs) + len(fills) + len(temps) != len(extra)):
+            parser.error(f"--combos: {item!r} is not schedule:T[:order][:confidence][:prefill=NAME][:sample[=TEMP]] "
+                         f"with schedule in {list(SCHEDULES)}, T >= 1, order in {list(ORDERS)}, confidence in "
+                         f"{list(CONFIDENCES)}, prefill in {list(PREFILLS)}, TEMP > 0")
         combos.append(Combo(name, int(t), (orders or ["confidence"])[0], (confs or ["prob"])[0],
-                            (fills or ["smooth"])[0]))
+                            (fills or ["smooth"])[0], (temps or [None])[0]))
     return combos
 
 
@@ -121,19 +135,23 @@ class Combo:
     order: str = "confidence"
     confidence: str = "prob"
     prefill: str = "smooth"
+    temperature: float | None = None  # None: argmax; else --token-choice sample at this temperature
 
     def label(self) -> str:
-        """'cosine T=10', plus the order / confidence / prefill where they are not the defaults."""
+        """'cosine T=10', plus the order / confidence / prefill / sampling where they are not the defaults."""
         extra = [e for e, default in ((self.order, "confidence"), (self.confidence, "prob"),
                                       (f"prefill={self.prefill}", "prefill=smooth")) if e != default]
+        if self.temperature is not None:
+            extra.append(f"sample={self.temperature:g}")
         return " ".join([f"{self.schedule} T={self.steps}", *extra])
 
     def dirname(self) -> str:
         return "ours_" + self.label().replace(" T=", "_T").replace(" ", "_").replace("=", "-")
 
     def options(self, seed: int = 0) -> InpaintOptions:
+        sampled = {} if self.temperature is None else {"token_choice": "sample", "sample_temperature": self.temperature}
         return InpaintOptions(total_iter=self.steps, mask_func=self.schedule, order=self.order,
-                              confidence=self.confidence, prefill=self.prefill, visualize=False, seed=seed)
+                              confidence=self.confidence, prefill=self.prefill, visualize=False, seed=seed, **sampled)
 
 
 def build_sets(work: str, n: int | None, data: str, gt: str, wanted=("test", "val-unseen")) -> dict:

@@ -159,12 +159,17 @@ def uniform_like(noise, shape_per_image, stream: int) -> torch.Tensor:
     return noise.unit_float(shape_per_image, stream)
 
 
-def sample_codes(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """(B, N) codes drawn from softmax(logits) for logits (B, N, K), by inverting the CDF at the
-    uniforms ``u`` (B, N) in [0, 1): the first code k whose cumulative weight exceeds u times the total.
-    One uniform per token instead of K Gumbel draws (Gumbel-max draws the same distribution): the
-    (B, N, K) work is one exp and one cumsum, in float32 (the CDF is exact up to float32 rounding)."""
+def sample_codes(logits: torch.Tensor, u: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """(B, N) codes drawn from softmax(logits / temperature) for logits (B, N, K), by inverting the
+    CDF at the uniforms ``u`` (B, N) in [0, 1): the first code k whose cumulative weight exceeds u
+    times the total. One uniform per token instead of K Gumbel draws (Gumbel-max draws the same
+    distribution): the (B, N, K) work is one exp and one cumsum, in float32 (the CDF is exact up to
+    float32 rounding). ``temperature`` < 1 sharpens the distribution towards the argmax."""
+    if not temperature > 0:
+        raise ValueError(f"the sampling temperature must be > 0, got {temperature!r}")
     w = logits.float()  # (B, N, K) a copy only for half-precision logits
+    if temperature != 1.0:
+        w = w / temperature  # (B, N, K)
     cdf = (w - w.amax(-1, keepdim=True)).exp_().cumsum_(-1)  # (B, N, K) unnormalised, last = total >= 1
     target = (u * cdf[..., -1]).unsqueeze(-1)  # (B, N, 1) in [0, total)
     return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_(max=w.shape[-1] - 1)  # (B, N)
@@ -250,12 +255,14 @@ def least_confident_sorted(score: torch.Tensor, n_keep: torch.Tensor) -> torch.T
 
 def decode_step(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, n_hole: torch.Tensor, r: float,
                 gamma, noise, choice_temperature: float = 4.5, token_choice: str = "argmax",
-                confidence: str = "prob", order: str = "confidence", max_keep: int | None = None):
+                confidence: str = "prob", order: str = "confidence", max_keep: int | None = None,
+                sample_temperature: float = 1.0):
     """One decoding step.
 
     logits: (B, N, V) of the transformer on ``ids`` with masked positions set to the mask id;
     only the first ``V - 1`` columns (real codes) can be chosen. ``token_choice``: "argmax"
-    takes the most probable code, "sample" draws one from the softmax (``sample_codes``).
+    takes the most probable code, "sample" draws one from softmax(logits / sample_temperature)
+    (``sample_codes``); the confidence below is always the model's own p(chosen), untempered.
     ``order``: "confidence" keeps the least confident tokens masked, with confidence
     p(chosen) (``confidence="prob"``, the lab's) or log p(chosen) (``"logprob"``, the official
     code's), plus choice_temperature * (1 - r) * Gumbel noise; "halton" keeps masked the hole
@@ -267,7 +274,7 @@ def decode_step(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, n_h
     B, N, V = logits.shape
     logits = logits[..., : V - 1]  # (B, N, K) view: never predict the mask token
     if token_choice == "sample":  # a draw from softmax(logits): inverse CDF, one uniform per token
-        chosen = sample_codes(logits, uniform_like(noise, (N,), SAMPLE_STREAM))  # (B, N)
+        chosen = sample_codes(logits, uniform_like(noise, (N,), SAMPLE_STREAM), sample_temperature)  # (B, N)
     elif token_choice == "argmax":
         chosen = logits.argmax(-1)  # (B, N) exact in any dtype
     else:
@@ -296,9 +303,9 @@ def decode_step(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, n_h
 def iterative_decode(transformer, ids: torch.Tensor, mask: torch.Tensor, gamma, total_iter: int, noise: ImageNoise,
                      mask_token_id: int, choice_temperature: float = 4.5, sweet_spot: int = 0,
                      token_choice: str = "argmax", autocast_ctx=None, confidence: str = "prob",
-                     order: str = "confidence") -> DecodeResult:
+                     order: str = "confidence", sample_temperature: float = 1.0) -> DecodeResult:
     """Fill the masked tokens of ``ids`` (B, N) in ``total_iter`` steps (ratio r = (t+1)/T; see
-    ``decode_step`` for ``token_choice``, ``confidence`` and ``order``); step t draws from
+    ``decode_step`` for ``token_choice``, ``sample_temperature``, ``confidence`` and ``order``); step t draws from
     ``noise.at_step(t)``.
 
     ``sweet_spot`` > 0 stops after that many steps and keeps the tokens decoded so far.
@@ -323,7 +330,7 @@ def iterative_decode(transformer, ids: torch.Tensor, mask: torch.Tensor, gamma, 
         else:
             logits = transformer(inputs)  # (B, N, V)
         ids, mask = decode_step(logits, ids, mask, n_hole, r, gamma, noise.at_step(t), choice_temperature,
-                                token_choice, confidence, order, max_keep)
+                                token_choice, confidence, order, max_keep, sample_temperature)
         ids_hist.append(ids)
         mask_hist.append(mask)
     return DecodeResult(ids, mask, ids_hist, mask_hist, steps)

@@ -250,6 +250,19 @@ def test_bad_option_is_one_line_exit_2(capsys):
     assert e.value.code == 2 and len(err) == 1 and "--total-iter: invalid int value: 'x'" in err[0]
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--sample-temperature", "0.5"], "--sample-temperature only changes --token-choice sample"),
+    (["--token-choice", "sample", "--sample-temperature", "0"], "--sample-temperature must be a number > 0"),
+    (["--token-choice", "sample", "--sample-temperature", "inf"], "--sample-temperature must be a number > 0"),
+])
+def test_sample_temperature_is_checked_in_one_line(capsys, argv, message):
+    with pytest.raises(SystemExit) as e:
+        inpainting.parse_args(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and message in err[0]
+    assert inpainting.parse_args(["--token-choice", "sample", "--sample-temperature", "0.6"]).sample_temperature == 0.6
+
+
 def test_debug_shows_the_traceback(tiny_world, tmp_path):
     from utils.checkpoint import CheckpointError
     with pytest.raises(CheckpointError):

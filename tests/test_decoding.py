@@ -12,6 +12,7 @@ from conftest import ROOT, TINY_T
 from models import BidirectionalTransformer, gamma_func, halton_order, image_noise, iterative_decode
 from models import decoding
 from models.decoding import decode_step
+from utils.inpaint import InpaintOptions
 
 
 def _model(seed=0):
@@ -164,6 +165,23 @@ def test_sample_draws_with_the_noise_and_scores_the_drawn_token(monkeypatch, con
         assert new_ids[0].tolist() == want_ids and new_mask[0].tolist() == want_mask, choice
 
 
+def test_sample_temperature_sharpens_the_draw_but_not_the_confidence(monkeypatch):
+    """By hand. Token A: p = .5 .5, token B: p = .45 .3 .25; at u = .48 A draws code 0 (.48 < .5) at
+    any temperature; B draws code 1 at temperature 1 (.48 in [.45, .75)) but code 0 at 0.5 (p ~ p^2:
+    .571 .254 .176, .48 < .571). Confidence is the model's own p(drawn): .5 for A, .45 for B at 0.5,
+    so B stays masked (the tempered p of B, .571, would have masked A instead)."""
+    logits = torch.tensor([[[.5, .5, 1e-30, 1.0], [.45, .3, .25, 1.0]]]).log()
+    logits[..., -1] = 50.0  # the mask token: never chosen
+    _fixed_noise(monkeypatch, sample=torch.tensor([[0.48, 0.48]]), confidence=torch.zeros(1, 2))
+    ids, mask = torch.tensor([[7, 7]]), torch.ones(1, 2, dtype=torch.bool)
+    for temperature, want_ids, want_mask in ((1.0, [0, 1], [False, True]), (0.5, [0, 0], [False, True])):
+        new_ids, new_mask = decode_step(logits, ids, mask, mask.sum(1), 0.5, gamma_func("linear"), [None], 4.5,
+                                        "sample", sample_temperature=temperature)
+        assert new_ids[0].tolist() == want_ids and new_mask[0].tolist() == want_mask, temperature
+    with pytest.raises(ValueError, match="sample_temperature must be > 0"):
+        InpaintOptions(token_choice="sample", sample_temperature=0.0)
+
+
 def test_confidence_noise_annealed_and_p_versus_log_p(monkeypatch):
     """Two images of two hole tokens A, B (argmax picks code 0 with probability p); one stays masked
     (linear, N = 2, at r = 1/4 and 3/4). Noise 0 on A, g on B, temperature 2, so A stays masked iff
@@ -289,32 +307,42 @@ def test_order_and_confidence_reach_the_decoder_from_the_cli_and_the_bench(tiny_
     def spy(*a, **k):
         b = sig.bind(*a, **k)
         b.apply_defaults()
-        seen.add((b.arguments["order"], b.arguments["confidence"]))
+        seen.add((b.arguments["order"], b.arguments["confidence"], b.arguments["token_choice"],
+                  b.arguments["sample_temperature"]))
         return orig(*a, **k)
     monkeypatch.setattr(decoding, "decode_step", spy)
     torch.save(BidirectionalTransformer(TINY_T).state_dict(), tmp_path / "t.pth")
     base = ["--load-transformer-ckpt-path", str(tmp_path / "t.pth"), "--MaskGitConfig", tiny_world["config"],
             "--data", tiny_world["root"], "--device", "cpu", "--no-vis", "--total-iter", "2", "--no-progress"]
-    for extra, want in (([], ("confidence", "prob")), (["--order", "halton"], ("halton", "prob")),
-                        (["--confidence", "logprob"], ("confidence", "logprob"))):
+    for extra, want in (([], ("confidence", "prob", "argmax", 1.0)),
+                        (["--order", "halton"], ("halton", "prob", "argmax", 1.0)),
+                        (["--confidence", "logprob"], ("confidence", "logprob", "argmax", 1.0)),
+                        (["--token-choice", "sample", "--sample-temperature", "0.6"],
+                         ("confidence", "prob", "sample", 0.6))):
         seen.clear()
-        inpainting.main(base + ["--out-dir", str(tmp_path / "_".join(want))] + extra)
+        inpainting.main(base + ["--out-dir", str(tmp_path / "_".join(map(str, want)))] + extra)
         assert seen == {want}, extra
     sys.path.insert(0, os.path.join(ROOT, "bench"))
     from run import parse_combos
     combos = parse_combos(None, "cosine:10,exp:4:halton,cosine:10:logprob,linear:8:logprob:halton,"
-                                "cosine:10:prefill=biharmonic")
+                                "cosine:10:prefill=biharmonic,cosine:10:sample=0.7,linear:8:sample:halton")
     assert [(c.options().mask_func, c.options().total_iter, c.options().order, c.options().confidence,
-             c.options().prefill) for c in combos] == [
-        ("cosine", 10, "confidence", "prob", "smooth"), ("exp", 4, "halton", "prob", "smooth"),
-        ("cosine", 10, "confidence", "logprob", "smooth"), ("linear", 8, "halton", "logprob", "smooth"),
-        ("cosine", 10, "confidence", "prob", "biharmonic")]
-    assert combos[-1].dirname() == "ours_cosine_T10_prefill-biharmonic"
+             c.options().prefill, c.options().token_choice, c.options().sample_temperature) for c in combos] == [
+        ("cosine", 10, "confidence", "prob", "smooth", "argmax", 1.0),
+        ("exp", 4, "halton", "prob", "smooth", "argmax", 1.0),
+        ("cosine", 10, "confidence", "logprob", "smooth", "argmax", 1.0),
+        ("linear", 8, "halton", "logprob", "smooth", "argmax", 1.0),
+        ("cosine", 10, "confidence", "prob", "biharmonic", "argmax", 1.0),
+        ("cosine", 10, "confidence", "prob", "smooth", "sample", 0.7),
+        ("linear", 8, "halton", "prob", "smooth", "sample", 1.0)]
+    assert combos[4].dirname() == "ours_cosine_T10_prefill-biharmonic"
+    assert combos[5].label() == "cosine T=10 sample=0.7" and combos[6].label() == "linear T=8 halton sample=1"
 
     class Parser:
         def error(self, msg):
             raise SystemExit(msg)
-    for bad in ("cosine:10:prefill=blur", "cosine:10:prefill=gray:prefill=smooth", "cosine:10:biharmonic"):
+    for bad in ("cosine:10:prefill=blur", "cosine:10:prefill=gray:prefill=smooth", "cosine:10:biharmonic",
+                "cosine:10:sample=0", "cosine:10:sample=x", "cosine:10:sample:sample=0.5", "cosine:10:sample=inf"):
         with pytest.raises(SystemExit, match="--combos"):
             parse_combos(Parser(), bad)
 

@@ -201,6 +201,23 @@ def test_sampled_codes_follow_the_softmax():
     assert decoding.sample_codes(torch.tensor([[[-200.0, 0.0, 0.0]]]), torch.tensor([[0.0]])).item() == 1
 
 
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_sampled_codes_follow_the_tempered_softmax(temperature):
+    """--sample-temperature: 50,000 draws pass a chi-square test against softmax(logits / temperature),
+    and fail it against the untempered softmax (so the temperature really reaches the draw)."""
+    logits = torch.tensor([2.0, 1.0, 0.0, -0.5, -2.0, 1.5, 0.5]).double()
+    B, N = 200, 250
+    u = image_noise(9, range(B), "cpu").at_step(1).unit_float((N,), SAMPLE_STREAM)  # (B, N)
+    codes = decoding.sample_codes(logits.float().expand(B, N, -1), u, temperature)  # (B, N)
+    counts = torch.bincount(codes.flatten(), minlength=len(logits)).double()
+    for t, passes in ((temperature, True), (1.0, False)):
+        expected = (logits / t).softmax(-1) * counts.sum()
+        assert (stats.chisquare(counts.numpy(), expected.numpy()).pvalue > 1e-3) == passes, t
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="temperature must be > 0"):
+            decoding.sample_codes(logits.float().expand(1, 1, -1), u[:1, :1], bad)
+
+
 @pytest.mark.gpu
 def test_cuda_noise_equals_cpu_noise():
     cpu, cuda = (image_noise(5, [0, 7, 300], d).at_step(4) for d in ("cpu", "cuda"))

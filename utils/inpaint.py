@@ -22,6 +22,7 @@ class InpaintOptions:
     sweet_spot: int = 0
     seed: int = 0
     token_choice: str = "argmax"
+    sample_temperature: float = 1.0  # softmax temperature of token_choice "sample" (1: the model's distribution)
     confidence: str = "prob"  # prob (the lab's) | logprob (the official MaskGIT code's)
     order: str = "confidence"  # confidence (MaskGIT) | halton (fixed Halton order over the hole)
     mask_rule: str = "lab"
@@ -36,6 +37,8 @@ class InpaintOptions:
         if self.prefill not in PREFILLS or self.blend not in BLENDS:
             raise ValueError(f"prefill must be one of {PREFILLS} and blend one of {BLENDS}, got {self.prefill!r}, "
                              f"{self.blend!r}")
+        if not self.sample_temperature > 0:
+            raise ValueError(f"sample_temperature must be > 0, got {self.sample_temperature!r}")
         if self.confidence not in CONFIDENCES or self.order not in ORDERS:
             raise ValueError(f"confidence must be one of {CONFIDENCES} and order one of {ORDERS}, got "
                              f"{self.confidence!r}, {self.order!r}")
@@ -69,7 +72,7 @@ def inpaint_batch(model, x: torch.Tensor, pixel_mask: torch.Tensor, indices, opt
     noise = image_noise(opts.seed, indices, device)  # image i's draws depend on (seed, i), not on the batch
     result = model.inpaint(ids, token_mask, opts.total_iter, noise, opts.mask_func, opts.sweet_spot, opts.token_choice,
                            autocast_ctx=(lambda: autocast(device, opts.precision)), confidence=opts.confidence,
-                           order=opts.order)
+                           order=opts.order, sample_temperature=opts.sample_temperature)
     seq = result.ids_per_step if with_steps else [result.ids]  # S x (B, N)
     with autocast(device, opts.precision):  # one step at a time: memory and cache stay at batch scale
         imgs = torch.stack([model.decode_tokens(ids).float() for ids in seq], 1)  # (B, S, 3, H, W)
@@ -96,7 +99,7 @@ def generate_images(model, n: int, opts: InpaintOptions, device, seed_offset: in
     noise = image_noise(opts.seed + seed_offset, range(n), device)
     result = model.inpaint(ids, mask, opts.total_iter, noise, opts.mask_func, 0, opts.token_choice,
                            autocast_ctx=(lambda: autocast(device, opts.precision)), confidence=opts.confidence,
-                           order=opts.order)
+                           order=opts.order, sample_temperature=opts.sample_temperature)
     seq = result.ids_per_step if with_steps else [result.ids]  # S x (n, N)
     with autocast(device, opts.precision):
         imgs = torch.stack([model.decode_tokens(ids).float() for ids in seq], 1)  # (n, S, 3, H, W)

@@ -72,6 +72,7 @@ class DecodeRequest(BaseModel):
     confidence: str = "prob"
     order: str = "confidence"
     choice_temperature: float | None = Field(None, ge=0, le=100)
+    sample_temperature: float = Field(1.0, gt=0, le=100)
     paste_known: bool = False
     seed: int = Field(0, ge=0, le=2**31 - 1)
 
@@ -202,7 +203,7 @@ class Engine:
                 "token_choices": list(TOKEN_CHOICES), "confidences": list(CONFIDENCES), "orders": list(ORDERS),
                 "examples": self.examples,
                 "defaults": {"mask_func": self.model.gamma_type, "total_iter": 10, "token_choice": "argmax",
-                             "confidence": "prob", "order": "confidence",
+                             "sample_temperature": 1.0, "confidence": "prob", "order": "confidence",
                              "choice_temperature": self.model.choice_temperature, "paste_known": False, "seed": 0},
                 "lab": None if self.lab is None else {"count": len(self.lab.images),
                                                       "with_originals": self.lab.with_originals},
@@ -261,7 +262,8 @@ class Engine:
 
     def options(self, req: DecodeRequest) -> InpaintOptions:
         chosen = {"total_iter": req.total_iter, "mask_func": req.mask_func, "seed": req.seed,
-                  "token_choice": req.token_choice, "confidence": req.confidence, "order": req.order,
+                  "token_choice": req.token_choice, "sample_temperature": req.sample_temperature,
+                  "confidence": req.confidence, "order": req.order,
                   "paste_known": req.paste_known, "visualize": True,
                   "precision": self.precision}
         return InpaintOptions(**chosen)  # every other option keeps inpainting.py's default

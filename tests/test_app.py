@@ -215,6 +215,8 @@ def test_paint_inpaint_and_generate_match_the_cli(page, tmp_path):
     Select(_by_id(driver, "mask-func")).select_by_value("linear")
     Select(_by_id(driver, "confidence")).select_by_value("logprob")
     Select(_by_id(driver, "order")).select_by_value("halton")
+    Select(_by_id(driver, "token-choice")).select_by_value("sample")
+    _set(driver, "sample-temperature", 0.7)
     _set(driver, "total-iter", 8)
     _set(driver, "choice-temperature", 2)
     _set(driver, "seed", 3)
@@ -245,7 +247,8 @@ def test_paint_inpaint_and_generate_match_the_cli(page, tmp_path):
 
     cli = _run_cli(tmp_path, masked, hole, ["--mask-func", "linear", "--total-iter", "8", "--choice-temperature",
                                             "2", "--seed", "3", "--paste-known", "--unconditional", "1",
-                                            "--confidence", "logprob", "--order", "halton"])
+                                            "--confidence", "logprob", "--order", "halton", "--token-choice",
+                                            "sample", "--sample-temperature", "0.7"])
     assert np.abs(result.astype(int) - cli["result"]).max() <= 1
 
     def ask_info():  # while the model works, the server still answers, and the page still waits

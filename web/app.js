@@ -193,6 +193,7 @@ function options() {
     mask_func: $("mask-func").value,
     total_iter: Number($("total-iter").value),
     token_choice: $("token-choice").value,
+    sample_temperature: Number($("sample-temperature").value),
     confidence: $("confidence").value,
     order: $("order").value,
     choice_temperature: temp === "" ? null : Number(temp),
@@ -282,6 +283,7 @@ async function init() {
   fillSelect($("order"), info.orders, d.order);
   $("total-iter").value = d.total_iter;
   $("choice-temperature").value = d.choice_temperature;
+  $("sample-temperature").value = d.sample_temperature;
   $("seed").value = d.seed;
   $("paste-known").checked = d.paste_known;
   for (const name of info.examples) {

@@ -54,7 +54,7 @@ def parse_args(argv=None):
     return args
 
 
-GEN_TEMPERATURE = 0.5  # chosen with bench/generation_study.py (README, Inpainting)
+GEN_TEMPERATURE = 0.5  # picked by eye from docs/generation_temperature.png (bench/generation_study.py; README)
 DARK = 0.15  # mean brightness below which a sample counts as near-black in the report
 
 

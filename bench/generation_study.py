@@ -46,6 +46,7 @@ def parse_args(argv=None):
     p.add_argument("--transformer-ckpt", default=None, help="another transformer (with --vqgan-ckpt), as bench/run.py")
     p.add_argument("--vqgan-ckpt", default=None, help="another tokenizer of the bundled config, as bench/run.py")
     p.add_argument("--config", default=None, help="MaskGit YAML for a --transformer-ckpt that stores none")
+    p.add_argument("--no-fid", action="store_true", help="skip the FIDs (e.g. for the picture alone)")
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
     try:
@@ -108,7 +109,7 @@ def main(argv=None) -> list:
     args = parse_args(argv)
     device = get_device(args.device)
     model = load_model(args).to(device).eval()
-    ref = reference(args)
+    ref = None if args.no_fid else reference(args)
     settings = [("argmax", None)] + [(f"sample T={t:g}", t) for t in args.temperatures]
     rows, shown = [], []
     for label, temp in settings:
@@ -119,9 +120,10 @@ def main(argv=None) -> list:
         t0 = time.time()
         imgs = generate(model, args, opts, folder, device)
         gen_s = time.time() - t0
-        fid = compute_fid(folder, ref, device=device)
-        rows.append({"setting": label, "samples": len(imgs), f"FID vs {len(list_images(ref))} unseen val": fid,
-                     "near-black share": (imgs.mean((1, 2, 3)) < DARK).float().mean().item(),
+        row = {"setting": label, "samples": len(imgs)}
+        if ref is not None:
+            row[f"FID vs {len(list_images(ref))} unseen val"] = compute_fid(folder, ref, device=device)
+        rows.append({**row, "near-black share": (imgs.mean((1, 2, 3)) < DARK).float().mean().item(),
                      "mean saturation": saturation(imgs), "generation s": gen_s})
         shown.append((label, imgs))
         print_table(rows[-1:])

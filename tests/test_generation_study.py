@@ -60,3 +60,6 @@ def test_study_on_a_tiny_dataset(tmp_path, monkeypatch):
     assert fids == [("argmax", "reference", 3), ("sample_0.5", "reference", 3)]
     assert Image.open(out / "generation.png").size == (110 + 3 * (128 + 4) + 4, 2 * (128 + 4) + 4)
     assert json.load(open(out / "generation_study.json")) == rows
+    rows = generation_study.main(["--n", "1", "--temperatures", "0.5", "--total-iter", "2", "--no-fid", "--data",
+                                  str(tmp_path / "nothing"), "--out", str(tmp_path / "nofid"), "--device", "cpu"])
+    assert len(fids) == 2 and all("FID" not in k for r in rows for k in r)  # --no-fid: no reference needed

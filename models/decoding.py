@@ -273,7 +273,7 @@ def decode_step(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, n_h
     """
     B, N, V = logits.shape
     logits = logits[..., : V - 1]  # (B, N, K) view: never predict the mask token
-    if token_choice == "sample":  # a draw from softmax(logits): inverse CDF, one uniform per token
+    if token_choice == "sample":  # a draw from softmax(logits / T): inverse CDF, one uniform per token
         chosen = sample_codes(logits, uniform_like(noise, (N,), SAMPLE_STREAM), sample_temperature)  # (B, N)
     elif token_choice == "argmax":
         chosen = logits.argmax(-1)  # (B, N) exact in any dtype

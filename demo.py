@@ -25,7 +25,7 @@ from utils.build import BUNDLED_CONFIG, BUNDLED_TRANSFORMER, build_maskgit, load
 from utils.cli import ArgumentParser, run_cli
 from utils.config import REPO_ROOT, load_maskgit_config
 from utils.data import MaskedImageSet, find_lab_layout, to_uint8
-from utils.inpaint import InpaintOptions, generate_images
+from utils.inpaint import InpaintOptions, generate_images, sampling_options
 from utils.outputs import run_inpainting, schedule_report
 from utils.masks import generate_mask
 from utils.runtime import create_logger, get_device, resolve_precision
@@ -60,9 +60,7 @@ DARK = 0.15  # mean brightness below which a sample counts as near-black in the 
 
 def generation_options(opts: InpaintOptions, temperature: float) -> InpaintOptions:
     """The demo's options for generating its cats: sampling at ``temperature`` (0: argmax)."""
-    if temperature == 0:
-        return InpaintOptions(**{**opts.__dict__, "token_choice": "argmax", "sample_temperature": 1.0})
-    return InpaintOptions(**{**opts.__dict__, "token_choice": "sample", "sample_temperature": temperature})
+    return InpaintOptions(**{**opts.__dict__, **sampling_options(temperature or None)})
 
 
 def synthetic_testset(model, n, opts, device, root, seed) -> int:

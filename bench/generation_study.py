@@ -26,7 +26,7 @@ from demo import DARK  # noqa: E402
 from run import load_model  # noqa: E402
 from utils.data import list_images, to_uint8  # noqa: E402
 from utils.fid import compute_fid  # noqa: E402
-from utils.inpaint import InpaintOptions, generate_images  # noqa: E402
+from utils.inpaint import InpaintOptions, generate_images, sampling_options  # noqa: E402
 from utils.runtime import get_device  # noqa: E402
 from utils.tokens import unseen_indices  # noqa: E402
 
@@ -113,9 +113,8 @@ def main(argv=None) -> list:
     settings = [("argmax", None)] + [(f"sample T={t:g}", t) for t in args.temperatures]
     rows, shown = [], []
     for label, temp in settings:
-        sampled = {} if temp is None else {"token_choice": "sample", "sample_temperature": temp}
         opts = InpaintOptions(total_iter=args.total_iter, mask_func=args.mask_func, seed=args.seed, visualize=False,
-                              **sampled)
+                              **sampling_options(temp))
         folder = os.path.join(args.out, "argmax" if temp is None else f"sample_{temp:g}")
         t0 = time.time()
         imgs = generate(model, args, opts, folder, device)

@@ -40,7 +40,7 @@ from utils.composite import PREFILLS, paste_known
 from utils.data import (TEST_MEAN, TEST_STD, MaskedImageSet, denormalize, known_pixels, list_images, load_mask,
                         normalize, pil_to_tensor01, to_uint8)
 from utils.fid import compute_fid
-from utils.inpaint import InpaintOptions
+from utils.inpaint import InpaintOptions, sampling_options
 from utils.outputs import run_inpainting
 from utils.metrics import paired_metrics
 from utils.runtime import create_logger, get_device
@@ -116,7 +116,7 @@ def parse_combos(parser, text: str) -> list:
         name, t, *extra = item.strip().split(":") + [""] * (":" not in item)
         orders, confs = [e for e in extra if e in ORDERS], [e for e in extra if e in CONFIDENCES]
         fills = [e[len("prefill="):] for e in extra if e.startswith("prefill=") and e[len("prefill="):] in PREFILLS]
-        temps = [_temperature(e) for e in extra if _temperature(e) is not None]
+        temps = [t for t in map(_temperature, extra) if t is not None]
         if (name not in SCHEDULES or not t.isdigit() or int(t) < 1 or len(orders) > 1 or len(confs) > 1
                 or len(fills) > 1 or len(temps) > 1 or len(orders) + len(confs) + len(fills) + len(temps) != len(extra)):
             parser.error(f"--combos: {item!r} is not schedule:T[:order][:confidence][:prefill=NAME][:sample[=TEMP]] "
@@ -149,9 +149,9 @@ class Combo:
         return "ours_" + self.label().replace(" T=", "_T").replace(" ", "_").replace("=", "-")
 
     def options(self, seed: int = 0) -> InpaintOptions:
-        sampled = {} if self.temperature is None else {"token_choice": "sample", "sample_temperature": self.temperature}
         return InpaintOptions(total_iter=self.steps, mask_func=self.schedule, order=self.order,
-                              confidence=self.confidence, prefill=self.prefill, visualize=False, seed=seed, **sampled)
+                              confidence=self.confidence, prefill=self.prefill, visualize=False, seed=seed,
+                              **sampling_options(self.temperature))
 
 
 def build_sets(work: str, n: int | None, data: str, gt: str, wanted=("test", "val-unseen")) -> dict:

@@ -44,6 +44,14 @@ class InpaintOptions:
                              f"{self.confidence!r}, {self.order!r}")
 
 
+def sampling_options(temperature: float | None) -> dict:
+    """The token-choice fields of :class:`InpaintOptions`: None = argmax, else ``sample`` at this
+    ``sample_temperature``."""
+    if temperature is None:
+        return {"token_choice": "argmax", "sample_temperature": 1.0}
+    return {"token_choice": "sample", "sample_temperature": temperature}
+
+
 def latent_mask_images(mask: torch.Tensor, res: int) -> torch.Tensor:
     """Token masks (S, N) True = masked -> (S, 3, res, res) images, white = known, black = masked."""
     return (~mask).float().view(-1, 1, res, res).expand(-1, 3, -1, -1)  # (S, 3, h, w)

@@ -28,7 +28,7 @@ from utils.data import list_images, to_uint8  # noqa: E402
 from utils.fid import compute_fid  # noqa: E402
 from utils.inpaint import InpaintOptions, generate_images, sampling_options  # noqa: E402
 from utils.runtime import get_device  # noqa: E402
-from utils.tokens import unseen_indices  # noqa: E402
+from utils.tokens import unseen_val_paths  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -61,12 +61,11 @@ def parse_args(argv=None):
 def reference(args) -> str:
     """The val images unseen in train, copied once into OUT/reference (FID needs a folder)."""
     ref = os.path.join(args.out, "reference")
-    val = list_images(os.path.join(args.data, "val"))
-    idx = unseen_indices(os.path.join(args.data, "val"), os.path.join(args.data, "train")).tolist()
-    if not os.path.isdir(ref) or len(list_images(ref)) != len(idx):
+    paths = unseen_val_paths(args.data)
+    if not os.path.isdir(ref) or len(list_images(ref)) != len(paths):
         os.makedirs(ref, exist_ok=True)
-        for j, i in enumerate(idx):
-            Image.open(val[i]).convert("RGB").save(os.path.join(ref, f"image_{j:04d}.png"))
+        for j, path in enumerate(paths):
+            Image.open(path).convert("RGB").save(os.path.join(ref, f"image_{j:04d}.png"))
     return ref
 
 

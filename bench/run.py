@@ -44,7 +44,7 @@ from utils.inpaint import InpaintOptions, sampling_options
 from utils.outputs import run_inpainting
 from utils.metrics import paired_metrics
 from utils.runtime import create_logger, get_device
-from utils.tokens import unseen_indices
+from utils.tokens import unseen_val_paths
 
 
 
@@ -177,12 +177,10 @@ def _test_set(work: str, n: int | None, data: str, gt: str, masks: list) -> str:
 
 def _val_unseen_set(work: str, n: int | None, data: str, masks: list) -> str:
     """Generalisation images (val, never in train), holed with the lab masks (round robin)."""
-    val = list_images(os.path.join(data, "val"))
-    idx = unseen_indices(os.path.join(data, "val"), os.path.join(data, "train")).tolist()[:n]
     root = os.path.join(work, "val-unseen")
     _reset(root)
-    for j, i in enumerate(idx):
-        img = np.asarray(Image.open(val[i]).convert("RGB")).copy()
+    for j, path in enumerate(unseen_val_paths(data, n)):
+        img = np.asarray(Image.open(path).convert("RGB")).copy()
         m = np.asarray(Image.open(masks[j % len(masks)]).convert("L"))
         Image.fromarray(img).save(os.path.join(root, "originals", f"image_{j:04d}.png"))
         img[~known_pixels(m)] = 128

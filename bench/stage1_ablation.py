@@ -28,7 +28,7 @@ from utils.config import load_vqgan_config, apply_overrides  # noqa: E402
 from utils.data import list_images  # noqa: E402
 from utils.fid import compute_fid, get_model  # noqa: E402
 from utils.pipeline import reconstruct_images  # noqa: E402
-from utils.tokens import unseen_indices  # noqa: E402
+from utils.tokens import unseen_val_paths  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -99,8 +99,7 @@ def eval_images(args) -> tuple:
     src = eval_folder(args, args.eval_set)
     if args.eval_set == "test":
         return src, [os.path.basename(f) for f in list_images(src)]
-    files = list_images(src)
-    return src, [os.path.basename(files[i]) for i in unseen_indices(src, os.path.join(args.data, "train")).tolist()]
+    return src, [os.path.basename(f) for f in unseen_val_paths(args.data)]
 
 
 def eval_folder(args, eval_set: str) -> str:

@@ -309,3 +309,18 @@ def test_normalize_and_denormalize_by_hand(tmp_path):
     torch.testing.assert_close(out[:, 0, 1], torch.tensor([0.7488, 0.6868, 0.6387]), atol=1e-6, rtol=0)  # mean + std
     torch.testing.assert_close(out[:, 1, 1], torch.tensor([0.2248, 0.1814, 0.1301]), atol=1e-6, rtol=0)  # mean - std
     torch.testing.assert_close(denormalize(torch.full((3, 1, 1), -2.0)).flatten(), torch.zeros(3))  # clamped at 0
+
+
+def test_unseen_val_paths_leave_out_val_images_whose_pixels_occur_in_train(tmp_path):
+    from utils.tokens import unseen_val_paths
+    rng = np.random.default_rng(1)
+    imgs = [rng.integers(0, 256, (8, 8, 3), dtype=np.uint8) for _ in range(6)]
+    # val 0..4; train holds val 1 and val 3 under other names and formats (same pixels), and image 5
+    for sub, named in (("val", {f"v{i}.png": i for i in range(5)}),
+                       ("train", {"a.png": 3, "b.bmp": 1, "c.png": 5})):
+        (tmp_path / sub).mkdir()
+        for name, i in named.items():
+            Image.fromarray(imgs[i]).save(tmp_path / sub / name)
+    want = [str(tmp_path / "val" / f"v{i}.png") for i in (0, 2, 4)]
+    assert unseen_val_paths(str(tmp_path)) == want
+    assert unseen_val_paths(str(tmp_path), 2) == want[:2]

@@ -431,3 +431,26 @@ def test_tokenizer_overrides_reach_the_transformer(tmp_path):
     argv = shlex.split(cmds["transformer"][0])[2:]  # after "python training_transformer.py"
     cfg = training_transformer.model_config(training_transformer.parse_options(argv))
     assert cfg["vqgan"]["codebook_norm"] is True and cfg["model_param"]["Transformer_param"]["n_layers"] == 2
+
+
+def test_cuda_asked_for_without_cuda_falls_back_once_and_every_stage_gets_cpu(tmp_path, monkeypatch):
+    """The device is resolved once for the whole run: one fallback warning, not one per stage and script."""
+    import logging
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    warned = []
+
+    class Catch(logging.Handler):
+        def emit(self, record):
+            warned.append(record.getMessage())
+    handler = Catch(logging.WARNING)
+    logging.getLogger("maskgit").addHandler(handler)
+    try:
+        world = make_world(tmp_path / "world", n_train=1, n_val=1, n_test=1)
+        res = pipeline.main(["--recipe", "config/pipeline_smoke.yml", "--out", str(tmp_path / "out"),
+                             "--data", world["root"], "--gt", world["gt"], "--device", "cuda", "--dry-run"])
+    finally:
+        logging.getLogger("maskgit").removeHandler(handler)
+    assert [w for w in warned if "CUDA requested" in w] == ["CUDA requested (cuda) but not available: using CPU"]
+    lines = [line for stage in res["commands"].values() for line in stage]
+    with_device = [line for line in lines if "--device" in line]
+    assert with_device and all("--device cpu" in line and "--device cuda" not in line for line in with_device)

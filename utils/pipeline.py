@@ -254,8 +254,10 @@ def make_context(opts: PipelineOptions) -> Context:
             raise UserError(f"--budget-minutes: {opts.recipe} gives no stage any minutes to scale")
         scale = opts.budget_minutes / total
     root = os.path.abspath(resolve_path(root))
+    # resolved once: without CUDA, --device cuda warns here once and every stage gets --device cpu
+    device = str(get_device(opts.device))
     return Context(recipe, os.path.abspath(opts.out), root, find_lab_layout(root),
-                   os.path.abspath(gt) if gt else None, opts.device, scale)
+                   os.path.abspath(gt) if gt else None, device, scale)
 
 
 def cpu_warning(ctx: Context) -> str | None:

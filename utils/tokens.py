@@ -102,3 +102,12 @@ def unseen_indices(val_folder: str, train_folder: str, val_files: list | None = 
     train = set(digests(train_folder, train_files))
     return torch.tensor([i for i, d in enumerate(digests(val_folder, val_files)) if d not in train],
                         dtype=torch.long)
+
+
+def unseen_val_paths(data_root: str, n: int | None = None) -> list:
+    """Paths of the first ``n`` (default all) images of ``data_root/val`` that never occur in
+    ``data_root/train`` (:func:`unseen_indices`), in file order: the held-out set every benchmark
+    scores generalisation on."""
+    val, train = os.path.join(data_root, "val"), os.path.join(data_root, "train")
+    files = list_images(val)
+    return [files[i] for i in unseen_indices(val, train).tolist()[:n]]

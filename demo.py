@@ -54,7 +54,7 @@ def parse_args(argv=None):
     return args
 
 
-GEN_TEMPERATURE = 0.5  # picked by eye from docs/generation_temperature.png (bench/generation_study.py; README)
+GEN_TEMPERATURE = 0.5  # the lowest FID of unconditional samples, 45.5 vs 47.5 at 0.7 and 168.5 argmax (docs/generation_study.csv; README)
 DARK = 0.15  # mean brightness below which a sample counts as near-black in the report
 
 

@@ -36,6 +36,7 @@ from utils.data import TRAIN_MEAN, TRAIN_STD, denormalize, load_image_stack, to_
 from utils.metrics import psnr
 from utils.runtime import (autocast, create_logger, get_device, grad_scaler, make_generator, resolve_precision,
                            rng_state, seed_everything, set_rng_state)
+from utils.tokens import unseen_rows
 from utils.train_utils import EMA, MetricLog, StopFlag, check_finite, warmup_cosine
 
 BUDGET_WARMUP, BUDGET_PROBE = 20, 60  # steps skipped, then steps timed, to fit --time-budget-min
@@ -84,6 +85,9 @@ def parse_args(argv=None):
     p.add_argument("--val-fid", type=int, default=0, metavar="N",
                    help="at each evaluation also the FID of the reconstructions of the first N --val-data images "
                         "against them (offline FID Inception); keeps vqgan_best.pt, the lowest (0: off)")
+    p.add_argument("--val-unseen", action="store_true",
+                   help="keep only the --val-data images whose pixels occur in no --data image (the lab's val folder "
+                        "repeats some training images), so val PSNR, val FID and vqgan_best.pt measure held-out images")
     p.add_argument("--restart-every", type=int, default=200, help="dead-code restart period in steps (0: off)")
     p.add_argument("--hflip", action="store_true", help="random horizontal flips")
     p.add_argument("--resize", action="store_true", help="resize images of another size instead of failing")
@@ -162,6 +166,8 @@ def check_options(args) -> None:
             raise UserError(f"--train-part decoder keeps the codebook frozen: drop {' and '.join(clash)}")
     if args.val_fid and not args.val_data:
         raise UserError("--val-fid N scores the first N --val-data images: give --val-data DIR")
+    if args.val_unseen and not args.val_data:
+        raise UserError("--val-unseen filters the --val-data images: give --val-data DIR")
     if args.val_fid == 1 or args.val_fid < 0:
         raise UserError(f"--val-fid needs at least 2 images (got {args.val_fid}; 0 turns it off)")
     if args.r1_every < 1:
@@ -429,8 +435,17 @@ def main(argv=None) -> dict:
     raw_cfg = apply_overrides(load_vqgan_config(args.config).to_dict(), args.set, where=args.config)
     size = raw_cfg["img_resolution"]
     images = load_image_stack(args.data, size, args.resize, args.limit, not args.no_progress, args.skip_bad_images)
-    val_images = (load_image_stack(args.val_data, size, args.resize, max(512, args.val_fid), False, args.skip_bad_images)
+    n_val = max(512, args.val_fid)
+    val_images = (load_image_stack(args.val_data, size, args.resize, None if args.val_unseen else n_val, False,
+                                   args.skip_bad_images)
                   if args.val_data else images[-min(256, len(images)):])  # without --val-data: the last training images
+    if args.val_unseen:
+        keep = unseen_rows(val_images, images)
+        if len(keep) == 0:
+            raise UserError(f"--val-unseen: every image of {args.val_data} also occurs in {args.data}")
+        log.info("--val-unseen: %d of the %d images of %s occur in no training image; the first %d are the val set",
+                 len(keep), len(val_images), args.val_data, min(n_val, len(keep)))
+        val_images = val_images[keep[:n_val]]
     st = build(args, raw_cfg, device)
     if args.resume:
         ck = load_checkpoint(last_path, "VQGAN training checkpoint")

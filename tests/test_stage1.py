@@ -421,3 +421,29 @@ def test_ablation_without_fid_weights_keeps_psnr_and_rescores_later(tmp_path, mo
     assert sorted(os.listdir(os.path.join(out + "_test", "base", "recon"))) == [f"image_{i:03d}.png" for i in GT_IDS]
     assert t["fid"] == round(compute_fid(os.path.join(out + "_test", "base", "recon"), world["gt"], device="cpu",
                                          match_names=True), 2)
+
+
+def test_val_unseen_scores_only_val_images_that_occur_in_no_training_image(tiny_world, tmp_path, monkeypatch):
+    """tiny_world's val repeats train images in its first quarter (4 of 16), as the lab's val does."""
+    from utils.cli import UserError
+    from utils.data import load_image_stack
+    seen = []
+
+    class Spy:
+        def __init__(self, images, device, progress):
+            seen.append(images.clone())
+            self.images = images
+
+        def __call__(self, rec):
+            return 1.0
+    monkeypatch.setattr(train_vqgan, "ValFID", Spy)
+    _run(tiny_world, tmp_path, "--steps", "1", "--val-data", tiny_world["val"], "--val-fid", "8", "--val-unseen")
+    val = load_image_stack(tiny_world["val"], 16, progress=False)
+    assert torch.equal(seen[0], val[4:12])  # the first 8 of the 12 unseen
+    assert "--val-unseen: 12 of the 16 images" in (tmp_path / "vq" / "train_vqgan.log").read_text()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "c").mkdir()
+    with pytest.raises(UserError, match="every image of .* also occurs in"):
+        _run(tiny_world, tmp_path / "b", "--steps", "1", "--val-data", tiny_world["train"], "--val-unseen")
+    with pytest.raises(UserError, match="--val-unseen filters the --val-data images"):
+        _run(tiny_world, tmp_path / "c", "--steps", "1", "--val-unseen")

@@ -107,9 +107,10 @@ def unseen_indices(val_folder: str, train_folder: str, val_files: list | None = 
 def unseen_rows(val: torch.Tensor, train: torch.Tensor) -> torch.Tensor:
     """Indices of the images of ``val`` (N, 3, H, W uint8, in memory) whose pixels are those of no
     image of ``train`` (same layout): :func:`unseen_indices` for image stacks already loaded."""
-    seen = {hashlib.sha1(x.contiguous().numpy().tobytes()).digest() for x in train}
-    return torch.tensor([i for i, x in enumerate(val) if hashlib.sha1(x.contiguous().numpy().tobytes()).digest()
-                         not in seen], dtype=torch.long)
+    def digest(x):
+        return hashlib.sha1(x.contiguous().numpy().tobytes()).digest()
+    seen = {digest(x) for x in train}
+    return torch.tensor([i for i, x in enumerate(val) if digest(x) not in seen], dtype=torch.long)
 
 
 def unseen_val_paths(data_root: str, n: int | None = None) -> list:

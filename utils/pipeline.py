@@ -631,7 +631,7 @@ def run_stage(ctx: Context, opts: PipelineOptions, stage: str, log, t_start: flo
                           f"{RERUN_HINT}") from e
     finally:
         detach_stage_logs()
-        ran_with = {"device": str(get_device(ctx.device)), "budget_minutes": opts.budget_minutes,
+        ran_with = {"device": ctx.device, "budget_minutes": opts.budget_minutes,
                     "minutes": round(ctx.minutes(stage), 4)}
         attempts.append({"started": now(), "wall_s": time.time() - t0, "outcome": outcome, "commands": shown,
                          **ran_with})

@@ -63,6 +63,30 @@ VARIANTS = {
     "ema_codebook_ssim1_gan_r1": ["--ema-codebook", "0.99", "--kmeans-init", "--ssim-weight", "1.0",
                                   "--disc-start-frac", "0.6", "--disc-weight", "0.1", "--r1-weight", "0.1"],
 }
+# capacity and step size on top of the recipe (ema_codebook_ssim1_gan_fm). ``KEY=*F`` scales the scale's
+# own value of a config key by F (so one variant means the same at both scales: a decoder twice as wide)
+RECIPE = VARIANTS["ema_codebook_ssim1_gan_fm"]
+VARIANTS.update({
+    "recipe_dec2x": RECIPE + ["--set", "dec_channels=*2"],
+    "recipe_dec_res2": RECIPE + ["--set", "dec_num_res_blocks=*2"],
+    "recipe_wide1.5x": RECIPE + ["--set", "enc_channels=*1.5", "--set", "dec_channels=*1.5"],
+    "recipe_lr8e-4": RECIPE + ["--learning-rate", "8e-4"],
+})
+
+
+def scale_sets(sets: list, base: dict) -> list:
+    """``sets`` with every ``KEY=*F`` replaced by ``KEY=`` F times that key's value in ``base`` after
+    the sets before it (an int or a list of ints, rounded to integers); other items unchanged."""
+    out = []
+    for item in sets:
+        key, _, value = item.partition("=")
+        if value.startswith("*"):
+            f = float(value[1:])
+            old = apply_overrides(base, out)[key]
+            new = [round(c * f) for c in old] if isinstance(old, list) else round(old * f)
+            item = f"{key}={new}".replace(" ", "")
+        out.append(item)
+    return out
 
 
 def run_variant(name: str, extra: list, scale: dict, args, held_out: tuple) -> dict:
@@ -75,13 +99,14 @@ def run_variant(name: str, extra: list, scale: dict, args, held_out: tuple) -> d
            "--eval-every", "100000", "--ckpt-every", "100", "--no-progress", *BASE]
     if os.path.exists(os.path.join(out, "last.pt")):
         cmd.append("--resume")
-    sets = scale["set"] + [extra[i + 1] for i, a in enumerate(extra) if a == "--set"]
+    base_cfg = load_vqgan_config(os.path.join(REPO, scale["config"])).to_dict()
+    sets = scale_sets(scale["set"] + [extra[i + 1] for i, a in enumerate(extra) if a == "--set"], base_cfg)
     cmd += ["--set", *sets] if sets else []
     cmd += [a for i, a in enumerate(extra) if a != "--set" and (i == 0 or extra[i - 1] != "--set")]
     t0 = time.time()
     subprocess.run(cmd, cwd=REPO, check=True)
     train_s = time.time() - t0
-    cfg = apply_overrides(load_vqgan_config(os.path.join(REPO, scale["config"])).to_dict(), sets)
+    cfg = apply_overrides(base_cfg, sets)
     model = VQGAN(cfg).to(args.device).eval()
     load_vqgan_weights(model, os.path.join(out, "vqgan.pt"))
     src, names = held_out

@@ -447,3 +447,30 @@ def test_val_unseen_scores_only_val_images_that_occur_in_no_training_image(tiny_
         _run(tiny_world, tmp_path / "b", "--steps", "1", "--val-data", tiny_world["train"], "--val-unseen")
     with pytest.raises(UserError, match="--val-unseen filters the --val-data images"):
         _run(tiny_world, tmp_path / "c", "--steps", "1", "--val-unseen")
+
+
+def test_ablation_scaled_option_is_relative_to_each_scale(tmp_path, monkeypatch):
+    """``KEY=*F`` in a variant multiplies that scale's own value (after the scale's sets), so
+    recipe_dec2x is a decoder twice as wide at both scales; the trained file has that architecture."""
+    from utils.build import tokenizer_file_config
+    from utils.config import load_vqgan_config
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "bench"))
+    import stage1_ablation as sa
+
+    small = load_vqgan_config(os.path.join(ROOT, "models/VQGAN/config/VQGAN_small.yml")).to_dict()
+    assert small["dec_channels"] == [32, 64, 128] and small["dec_num_res_blocks"] == 1
+    assert sa.scale_sets(["dec_channels=*2", "dec_num_res_blocks=*2", "latent_dim=8"], small) == \
+        ["dec_channels=[64,128,256]", "dec_num_res_blocks=2", "latent_dim=8"]
+    assert sa.scale_sets(sa.SCALES["cpu"]["set"] + ["enc_channels=*1.5", "dec_channels=*1.5"], small)[-2:] == \
+        ["enc_channels=[24,48,96]", "dec_channels=[24,48,96]"]  # of the CPU scale's [16,32,64], not the YAML's
+
+    def no_weights(dims):
+        raise FileNotFoundError("no FID Inception weights found")
+
+    monkeypatch.setattr(sa, "get_model", no_weights)
+    world = make_world(tmp_path / "w", n_train=40, n_val=8)
+    out = str(tmp_path / "abl")
+    (r,) = sa.main(["--steps", "2", "--variants", "recipe_dec2x", "--data", world["root"], "--out", out])
+    assert r["options"].endswith("--set dec_channels=*2") and 5 < r["psnr"] < 60
+    cfg = tokenizer_file_config(os.path.join(out, "recipe_dec2x", "vqgan.pt"))
+    assert cfg["dec_channels"] == [32, 64, 128] and cfg["enc_channels"] == [16, 32, 64] and cfg["latent_dim"] == 32

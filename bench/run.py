@@ -60,7 +60,7 @@ def load_model(args):
         cfg, obj = checkpoint_config(args.transformer_ckpt, args.config)
         if args.config is None and stored_config(obj) is None:
             raise UserError(f"{args.transformer_ckpt} stores no config: pass the MaskGit YAML it was trained with as "
-                            f"--config (for the bundled transformer: --config {BUNDLED_CONFIG})")
+                            f"--config (e.g. {BUNDLED_CONFIG}, the bundled models' config)")
         return load_inference_model(cfg, obj, resolve_path(args.transformer_ckpt), args.vqgan_ckpt)
     model = build_maskgit(load_maskgit_config(str(REPO_ROOT / BUNDLED_CONFIG)), vqgan_ckpt=args.vqgan_ckpt)
     load_transformer_checkpoint(model, str(REPO_ROOT / BUNDLED_TRANSFORMER))
@@ -279,8 +279,8 @@ def main(argv=None):
                    help="score this transformer instead of the bundled one (e.g. a pipeline run's, with its "
                         "tokenizer as --vqgan-ckpt); its stored config is used, else --config")
     p.add_argument("--config", default=None, metavar="YAML",
-                   help="MaskGit YAML for a --transformer-ckpt that stores no config (the bundled one: "
-                        "config/MaskGit_small.yml)")
+                   help="MaskGit YAML for a --transformer-ckpt that stores no config (e.g. a lab-layout file "
+                        "of the bundled models' architecture: config/MaskGit_small.yml)")
     p.add_argument("--sets", default="test,val-unseen", help="comma-separated subset of: test, val-unseen")
     p.add_argument("--combos", default=None,
                    help="our settings as schedule:T[:order][:confidence][:prefill=NAME], e.g. cosine:10,linear:8,"

@@ -6,7 +6,9 @@
 (FILES: e.g. what `bash bench/gpu_session.sh pipe` sent back.) Checked before anything is written:
 both files load strictly into the bundled config (config/MaskGit_small.yml and the tokenizer YAML it
 names), the models `demo.py`, `app.py` and `inpainting.py --bundled` build; the files are stored as
-fp16 CPU tensors with their configs kept; no file over 24 MiB and both together at most 40 MB. Then
+fp16 CPU tensors with their configs kept (the transformer's config then names the bundled tokenizer
+file as its VQ_CKPT_path, so a loader given only the transformer file finds its partner instead of
+the path it was trained with); no file over 24 MiB and both together at most 40 MB. Then
 ``checkpoints/vqgan_small_fp16.pt`` and ``checkpoints/transformer_small_fp16.pth`` are replaced
 (atomically; ``--out-dir`` writes elsewhere). Deciding *whether* to bundle is the scores' job
 (bench/run.py --transformer-ckpt on the val images); this only makes it safe to.
@@ -25,12 +27,13 @@ import torch  # noqa: E402
 
 from utils.build import BUNDLED_CONFIG, build_maskgit, load_transformer_checkpoint, load_vqgan_weights  # noqa: E402
 from models.convert import CheckpointLayoutError  # noqa: E402
-from utils.checkpoint import CheckpointError, atomic_write, half_state_dict, load_checkpoint  # noqa: E402
+from utils.checkpoint import CONFIG_KEY, CheckpointError, atomic_write, half_state_dict, load_checkpoint  # noqa: E402
 from utils.cli import UserError, run_cli  # noqa: E402
 from utils.config import REPO_ROOT, load_maskgit_config  # noqa: E402
 
 NAMES = {"vqgan": "vqgan_small_fp16.pt", "transformer": "transformer_small_fp16.pth"}
 MAX_FILE_MIB, MAX_TOTAL_MB = 24, 40
+DEFAULT_OUT = REPO_ROOT / "checkpoints"
 
 
 def half_file(src: str, what: str) -> dict:
@@ -39,6 +42,16 @@ def half_file(src: str, what: str) -> dict:
     if not isinstance(obj, dict):
         raise UserError(f"{src}: not a state_dict ({type(obj).__name__})")
     return half_state_dict(obj)
+
+
+def point_at_tokenizer(sd: dict, vqgan_path: str) -> None:
+    """Make the config ``sd`` stores (if any) name ``vqgan_path`` as its tokenizer file
+    (``model_param.VQ_Configs.VQ_CKPT_path``): a pipeline run's transformer names the vqgan.pt of
+    its run folder, which is not where the bundled pair lives."""
+    entry = (getattr(sd, "_metadata", None) or {}).get(CONFIG_KEY)
+    cfg = entry.get("config") if isinstance(entry, dict) else None
+    if isinstance(cfg, dict) and isinstance(cfg.get("model_param"), dict):
+        cfg["model_param"]["VQ_Configs"] = {**(cfg["model_param"].get("VQ_Configs") or {}), "VQ_CKPT_path": vqgan_path}
 
 
 def check_sizes(sizes: dict, max_file_mib: float = MAX_FILE_MIB, max_total_mb: float = MAX_TOTAL_MB) -> None:
@@ -55,12 +68,17 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--vqgan", required=True, help="tokenizer weights (train_vqgan.py's vqgan.pt, fp32 or fp16)")
     p.add_argument("--transformer", required=True, help="transformer weights (a .pth of training_transformer.py)")
-    p.add_argument("--out-dir", default=str(REPO_ROOT / "checkpoints"),
+    p.add_argument("--out-dir", default=str(DEFAULT_OUT),
                    help="where the two files are written (default: the repository's checkpoints/)")
     p.add_argument("--dry-run", action="store_true", help="check only, write nothing")
     args = p.parse_args(argv)
     halves = {"vqgan": half_file(args.vqgan, "VQGAN checkpoint"),
               "transformer": half_file(args.transformer, "transformer checkpoint")}
+    out_dir = os.path.abspath(args.out_dir)
+    vq_dst = os.path.join(out_dir, NAMES["vqgan"])
+    # the repository's own checkpoints/ as a relative path (resolved against the repository from any directory)
+    point_at_tokenizer(halves["transformer"], os.path.join("checkpoints", NAMES["vqgan"])
+                       if out_dir == os.path.abspath(DEFAULT_OUT) else vq_dst)
     with tempfile.TemporaryDirectory() as tmp:  # check the very bytes that would be bundled
         paths = {k: os.path.join(tmp, NAMES[k]) for k in halves}
         for k, obj in halves.items():
@@ -83,7 +101,7 @@ def main(argv=None) -> dict:
                    "vqgan_params": sum(q.numel() for q in model.vqgan.parameters()), "written": []}
         if not args.dry_run:
             for k in halves:
-                dst = os.path.join(args.out_dir, NAMES[k])
+                dst = os.path.join(out_dir, NAMES[k])
                 atomic_write(dst, lambda t, src=paths[k]: shutil.copyfile(src, t))
                 summary["written"].append(dst)
     print(f"fits {BUNDLED_CONFIG}: tokenizer {summary['vqgan_params'] / 1e6:.2f} M, transformer "

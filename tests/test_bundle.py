@@ -47,6 +47,23 @@ def test_bundling_an_fp32_pair_writes_fp16_copies_that_build_the_bundled_model(t
     fresh = build_maskgit(load_maskgit_config(os.path.join(ROOT, BUNDLED_CONFIG)), load_vqgan=False)
     load_vqgan_weights(fresh.vqgan, str(out / bundle.NAMES["vqgan"]))
     load_transformer_checkpoint(fresh, str(out / bundle.NAMES["transformer"]))
+    # the transformer's stored config names its bundled partner: built from that config alone, the tokenizer loads
+    cfg_t = stored_config(torch.load(out / bundle.NAMES["transformer"], map_location="cpu", weights_only=True))
+    assert cfg_t["model_param"]["VQ_Configs"]["VQ_CKPT_path"] == str(out / bundle.NAMES["vqgan"])
+    alone = build_maskgit(cfg_t)
+    for k, v in alone.vqgan.state_dict().items():
+        torch.testing.assert_close(v, want[k].half().float(), atol=0, rtol=0)
+
+
+def test_into_the_repository_the_tokenizer_path_is_relative(tmp_path, monkeypatch):
+    """Bundled into the repository's checkpoints/ (the default), the stored tokenizer path is
+    checkpoints/vqgan_small_fp16.pt, which resolves against the repository from any directory."""
+    from utils.checkpoint import stored_config
+    monkeypatch.setattr(bundle, "DEFAULT_OUT", tmp_path / "checkpoints")
+    bundle.main(["--vqgan", VQ, "--transformer", TR])
+    cfg_t = stored_config(torch.load(tmp_path / "checkpoints" / bundle.NAMES["transformer"], map_location="cpu",
+                                     weights_only=True))
+    assert cfg_t["model_param"]["VQ_Configs"]["VQ_CKPT_path"] == os.path.join("checkpoints", bundle.NAMES["vqgan"])
 
 
 def test_a_pair_that_does_not_fit_is_refused_and_nothing_is_written(tiny_world, tmp_path):

@@ -49,7 +49,9 @@ def test_bundling_an_fp32_pair_writes_fp16_copies_that_build_the_bundled_model(t
     load_transformer_checkpoint(fresh, str(out / bundle.NAMES["transformer"]))
     # the transformer's stored config names its bundled partner: built from that config alone, the tokenizer loads
     cfg_t = stored_config(torch.load(out / bundle.NAMES["transformer"], map_location="cpu", weights_only=True))
-    assert cfg_t["model_param"]["VQ_Configs"]["VQ_CKPT_path"] == str(out / bundle.NAMES["vqgan"])
+    orig = stored_config(torch.load(TR, map_location="cpu", weights_only=True))
+    orig["model_param"]["VQ_Configs"]["VQ_CKPT_path"] = str(out / bundle.NAMES["vqgan"])
+    assert cfg_t == orig  # that one key changed, nothing else (VQ_config_path kept)
     alone = build_maskgit(cfg_t)
     for k, v in alone.vqgan.state_dict().items():
         torch.testing.assert_close(v, want[k].half().float(), atol=0, rtol=0)
@@ -59,8 +61,11 @@ def test_into_the_repository_the_tokenizer_path_is_relative(tmp_path, monkeypatc
     """Bundled into the repository's checkpoints/ (the default), the stored tokenizer path is
     checkpoints/vqgan_small_fp16.pt, which resolves against the repository from any directory."""
     from utils.checkpoint import stored_config
+    sd = torch.load(TR, map_location="cpu", weights_only=True)
+    stored_config(sd)["model_param"]["VQ_Configs"]["VQ_CKPT_path"] = "/tmp/gpu_session/pipeline/tokenizer/vqgan.pt"
+    torch.save(sd, tmp_path / "run_transformer.pth")  # as a pipeline run's transformer names its tokenizer
     monkeypatch.setattr(bundle, "DEFAULT_OUT", tmp_path / "checkpoints")
-    bundle.main(["--vqgan", VQ, "--transformer", TR])
+    bundle.main(["--vqgan", VQ, "--transformer", str(tmp_path / "run_transformer.pth")])
     cfg_t = stored_config(torch.load(tmp_path / "checkpoints" / bundle.NAMES["transformer"], map_location="cpu",
                                      weights_only=True))
     assert cfg_t["model_param"]["VQ_Configs"]["VQ_CKPT_path"] == os.path.join("checkpoints", bundle.NAMES["vqgan"])

@@ -463,6 +463,7 @@ def test_ablation_scaled_option_is_relative_to_each_scale(tmp_path, monkeypatch)
         ["dec_channels=[64,128,256]", "dec_num_res_blocks=2", "latent_dim=8"]
     assert sa.scale_sets(sa.SCALES["cpu"]["set"] + ["enc_channels=*1.5", "dec_channels=*1.5"], small)[-2:] == \
         ["enc_channels=[24,48,96]", "dec_channels=[24,48,96]"]  # of the CPU scale's [16,32,64], not the YAML's
+    assert sa.scale_sets(["dec_channels=*1.3"], small) == ["dec_channels=[42,83,166]"]  # rounded, not truncated
 
     def no_weights(dims):
         raise FileNotFoundError("no FID Inception weights found")

@@ -68,6 +68,7 @@ VARIANTS = {
 RECIPE = VARIANTS["ema_codebook_ssim1_gan_fm"]
 VARIANTS.update({
     "recipe_dec2x": RECIPE + ["--set", "dec_channels=*2"],
+    "recipe_dec1.5x": RECIPE + ["--set", "dec_channels=*1.5"],
     "recipe_dec_res2": RECIPE + ["--set", "dec_num_res_blocks=*2"],
     "recipe_wide1.5x": RECIPE + ["--set", "enc_channels=*1.5", "--set", "dec_channels=*1.5"],
     "recipe_lr8e-4": RECIPE + ["--learning-rate", "8e-4"],

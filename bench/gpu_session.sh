@@ -8,7 +8,9 @@
 #   bash bench/gpu_session.sh speed  $OUT          # #14: CUDA tests, training / decoding / FID speed, every
 #                                                  # variant at batch 256 and 512 (~8 min by estimate)
 #   bash bench/gpu_session.sh pipe   $OUT [M]      # #13: pipeline.py --budget-minutes M (default 10: trainers 3.6 min each), up to inpainting;
-#                                                  # M 0 with MINUTES="tokenizer=5.5 transformer=2.5": those minutes exactly
+#                                                  # M 0 with MINUTES="tokenizer=5.5 transformer=2.5": those minutes exactly;
+#                                                  # TOKENIZER_SET="dec_channels=[64,128,256]": the tokenizer's config
+#                                                  # overridden so (recipe copied to WORK/recipe.yml)
 #   bash bench/gpu_session.sh dec    $OUT [M]      # #13: decoder fine-tune of M minutes (default 2) of the pipe call's
 #                                                  # tokenizer if this machine still has it, else of .devdata/vqgan_init.pt
 #                                                  # (copy a returned vqgan.pt there to carry it), else of the bundled one
@@ -156,6 +158,21 @@ speed_steps() {  # speed_steps TESTS_S TRAIN_S DECODE_S FID_S [quick]: #14's fig
 }
 pipeline() {  # pipeline BUDGET_MINUTES (0: the recipe's own) [TIMEOUT_S]
   local budget=() stages=tokenizer,tokens,transformer,inpaint
+  if [ -n "${TOKENIZER_SET:-}" ]; then  # the recipe with these tokenizer config overrides added to its `set`
+    # shellcheck disable=SC2086  # TOKENIZER_SET: several KEY=VALUE words
+    python - "$RECIPE" "$WORK/recipe.yml" $TOKENIZER_SET <<'PY' || exit
+import sys
+import yaml
+src, dst, *sets = sys.argv[1:]
+recipe = yaml.safe_load(open(src))
+args = recipe["tokenizer"].get("args") or {}
+old = args.get("set") or []
+recipe["tokenizer"]["args"] = {**args, "set": (old if isinstance(old, list) else [old]) + sets}
+yaml.safe_dump(recipe, open(dst, "w"), sort_keys=False)
+PY
+    RECIPE=$WORK/recipe.yml
+    echo "recipe: $RECIPE with the tokenizer's set: $TOKENIZER_SET" | tee -a "$WORK/session.log"
+  fi
   [ "$1" != 0 ] && budget=(--budget-minutes "$1")
   [ "$FID_WEIGHTS" = 1 ] && stages=$stages,fid
   # shellcheck disable=SC2086  # MINUTES: several STAGE=M words

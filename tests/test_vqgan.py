@@ -101,6 +101,52 @@ def test_groupnorm_and_swish_match_closed_forms():
     torch.testing.assert_close(gn(x).double(), _groupnorm_closed_form(gn, x), atol=1e-5, rtol=1e-5)
 
 
+def test_norm_group_channels_sets_the_groups_and_keeps_the_layout():
+    """norm_group_channels N: every GroupNorm has >= N channels per group (halving the lab rule's
+    groups), the lab's channel widths keep their 32 groups, the state_dict layout does not change,
+    and the norm computes the closed form of its groups: 1 channel per group is an instance norm."""
+    import torch.nn.functional as F
+    from models.VQGAN.vqgan import GroupNorm, _groups
+    for c in (128, 256, 512):  # the lab's widths: 32 groups whatever N <= 4
+        assert _groups(c) == _groups(c, 4) == 32
+    assert [_groups(c) for c in (16, 24, 32, 64)] == [16, 8, 32, 32]  # the lab's rule (N = 1), unchanged
+    assert [_groups(c, 4) for c in (16, 24, 32, 64)] == [4, 4, 8, 16]
+    assert [_groups(c, 3) for c in (16, 24, 48)] == [4, 8, 16]  # powers of two that divide C
+    small = load_vqgan_config(os.path.join(ROOT, "models", "VQGAN", "config", "VQGAN_small.yml")).to_dict()
+    one, four = VQGAN(small), VQGAN({**small, "norm_group_channels": 4})
+    assert {k: v.shape for k, v in one.state_dict().items()} == {k: v.shape for k, v in four.state_dict().items()}
+    per_group = {m.gn.num_channels // m.gn.num_groups for m in four.modules() if isinstance(m, GroupNorm)}
+    assert min(per_group) == 4 and min(m.gn.num_channels // m.gn.num_groups
+                                       for m in one.modules() if isinstance(m, GroupNorm)) == 1
+    torch.manual_seed(0)
+    x = torch.randn(2, 32, 8, 8) * 3 + 1
+    inst = GroupNorm(32)  # 32 channels, N = 1: one channel per group
+    torch.testing.assert_close(inst(x), F.instance_norm(x, eps=1e-6), atol=1e-5, rtol=1e-5)
+    gn = GroupNorm(32, 4)
+    with torch.no_grad():
+        gn.gn.weight.normal_()
+        gn.gn.bias.normal_()
+    assert gn.gn.num_groups == 8
+    torch.testing.assert_close(gn(x).double(), _groupnorm_closed_form(gn, x), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="norm_group_channels must be >= 1"):
+        VQGANConfig(norm_group_channels=0)
+
+
+def test_a_tokenizer_file_from_before_norm_group_channels_reads_as_its_default(tmp_path):
+    """A vqgan.pt written before the key existed stores no norm_group_channels: it reads back with
+    the default (the behaviour it was trained with), equal to the same YAML's config today, so the
+    transformer's trainer sees no difference to report."""
+    from utils.build import tokenizer_file_config
+    from utils.checkpoint import lab_state_dict
+    small = load_vqgan_config(os.path.join(ROOT, "models", "VQGAN", "config", "VQGAN_small.yml")).to_dict()
+    old = {k: v for k, v in small.items() if k != "norm_group_channels"}
+    torch.save(lab_state_dict(VQGAN(small), old), tmp_path / "vqgan.pt")
+    assert tokenizer_file_config(str(tmp_path / "vqgan.pt")) == small and small["norm_group_channels"] == 1
+    new = {**small, "norm_group_channels": 4}
+    torch.save(lab_state_dict(VQGAN(new), new), tmp_path / "vqgan4.pt")
+    assert tokenizer_file_config(str(tmp_path / "vqgan4.pt")) == new
+
+
 @pytest.mark.gpu
 def test_cuda_bf16_groupnorm_stays_in_activation_dtype():
     """CUDA autocast would run GroupNorm in fp32 and hand fp32 on; ours stays bf16, near the closed form."""

@@ -5,7 +5,7 @@ import os
 
 import torch
 
-from models import MaskGit, load_transformer_state
+from models import MaskGit, VQGANConfig, load_transformer_state
 from models.convert import CheckpointLayoutError, describe_mismatch, unwrap_state_dict
 
 from .checkpoint import load_checkpoint, stored_config
@@ -28,7 +28,7 @@ def load_vqgan_weights(vqgan: torch.nn.Module, path: str) -> None:
     sd = {k[len("vqgan."):] if k.startswith("vqgan.") else k: v for k, v in sd.items()}
     problem = describe_mismatch(vqgan.state_dict(), sd)
     if problem:
-        own, note = stored_config(raw), ""
+        own, note = vqgan_file_config(raw), ""
         if own is not None and hasattr(vqgan, "cfg"):  # a file of ours names the architecture it was trained as
             want = vqgan.cfg.to_dict()
             diff = [f"{k} ({own.get(k)!r} in the file, {want.get(k)!r} here)" for k in config_diff(own, want)]
@@ -41,9 +41,18 @@ def load_vqgan_weights(vqgan: torch.nn.Module, path: str) -> None:
 
 def tokenizer_file_config(path: str) -> dict | None:
     """The config a tokenizer file of ours stores (train_vqgan.py writes it into vqgan.pt's
-    ``_metadata``), or None: no such file yet, or a file without one (the lab's VQGAN.pt)."""
+    ``_metadata``), or None: no such file yet, or a file without one (the lab's VQGAN.pt). Keys a file
+    of an older version lacks get their defaults (which kept that version's behaviour), so it compares
+    equal to the same config read from a YAML today."""
     path = resolve_path(path)
-    return stored_config(load_checkpoint(path, "VQGAN checkpoint")) if os.path.isfile(path) else None
+    return vqgan_file_config(load_checkpoint(path, "VQGAN checkpoint")) if os.path.isfile(path) else None
+
+
+def vqgan_file_config(obj) -> dict | None:
+    """The tokenizer config ``obj`` (a loaded tokenizer file) stores, completed with the defaults of
+    the keys added since it was written; None for a file without one."""
+    own = stored_config(obj)
+    return None if own is None else {**VQGANConfig().to_dict(), **own}
 
 
 def build_maskgit(cfg: dict, load_vqgan: bool = True, vqgan_ckpt: str | None = None) -> MaskGit:

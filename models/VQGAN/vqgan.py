@@ -29,6 +29,15 @@ class VQGANConfig(StrictConfig):
     enc_num_res_blocks: int = 2  # residual blocks per encoder stage (lab: 2)
     dec_num_res_blocks: int = 3  # residual blocks per decoder stage (lab: 3)
     codebook_norm: bool = False  # l2-normalised lookup (ViT-VQGAN): nearest code by cosine (lab: False)
+    # GroupNorm: at least this many channels per group. 1 is the lab's rule (32 groups where the channels
+    # allow, else gcd(32, C)); the lab's 128+ channels get 4+ per group either way, but a 16- or 32-channel
+    # stage of a small config gets one channel per group: an instance norm, which erases each image's
+    # per-channel mean and contrast. N > 1 halves the group count until every group has N channels.
+    norm_group_channels: int = 1
+
+    def __post_init__(self):
+        if self.norm_group_channels < 1:
+            raise ValueError(f"norm_group_channels must be >= 1, got {self.norm_group_channels}")
 
     @property
     def num_downsamplings(self) -> int:
@@ -39,16 +48,20 @@ class VQGANConfig(StrictConfig):
         return int(math.log2(ratio))
 
 
-def _groups(c: int) -> int:
-    return 32 if c % 32 == 0 else math.gcd(32, c)
+def _groups(c: int, min_channels: int = 1) -> int:
+    g = 32 if c % 32 == 0 else math.gcd(32, c)  # a power of two that divides c
+    while g > 1 and c // g < min_channels:
+        g //= 2
+    return g
 
 
 class GroupNorm(nn.Module):
     """GroupNorm wrapper; the attribute name ``gn`` is part of the lab's state_dict layout."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, min_group_channels: int = 1):
         super().__init__()
-        self.gn = nn.GroupNorm(num_groups=_groups(channels), num_channels=channels, eps=1e-6, affine=True)
+        self.gn = nn.GroupNorm(num_groups=_groups(channels, min_group_channels), num_channels=channels, eps=1e-6,
+                               affine=True)
 
     def forward(self, x):
         if x.dtype in (torch.bfloat16, torch.float16) and torch.is_autocast_enabled(x.device.type):
@@ -67,11 +80,12 @@ class Swish(nn.Module):
 
 
 class ResidualBlock(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int):
+    def __init__(self, in_channels: int, out_channels: int, min_group_channels: int = 1):
         super().__init__()
+        m = min_group_channels
         self.block = nn.Sequential(
-            GroupNorm(in_channels), Swish(), nn.Conv2d(in_channels, out_channels, 3, 1, 1),
-            GroupNorm(out_channels), Swish(), nn.Conv2d(out_channels, out_channels, 3, 1, 1),
+            GroupNorm(in_channels, m), Swish(), nn.Conv2d(in_channels, out_channels, 3, 1, 1),
+            GroupNorm(out_channels, m), Swish(), nn.Conv2d(out_channels, out_channels, 3, 1, 1),
         )
         if in_channels != out_channels:
             self.channel_up = nn.Conv2d(in_channels, out_channels, 1, 1, 0)
@@ -102,9 +116,9 @@ class UpSampleBlock(nn.Module):
 class NonLocalBlock(nn.Module):
     """Single-head spatial self-attention with a residual connection."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, min_group_channels: int = 1):
         super().__init__()
-        self.norm = GroupNorm(channels)
+        self.norm = GroupNorm(channels, min_group_channels)
         self.q = nn.Conv2d(channels, channels, 1, 1, 0)
         self.k = nn.Conv2d(channels, channels, 1, 1, 0)
         self.v = nn.Conv2d(channels, channels, 1, 1, 0)
@@ -148,17 +162,18 @@ class Encoder(nn.Module):
         super().__init__()
         ch = list(cfg.enc_channels)
         down = _encoder_down_stages(ch, cfg.num_downsamplings)
+        m = cfg.norm_group_channels
         layers = [nn.Conv2d(cfg.image_channels, ch[0], 3, 1, 1)]
         for i in range(len(ch) - 1):
             c_in, c_out = ch[i], ch[i + 1]
             for _ in range(cfg.enc_num_res_blocks):
-                layers.append(ResidualBlock(c_in, c_out))
+                layers.append(ResidualBlock(c_in, c_out, m))
                 c_in = c_out
             if i in down:
                 layers.append(DownSampleBlock(c_out))
         c = ch[-1]
-        layers += [ResidualBlock(c, c), NonLocalBlock(c), ResidualBlock(c, c),
-                   GroupNorm(c), Swish(), nn.Conv2d(c, cfg.latent_dim, 3, 1, 1)]
+        layers += [ResidualBlock(c, c, m), NonLocalBlock(c, m), ResidualBlock(c, c, m),
+                   GroupNorm(c, m), Swish(), nn.Conv2d(c, cfg.latent_dim, 3, 1, 1)]
         self.model = nn.Sequential(*layers)
 
     def forward(self, x):
@@ -171,18 +186,18 @@ class Decoder(nn.Module):
         ch = list(reversed(cfg.dec_channels))  # lab: [512, 256, 256, 128, 128]
         up = _decoder_up_stages(ch, cfg.num_downsamplings)
         first_up = min(up) if up else len(ch)
-        c_in = ch[0]
+        c_in, m = ch[0], cfg.norm_group_channels
         layers = [nn.Conv2d(cfg.latent_dim, c_in, 3, 1, 1),
-                  ResidualBlock(c_in, c_in), NonLocalBlock(c_in), ResidualBlock(c_in, c_in)]
+                  ResidualBlock(c_in, c_in, m), NonLocalBlock(c_in, m), ResidualBlock(c_in, c_in, m)]
         for i, c_out in enumerate(ch):
             for _ in range(cfg.dec_num_res_blocks):
-                layers.append(ResidualBlock(c_in, c_out))
+                layers.append(ResidualBlock(c_in, c_out, m))
                 c_in = c_out
                 if i <= first_up:  # still at latent resolution: attention after every block
-                    layers.append(NonLocalBlock(c_in))
+                    layers.append(NonLocalBlock(c_in, m))
             if i in up:
                 layers.append(UpSampleBlock(c_in))
-        layers += [GroupNorm(c_in), nn.Conv2d(c_in, cfg.image_channels, 3, 1, 1)]
+        layers += [GroupNorm(c_in, m), nn.Conv2d(c_in, cfg.image_channels, 3, 1, 1)]
         self.model = nn.Sequential(*layers)
 
     def forward(self, z):

@@ -135,7 +135,8 @@ def test_norm_group_channels_sets_the_groups_and_keeps_the_layout():
 def test_a_tokenizer_file_from_before_norm_group_channels_reads_as_its_default(tmp_path):
     """A vqgan.pt written before the key existed stores no norm_group_channels: it reads back with
     the default (the behaviour it was trained with), equal to the same YAML's config today, so the
-    transformer's trainer sees no difference to report."""
+    transformer's trainer sees no difference to report. A file whose stored config differs in a key
+    that keeps the layout (norm_group_channels, codebook_norm) is refused by a tokenizer built otherwise."""
     from utils.build import tokenizer_file_config
     from utils.checkpoint import lab_state_dict
     small = load_vqgan_config(os.path.join(ROOT, "models", "VQGAN", "config", "VQGAN_small.yml")).to_dict()
@@ -145,6 +146,18 @@ def test_a_tokenizer_file_from_before_norm_group_channels_reads_as_its_default(t
     new = {**small, "norm_group_channels": 4}
     torch.save(lab_state_dict(VQGAN(new), new), tmp_path / "vqgan4.pt")
     assert tokenizer_file_config(str(tmp_path / "vqgan4.pt")) == new
+    # the same layout, another computation: loading it into the YAML's tokenizer is refused, naming the key
+    load_vqgan_weights(VQGAN(new), str(tmp_path / "vqgan4.pt"))
+    load_vqgan_weights(VQGAN(small), str(tmp_path / "vqgan.pt"))
+    from models.convert import CheckpointLayoutError
+    with pytest.raises(CheckpointLayoutError, match=r"vqgan4.pt was trained with .*norm_group_channels \(4 in the file, 1 here\)"):
+        load_vqgan_weights(VQGAN(small), str(tmp_path / "vqgan4.pt"))
+    cos = {**small, "codebook_norm": True}
+    torch.save(lab_state_dict(VQGAN(cos), cos), tmp_path / "vqgan_cos.pt")
+    with pytest.raises(CheckpointLayoutError, match=r"codebook_norm \(True in the file, False here\)"):
+        load_vqgan_weights(VQGAN(small), str(tmp_path / "vqgan_cos.pt"))
+    torch.save(dict(VQGAN(new).state_dict()), tmp_path / "bare.pt")  # no stored config (the lab's VQGAN.pt): trusted
+    load_vqgan_weights(VQGAN(small), str(tmp_path / "bare.pt"))
 
 
 @pytest.mark.gpu

@@ -18,6 +18,10 @@ VQGAN_HINT = ("put the lab's VQGAN.pt there, or pass --vqgan-ckpt PATH together 
               "bundled tokenizer (see the README's model zoo) or train one with train_vqgan.py")
 
 
+# tokenizer config keys that change what the weights compute without changing the state_dict layout
+SILENT_VQGAN_KEYS = ("codebook_norm", "norm_group_channels")
+
+
 def load_vqgan_weights(vqgan: torch.nn.Module, path: str) -> None:
     """Load a VQGAN state_dict (the lab's raw fp32 dict, or ours, fp16 allowed) with strict=True."""
     path = resolve_path(path)
@@ -27,8 +31,16 @@ def load_vqgan_weights(vqgan: torch.nn.Module, path: str) -> None:
     sd = unwrap_state_dict(raw)
     sd = {k[len("vqgan."):] if k.startswith("vqgan.") else k: v for k, v in sd.items()}
     problem = describe_mismatch(vqgan.state_dict(), sd)
+    own = vqgan_file_config(raw)
+    if not problem and own is not None and hasattr(vqgan, "cfg"):  # keys that change the computation, not the layout
+        silent = [f"{k} ({own[k]!r} in the file, {getattr(vqgan.cfg, k)!r} here)" for k in SILENT_VQGAN_KEYS
+                  if own[k] != getattr(vqgan.cfg, k)]
+        if silent:
+            raise CheckpointLayoutError(f"VQGAN checkpoint {path} was trained with another config than this tokenizer's "
+                                        f"in {', '.join(silent)}: its weights would load but compute something else; "
+                                        f"use a tokenizer YAML with the values the file stores")
     if problem:
-        own, note = vqgan_file_config(raw), ""
+        note = ""
         if own is not None and hasattr(vqgan, "cfg"):  # a file of ours names the architecture it was trained as
             want = vqgan.cfg.to_dict()
             diff = [f"{k} ({own.get(k)!r} in the file, {want.get(k)!r} here)" for k in config_diff(own, want)]

@@ -15,6 +15,7 @@ be fetched offline, and an ImageNet network in the loss would game FID.
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -28,7 +29,7 @@ from tqdm import tqdm
 from models import VQGAN
 from models.VQGAN.discriminator import PatchDiscriminator, d_loss_fn, feature_matching_loss, g_loss_fn, r1_penalty
 from models.VQGAN.training import EMACodebook, LeCam, kmeans, restart_dead_codes, ssim_loss
-from utils.build import load_vqgan_weights
+from utils.build import SILENT_VQGAN_KEYS, load_vqgan_weights
 from utils.checkpoint import atomic_save, half_state_dict, lab_state_dict, load_checkpoint
 from utils.cli import ArgumentParser, Interrupted, UserError, run_cli
 from utils.config import ConfigError, apply_overrides, load_vqgan_config
@@ -184,7 +185,10 @@ def build(args, raw_cfg: dict, device) -> Stage1:
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{args.config}: {e}") from e
     if args.init and not args.resume:
-        load_vqgan_weights(model, args.init)
+        # a fine-tune may change the norm groups on purpose; with the decoder alone only its own (tokens kept)
+        may = ("dec_norm_group_channels",) if args.train_part == "decoder" else SILENT_VQGAN_KEYS
+        for line in load_vqgan_weights(model, args.init, may_differ=may):
+            logging.getLogger("maskgit").info("--init: the config differs from the file's in %s", line)
     if args.train_part == "decoder":  # tokens fixed: only post_quant_conv and the decoder learn
         for part in (model.encoder, model.quant_conv, model.codebook):
             part.requires_grad_(False)

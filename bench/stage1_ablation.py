@@ -72,7 +72,7 @@ VARIANTS.update({
     "recipe_dec_res2": RECIPE + ["--set", "dec_num_res_blocks=*2"],
     "recipe_wide1.5x": RECIPE + ["--set", "enc_channels=*1.5", "--set", "dec_channels=*1.5"],
     "recipe_lr8e-4": RECIPE + ["--learning-rate", "8e-4"],
-    "recipe_gn4": RECIPE + ["--set", "norm_group_channels=4"],
+    "recipe_gn4": RECIPE + ["--set", "enc_norm_group_channels=4", "--set", "dec_norm_group_channels=4"],
 })
 
 

@@ -336,6 +336,37 @@ def test_decoder_finetune_keeps_every_token_and_lowers_the_loss(tiny_world, tmp_
         _run(tiny_world, tmp_path / "b", "--steps", "50", "--resume")
 
 
+def test_decoder_finetune_may_change_the_decoders_norm_groups_only(tiny_world, tmp_path):
+    """--train-part decoder with --set dec_norm_group_channels=4 from a file trained with 1: the
+    change is logged, the tokens stay bit-identical, the new file stores 4; changing the encoder's
+    groups under --train-part decoder would change the tokens and is refused."""
+    from models.convert import CheckpointLayoutError
+    from utils.build import tokenizer_file_config
+    from utils.data import load_image_stack, uint8_to_normalized
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    _run(tiny_world, tmp_path / "a", "--steps", "20")
+    init = str(tmp_path / "a" / "vq" / "vqgan.pt")
+    _run(tiny_world, tmp_path / "b", "--steps", "20", "--init", init, "--train-part", "decoder",
+         "--set", "dec_norm_group_channels=4")
+    out = str(tmp_path / "b" / "vq" / "vqgan.pt")
+    assert tokenizer_file_config(out)["dec_norm_group_channels"] == 4
+    log = (tmp_path / "b" / "vq" / "train_vqgan.log").read_text()
+    assert f"--init: the config differs from the file's in dec_norm_group_channels: 1 in {init}, 4 here" in log
+    x = uint8_to_normalized(load_image_stack(tiny_world["train"], 16, progress=False))
+    m0, m1 = VQGAN(TINY_VQ).eval(), VQGAN({**TINY_VQ, "dec_norm_group_channels": 4}).eval()
+    m0.load_state_dict(torch.load(init, weights_only=True))
+    m1.load_state_dict(torch.load(out, weights_only=True))
+    assert [g.num_groups for g in m0.decoder.modules() if isinstance(g, torch.nn.GroupNorm)] != \
+        [g.num_groups for g in m1.decoder.modules() if isinstance(g, torch.nn.GroupNorm)]
+    with torch.no_grad():
+        assert torch.equal(m0.encode_indices(x), m1.encode_indices(x))
+    (tmp_path / "c").mkdir()
+    with pytest.raises(CheckpointLayoutError, match=r"enc_norm_group_channels \(1 in the file, 4 here\)"):
+        _run(tiny_world, tmp_path / "c", "--steps", "20", "--init", init, "--train-part", "decoder",
+             "--set", "enc_norm_group_channels=4")
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--train-part", "decoder"], "--init PATH"),
     (["--train-part", "decoder", "--init", "X", "--kmeans-init", "--ema-codebook", "0.9"],

@@ -113,7 +113,8 @@ def test_norm_group_channels_sets_the_groups_and_keeps_the_layout():
     assert [_groups(c, 4) for c in (16, 24, 32, 64)] == [4, 4, 8, 16]
     assert [_groups(c, 3) for c in (16, 24, 48)] == [4, 8, 16]  # powers of two that divide C
     small = load_vqgan_config(os.path.join(ROOT, "models", "VQGAN", "config", "VQGAN_small.yml")).to_dict()
-    one, four = VQGAN(small), VQGAN({**small, "norm_group_channels": 4})
+    one = VQGAN(small)
+    four = VQGAN({**small, "enc_norm_group_channels": 4, "dec_norm_group_channels": 4})
     assert {k: v.shape for k, v in one.state_dict().items()} == {k: v.shape for k, v in four.state_dict().items()}
     per_group = {m.gn.num_channels // m.gn.num_groups for m in four.modules() if isinstance(m, GroupNorm)}
     assert min(per_group) == 4 and min(m.gn.num_channels // m.gn.num_groups
@@ -128,29 +129,37 @@ def test_norm_group_channels_sets_the_groups_and_keeps_the_layout():
         gn.gn.bias.normal_()
     assert gn.gn.num_groups == 8
     torch.testing.assert_close(gn(x).double(), _groupnorm_closed_form(gn, x), atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match="norm_group_channels must be >= 1"):
-        VQGANConfig(norm_group_channels=0)
+    for k in ("enc_norm_group_channels", "dec_norm_group_channels"):
+        with pytest.raises(ValueError, match=f"{k} must be >= 1"):
+            VQGANConfig(**{k: 0})
+    dec_only = VQGAN({**small, "dec_norm_group_channels": 4})  # the encoder keeps the lab's rule
+    assert [m.gn.num_groups for m in dec_only.encoder.modules() if isinstance(m, GroupNorm)] == \
+        [m.gn.num_groups for m in one.encoder.modules() if isinstance(m, GroupNorm)]
+    assert [m.gn.num_groups for m in dec_only.decoder.modules() if isinstance(m, GroupNorm)] == \
+        [m.gn.num_groups for m in four.decoder.modules() if isinstance(m, GroupNorm)]
 
 
 def test_a_tokenizer_file_from_before_norm_group_channels_reads_as_its_default(tmp_path):
-    """A vqgan.pt written before the key existed stores no norm_group_channels: it reads back with
+    """A vqgan.pt written before the keys existed stores no *_norm_group_channels: it reads back with
     the default (the behaviour it was trained with), equal to the same YAML's config today, so the
     transformer's trainer sees no difference to report. A file whose stored config differs in a key
-    that keeps the layout (norm_group_channels, codebook_norm) is refused by a tokenizer built otherwise."""
+    that keeps the layout (the norm groups, codebook_norm) is refused by a tokenizer built otherwise."""
     from utils.build import tokenizer_file_config
     from utils.checkpoint import lab_state_dict
     small = load_vqgan_config(os.path.join(ROOT, "models", "VQGAN", "config", "VQGAN_small.yml")).to_dict()
-    old = {k: v for k, v in small.items() if k != "norm_group_channels"}
+    old = {k: v for k, v in small.items() if not k.endswith("norm_group_channels")}
     torch.save(lab_state_dict(VQGAN(small), old), tmp_path / "vqgan.pt")
-    assert tokenizer_file_config(str(tmp_path / "vqgan.pt")) == small and small["norm_group_channels"] == 1
-    new = {**small, "norm_group_channels": 4}
+    assert tokenizer_file_config(str(tmp_path / "vqgan.pt")) == small and small["dec_norm_group_channels"] == 1
+    new = {**small, "dec_norm_group_channels": 4}
     torch.save(lab_state_dict(VQGAN(new), new), tmp_path / "vqgan4.pt")
     assert tokenizer_file_config(str(tmp_path / "vqgan4.pt")) == new
     # the same layout, another computation: loading it into the YAML's tokenizer is refused, naming the key
-    load_vqgan_weights(VQGAN(new), str(tmp_path / "vqgan4.pt"))
-    load_vqgan_weights(VQGAN(small), str(tmp_path / "vqgan.pt"))
+    assert load_vqgan_weights(VQGAN(new), str(tmp_path / "vqgan4.pt")) == []
+    assert load_vqgan_weights(VQGAN(small), str(tmp_path / "vqgan.pt")) == []
+    changed = load_vqgan_weights(VQGAN(small), str(tmp_path / "vqgan4.pt"), may_differ=("dec_norm_group_channels",))
+    assert changed == [f"dec_norm_group_channels: 4 in {tmp_path / 'vqgan4.pt'}, 1 here"]  # on purpose: said, not refused
     from models.convert import CheckpointLayoutError
-    with pytest.raises(CheckpointLayoutError, match=r"vqgan4.pt was trained with .*norm_group_channels \(4 in the file, 1 here\)"):
+    with pytest.raises(CheckpointLayoutError, match=r"vqgan4.pt was trained with .*dec_norm_group_channels \(4 in the file, 1 here\)"):
         load_vqgan_weights(VQGAN(small), str(tmp_path / "vqgan4.pt"))
     cos = {**small, "codebook_norm": True}
     torch.save(lab_state_dict(VQGAN(cos), cos), tmp_path / "vqgan_cos.pt")

@@ -19,11 +19,14 @@ VQGAN_HINT = ("put the lab's VQGAN.pt there, or pass --vqgan-ckpt PATH together 
 
 
 # tokenizer config keys that change what the weights compute without changing the state_dict layout
-SILENT_VQGAN_KEYS = ("codebook_norm", "norm_group_channels")
+SILENT_VQGAN_KEYS = ("codebook_norm", "enc_norm_group_channels", "dec_norm_group_channels")
 
 
-def load_vqgan_weights(vqgan: torch.nn.Module, path: str) -> None:
-    """Load a VQGAN state_dict (the lab's raw fp32 dict, or ours, fp16 allowed) with strict=True."""
+def load_vqgan_weights(vqgan: torch.nn.Module, path: str, may_differ: tuple = ()) -> list:
+    """Load a VQGAN state_dict (the lab's raw fp32 dict, or ours, fp16 allowed) with strict=True.
+    A file whose stored config differs from the tokenizer's in a key of SILENT_VQGAN_KEYS is refused
+    unless the key is in ``may_differ`` (a fine-tune that changes it on purpose); returns those
+    differences, one line each."""
     path = resolve_path(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"VQGAN checkpoint not found: {path}; {VQGAN_HINT}")
@@ -31,10 +34,10 @@ def load_vqgan_weights(vqgan: torch.nn.Module, path: str) -> None:
     sd = unwrap_state_dict(raw)
     sd = {k[len("vqgan."):] if k.startswith("vqgan.") else k: v for k, v in sd.items()}
     problem = describe_mismatch(vqgan.state_dict(), sd)
-    own = vqgan_file_config(raw)
+    own, changed = vqgan_file_config(raw), []
     if not problem and own is not None and hasattr(vqgan, "cfg"):  # keys that change the computation, not the layout
-        silent = [f"{k} ({own[k]!r} in the file, {getattr(vqgan.cfg, k)!r} here)" for k in SILENT_VQGAN_KEYS
-                  if own[k] != getattr(vqgan.cfg, k)]
+        changed = [k for k in SILENT_VQGAN_KEYS if own[k] != getattr(vqgan.cfg, k)]
+        silent = [f"{k} ({own[k]!r} in the file, {getattr(vqgan.cfg, k)!r} here)" for k in changed if k not in may_differ]
         if silent:
             raise CheckpointLayoutError(f"VQGAN checkpoint {path} was trained with another config than this tokenizer's "
                                         f"in {', '.join(silent)}: its weights would load but compute something else; "
@@ -49,6 +52,7 @@ def load_vqgan_weights(vqgan: torch.nn.Module, path: str) -> None:
                                     f"config it was trained with: the tokenizer YAML, which a MaskGit YAML names in "
                                     f"model_param.VQ_Configs.VQ_config_path): {problem}{note}")
     vqgan.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
+    return [f"{k}: {own[k]!r} in {path}, {getattr(vqgan.cfg, k)!r} here" for k in changed]
 
 
 def tokenizer_file_config(path: str) -> dict | None:

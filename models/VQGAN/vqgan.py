@@ -29,15 +29,18 @@ class VQGANConfig(StrictConfig):
     enc_num_res_blocks: int = 2  # residual blocks per encoder stage (lab: 2)
     dec_num_res_blocks: int = 3  # residual blocks per decoder stage (lab: 3)
     codebook_norm: bool = False  # l2-normalised lookup (ViT-VQGAN): nearest code by cosine (lab: False)
-    # GroupNorm: at least this many channels per group. 1 is the lab's rule (32 groups where the channels
-    # allow, else gcd(32, C)); the lab's 128+ channels get 4+ per group either way, but a 16- or 32-channel
-    # stage of a small config gets one channel per group: an instance norm, which erases each image's
-    # per-channel mean and contrast. N > 1 halves the group count until every group has N channels.
-    norm_group_channels: int = 1
+    # GroupNorm of the encoder / decoder: at least this many channels per group. 1 is the lab's rule (32
+    # groups where the channels allow, else gcd(32, C)); the lab's 128+ channels get 4+ per group either
+    # way, but a 16- or 32-channel stage of a small config gets one channel per group: an instance norm,
+    # which erases each image's per-channel mean and contrast (in the decoder's last norm, right before
+    # the output conv, nothing bypasses it). N > 1 halves the group count until every group has N channels.
+    enc_norm_group_channels: int = 1
+    dec_norm_group_channels: int = 1
 
     def __post_init__(self):
-        if self.norm_group_channels < 1:
-            raise ValueError(f"norm_group_channels must be >= 1, got {self.norm_group_channels}")
+        for k in ("enc_norm_group_channels", "dec_norm_group_channels"):
+            if getattr(self, k) < 1:
+                raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
 
     @property
     def num_downsamplings(self) -> int:
@@ -162,7 +165,7 @@ class Encoder(nn.Module):
         super().__init__()
         ch = list(cfg.enc_channels)
         down = _encoder_down_stages(ch, cfg.num_downsamplings)
-        m = cfg.norm_group_channels
+        m = cfg.enc_norm_group_channels
         layers = [nn.Conv2d(cfg.image_channels, ch[0], 3, 1, 1)]
         for i in range(len(ch) - 1):
             c_in, c_out = ch[i], ch[i + 1]
@@ -186,7 +189,7 @@ class Decoder(nn.Module):
         ch = list(reversed(cfg.dec_channels))  # lab: [512, 256, 256, 128, 128]
         up = _decoder_up_stages(ch, cfg.num_downsamplings)
         first_up = min(up) if up else len(ch)
-        c_in, m = ch[0], cfg.norm_group_channels
+        c_in, m = ch[0], cfg.dec_norm_group_channels
         layers = [nn.Conv2d(cfg.latent_dim, c_in, 3, 1, 1),
                   ResidualBlock(c_in, c_in, m), NonLocalBlock(c_in, m), ResidualBlock(c_in, c_in, m)]
         for i, c_out in enumerate(ch):

@@ -50,8 +50,8 @@
 # recipe's own steps), to check this script.
 set -uo pipefail
 # run at H100 scale in session 10: base, ema_codebook_ssim1, ema_codebook_ssim1_gan_fm (the recipe; README).
-# Next: the GAN without feature matching (what FM adds), R1 on top of the recipe's GAN, SSIM 0.5
-ABL_DEFAULT=ema_codebook_ssim1_gan,ema_codebook_ssim1_gan_r1,ema_codebook_ssim
+# Next (session 15's CPU ablation, README): the recipe beside 4-channel norm groups and a 1.5x decoder, paired
+ABL_DEFAULT=ema_codebook_ssim1_gan_fm,recipe_gn4,recipe_dec1.5x
 cd "$(dirname "$0")/.."
 USAGE="usage: gpu_session.sh pack | speed|pipe|dec|speed-abl|abl OUT [MINUTES|SECONDS|VARIANTS] | score|score-abl FILES [DIR]"
 PART=${1:?$USAGE}

@@ -63,7 +63,7 @@ VARIANTS = {
     "ema_codebook_ssim1_gan_r1": ["--ema-codebook", "0.99", "--kmeans-init", "--ssim-weight", "1.0",
                                   "--disc-start-frac", "0.6", "--disc-weight", "0.1", "--r1-weight", "0.1"],
 }
-# capacity and step size on top of the recipe (ema_codebook_ssim1_gan_fm). ``KEY=*F`` scales the scale's
+# capacity, step size and norm groups on top of the recipe (ema_codebook_ssim1_gan_fm). ``KEY=*F`` scales the scale's
 # own value of a config key by F (so one variant means the same at both scales: a decoder twice as wide)
 RECIPE = VARIANTS["ema_codebook_ssim1_gan_fm"]
 VARIANTS.update({
@@ -73,6 +73,8 @@ VARIANTS.update({
     "recipe_wide1.5x": RECIPE + ["--set", "enc_channels=*1.5", "--set", "dec_channels=*1.5"],
     "recipe_lr8e-4": RECIPE + ["--learning-rate", "8e-4"],
     "recipe_gn4": RECIPE + ["--set", "enc_norm_group_channels=4", "--set", "dec_norm_group_channels=4"],
+    "recipe_dec1.5x_gn4": RECIPE + ["--set", "dec_channels=*1.5", "--set", "enc_norm_group_channels=4",
+                                    "--set", "dec_norm_group_channels=4"],
 })
 
 

@@ -27,7 +27,7 @@ import torch  # noqa: E402
 
 from utils.build import BUNDLED_CONFIG, build_maskgit, load_transformer_checkpoint, load_vqgan_weights  # noqa: E402
 from models.convert import CheckpointLayoutError  # noqa: E402
-from utils.checkpoint import CONFIG_KEY, CheckpointError, atomic_write, half_state_dict, load_checkpoint  # noqa: E402
+from utils.checkpoint import CheckpointError, atomic_write, half_state_dict, load_checkpoint, stored_config  # noqa: E402
 from utils.cli import UserError, run_cli  # noqa: E402
 from utils.config import REPO_ROOT, load_maskgit_config  # noqa: E402
 
@@ -48,9 +48,8 @@ def point_at_tokenizer(sd: dict, vqgan_path: str) -> None:
     """Make the config ``sd`` stores (if any) name ``vqgan_path`` as its tokenizer file
     (``model_param.VQ_Configs.VQ_CKPT_path``): a pipeline run's transformer names the vqgan.pt of
     its run folder, which is not where the bundled pair lives."""
-    entry = (getattr(sd, "_metadata", None) or {}).get(CONFIG_KEY)
-    cfg = entry.get("config") if isinstance(entry, dict) else None
-    if isinstance(cfg, dict) and isinstance(cfg.get("model_param"), dict):
+    cfg = stored_config(sd)  # the dict inside sd, changed in place
+    if cfg is not None and isinstance(cfg.get("model_param"), dict):
         cfg["model_param"]["VQ_Configs"] = {**(cfg["model_param"].get("VQ_Configs") or {}), "VQ_CKPT_path": vqgan_path}
 
 

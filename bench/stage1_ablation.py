@@ -75,6 +75,8 @@ VARIANTS.update({
     "recipe_gn4": RECIPE + ["--set", "enc_norm_group_channels=4", "--set", "dec_norm_group_channels=4"],
     "recipe_dec1.5x_gn4": RECIPE + ["--set", "dec_channels=*1.5", "--set", "enc_norm_group_channels=4",
                                     "--set", "dec_norm_group_channels=4"],
+    # which part's groups: the 1.5x decoder with 4-channel groups in the decoder only (the encoder's as the recipe's)
+    "recipe_dec1.5x_gn4dec": RECIPE + ["--set", "dec_channels=*1.5", "--set", "dec_norm_group_channels=4"],
 })
 
 
@@ -100,7 +102,7 @@ def run_variant(name: str, extra: list, scale: dict, args, held_out: tuple) -> d
     cmd = [sys.executable, "train_vqgan.py", "--data", os.path.join(args.data, "train"),
            "--val-data", os.path.join(args.data, "val"), "--config", scale["config"], "--out-dir", out,
            "--steps", str(args.steps or scale["steps"]), "--batch-size", str(scale["batch"]), "--device", args.device,
-           "--eval-every", "100000", "--ckpt-every", "100", "--no-progress", *BASE]
+           "--eval-every", "100000", "--ckpt-every", "100", "--no-progress", "--seed", str(args.seed), *BASE]
     if os.path.exists(os.path.join(out, "last.pt")):
         cmd.append("--resume")
     base_cfg = load_vqgan_config(os.path.join(REPO, scale["config"])).to_dict()
@@ -119,7 +121,7 @@ def run_variant(name: str, extra: list, scale: dict, args, held_out: tuple) -> d
     p = reconstruct_images(model, src, names, rec_dir, args.device)
     return {"variant": name, "options": " ".join(extra) or "(base recipe)", "steps": args.steps or scale["steps"],
             "eval_set": args.eval_set, "psnr": round(p, 2), "fid": recon_fid(rec_dir, src, args.device),
-            "train_s": round(train_s)}
+            "train_s": round(train_s), **({"seed": args.seed} if args.seed else {})}
 
 
 def eval_images(args) -> tuple:
@@ -181,6 +183,9 @@ def main(argv=None):
                    help="held-out images to score: val images never in train (default; choose the recipe here) "
                         "or the recovered test originals (a report)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0,
+                   help="train_vqgan.py's seed for every variant (one thread on the CPU repeats a run exactly; "
+                        "another seed shows how far a result moves by chance)")
     p.add_argument("--out", default="bench/results/stage1_ablation")
     p.add_argument("--rescore", action="store_true",
                    help="train nothing: score the FIDs left out by a machine without the FID Inception weights")

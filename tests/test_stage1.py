@@ -506,3 +506,25 @@ def test_ablation_scaled_option_is_relative_to_each_scale(tmp_path, monkeypatch)
     assert r["options"].endswith("--set dec_channels=*2") and 5 < r["psnr"] < 60
     cfg = tokenizer_file_config(os.path.join(out, "recipe_dec2x", "vqgan.pt"))
     assert cfg["dec_channels"] == [32, 64, 128] and cfg["enc_channels"] == [16, 32, 64] and cfg["latent_dim"] == 32
+
+
+def test_ablation_seed_reaches_the_trainer_and_repeats_a_run(tmp_path, monkeypatch):
+    """--seed is train_vqgan.py's seed: another seed trains other weights, the same seed the same ones
+    (one thread), and a row not of seed 0 says its seed."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "bench"))
+    import stage1_ablation
+
+    def no_weights(dims):  # PSNR only: the FID is not what this checks
+        raise FileNotFoundError("no FID Inception weights found")
+
+    monkeypatch.setattr(stage1_ablation, "get_model", no_weights)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    world = make_world(tmp_path / "w", n_train=40, n_val=8)
+    argv = ["--steps", "2", "--variants", "base", "--data", world["root"], "--gt", world["gt"]]
+    (r0,) = stage1_ablation.main(argv + ["--out", str(tmp_path / "s0")])
+    (r1,) = stage1_ablation.main(argv + ["--out", str(tmp_path / "s1"), "--seed", "1"])
+    (again,) = stage1_ablation.main(argv + ["--out", str(tmp_path / "s1_again"), "--seed", "1"])
+    assert "seed" not in r0 and r1["seed"] == 1
+    assert r0["psnr"] != r1["psnr"] and again["psnr"] == r1["psnr"]
+    w1, w2 = (torch.load(tmp_path / d / "base" / "vqgan.pt", weights_only=True) for d in ("s1", "s1_again"))
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)

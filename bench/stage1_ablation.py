@@ -95,10 +95,16 @@ def scale_sets(sets: list, base: dict) -> list:
     return out
 
 
+def run_name(variant: str, seed: int = 0) -> str:
+    """A run's folder under --out and its row's name: the variant, with its seed unless 0 (so two
+    seeds of one variant neither share a folder, resuming each other's run, nor count as done)."""
+    return f"{variant}_seed{seed}" if seed else variant
+
+
 def run_variant(name: str, extra: list, scale: dict, args, held_out: tuple) -> dict:
     """Train one variant (resuming a run that was cut off) and score it on ``held_out``, the
     (folder, names) of :func:`eval_images`."""
-    out = os.path.join(args.out, name)
+    out = os.path.join(args.out, run_name(name, args.seed))
     cmd = [sys.executable, "train_vqgan.py", "--data", os.path.join(args.data, "train"),
            "--val-data", os.path.join(args.data, "val"), "--config", scale["config"], "--out-dir", out,
            "--steps", str(args.steps or scale["steps"]), "--batch-size", str(scale["batch"]), "--device", args.device,
@@ -154,7 +160,7 @@ def rescore(results: list, args) -> None:
     folders (recon_test in results of older versions, which scored only the test originals)."""
     for r in results:
         eval_set = r.get("eval_set", "test")
-        rec_dir = os.path.join(args.out, r["variant"], "recon" if "eval_set" in r else "recon_test")
+        rec_dir = os.path.join(args.out, run_name(r["variant"], r.get("seed", 0)), "recon" if "eval_set" in r else "recon_test")
         if r["fid"] is None and os.path.isdir(rec_dir):
             r["fid"] = recon_fid(rec_dir, eval_folder(args, eval_set), args.device)
             print(json.dumps(r), flush=True)
@@ -166,7 +172,7 @@ def write_table(results: list, path: str, scale_name: str) -> None:
     lines = [f"| variant ({scale_name} scale, {steps} steps each) | options | PSNR (dB) | recon FID ({sets}) "
              "| train s |",
              "|---|---|---|---|---|"]
-    lines += [f"| {r['variant']} | `{r['options']}` | {r['psnr']:.2f} | "
+    lines += [f"| {run_name(r['variant'], r.get('seed', 0))} | `{r['options']}` | {r['psnr']:.2f} | "
               f"{'n/a' if r['fid'] is None else format(r['fid'], '.2f')} | {r['train_s']} |" for r in results]
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -201,7 +207,7 @@ def main(argv=None):
     if other and not args.rescore:
         p.error(f"{res_path} holds variants scored on {', '.join(other)}, not --eval-set {args.eval_set}: "
                 f"give another --out (or the same --eval-set) so the table compares like with like")
-    done = {r["variant"] for r in results}
+    done = {run_name(r["variant"], r.get("seed", 0)) for r in results}
 
     def save():
         with open(res_path, "w") as f:
@@ -210,7 +216,7 @@ def main(argv=None):
 
     held_out = None  # read once (unseen_indices decodes every train and val image), and only if a variant runs
     for name in () if args.rescore else args.variants.split(","):
-        if name in done:
+        if run_name(name, args.seed) in done:
             continue
         held_out = held_out or eval_images(args)
         r = run_variant(name, VARIANTS[name], scale, args, held_out)

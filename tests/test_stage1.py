@@ -509,8 +509,9 @@ def test_ablation_scaled_option_is_relative_to_each_scale(tmp_path, monkeypatch)
 
 
 def test_ablation_seed_reaches_the_trainer_and_repeats_a_run(tmp_path, monkeypatch):
-    """--seed is train_vqgan.py's seed: another seed trains other weights, the same seed the same ones
-    (one thread), and a row not of seed 0 says its seed."""
+    """--seed is train_vqgan.py's seed: another seed trains other weights (in its own folder of the
+    same --out, not resuming seed 0's run nor skipped as done), the same seed the same ones (one
+    thread), and a row not of seed 0 says its seed."""
     monkeypatch.syspath_prepend(os.path.join(ROOT, "bench"))
     import stage1_ablation
 
@@ -520,11 +521,14 @@ def test_ablation_seed_reaches_the_trainer_and_repeats_a_run(tmp_path, monkeypat
     monkeypatch.setattr(stage1_ablation, "get_model", no_weights)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     world = make_world(tmp_path / "w", n_train=40, n_val=8)
-    argv = ["--steps", "2", "--variants", "base", "--data", world["root"], "--gt", world["gt"]]
-    (r0,) = stage1_ablation.main(argv + ["--out", str(tmp_path / "s0")])
-    (r1,) = stage1_ablation.main(argv + ["--out", str(tmp_path / "s1"), "--seed", "1"])
-    (again,) = stage1_ablation.main(argv + ["--out", str(tmp_path / "s1_again"), "--seed", "1"])
-    assert "seed" not in r0 and r1["seed"] == 1
+    out = tmp_path / "abl"
+    argv = ["--steps", "2", "--variants", "base", "--data", world["root"], "--gt", world["gt"], "--out", str(out)]
+    (r0,) = stage1_ablation.main(argv)
+    r0_, r1 = stage1_ablation.main(argv + ["--seed", "1"])
+    (again,) = stage1_ablation.main(argv[:-1] + [str(tmp_path / "again"), "--seed", "1"])
+    assert r0_ == r0 and "seed" not in r0 and r1["seed"] == 1
     assert r0["psnr"] != r1["psnr"] and again["psnr"] == r1["psnr"]
-    w1, w2 = (torch.load(tmp_path / d / "base" / "vqgan.pt", weights_only=True) for d in ("s1", "s1_again"))
-    assert all(torch.equal(w1[k], w2[k]) for k in w1)
+    assert "| base_seed1 |" in open(out / "results.md").read()
+    w0, w1, w2 = (torch.load(d / "vqgan.pt", weights_only=True)
+                  for d in (out / "base", out / "base_seed1", tmp_path / "again" / "base_seed1"))
+    assert all(torch.equal(w1[k], w2[k]) for k in w1) and not all(torch.equal(w0[k], w1[k]) for k in w0)

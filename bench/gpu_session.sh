@@ -50,8 +50,8 @@
 # recipe's own steps), to check this script.
 set -uo pipefail
 # run at H100 scale in session 10: base, ema_codebook_ssim1, ema_codebook_ssim1_gan_fm (the recipe; README).
-# Next (session 15's CPU ablation, README): the recipe beside 4-channel norm groups, alone and with a 1.5x decoder
-ABL_DEFAULT=ema_codebook_ssim1_gan_fm,recipe_gn4,recipe_dec1.5x_gn4
+# Next (sessions 15-16, CPU ablation, README): the recipe beside the 1.5x decoder, without and with 4-channel norm groups
+ABL_DEFAULT=ema_codebook_ssim1_gan_fm,recipe_dec1.5x,recipe_dec1.5x_gn4
 cd "$(dirname "$0")/.."
 USAGE="usage: gpu_session.sh pack | speed|pipe|dec|speed-abl|abl OUT [MINUTES|SECONDS|VARIANTS] | score|score-abl FILES [DIR]"
 PART=${1:?$USAGE}

@@ -160,7 +160,8 @@ def rescore(results: list, args) -> None:
     folders (recon_test in results of older versions, which scored only the test originals)."""
     for r in results:
         eval_set = r.get("eval_set", "test")
-        rec_dir = os.path.join(args.out, run_name(r["variant"], r.get("seed", 0)), "recon" if "eval_set" in r else "recon_test")
+        rec_dir = os.path.join(args.out, run_name(r["variant"], r.get("seed", 0)),
+                               "recon" if "eval_set" in r else "recon_test")
         if r["fid"] is None and os.path.isdir(rec_dir):
             r["fid"] = recon_fid(rec_dir, eval_folder(args, eval_set), args.device)
             print(json.dumps(r), flush=True)

@@ -37,11 +37,12 @@ def load_vqgan_weights(vqgan: torch.nn.Module, path: str, may_differ: tuple = ()
     own, changed = vqgan_file_config(raw), []
     if not problem and own is not None and hasattr(vqgan, "cfg"):  # keys that change the computation, not the layout
         changed = [k for k in SILENT_VQGAN_KEYS if own[k] != getattr(vqgan.cfg, k)]
-        silent = [f"{k} ({own[k]!r} in the file, {getattr(vqgan.cfg, k)!r} here)" for k in changed if k not in may_differ]
+        silent = [f"{k} ({own[k]!r} in the file, {getattr(vqgan.cfg, k)!r} here)"
+                  for k in changed if k not in may_differ]
         if silent:
-            raise CheckpointLayoutError(f"VQGAN checkpoint {path} was trained with another config than this tokenizer's "
-                                        f"in {', '.join(silent)}: its weights would load but compute something else; "
-                                        f"use a tokenizer YAML with the values the file stores")
+            raise CheckpointLayoutError(f"VQGAN checkpoint {path} was trained with another config than this "
+                                        f"tokenizer's in {', '.join(silent)}: its weights would load but compute "
+                                        f"something else; use a tokenizer YAML with the values the file stores")
     if problem:
         note = ""
         if own is not None and hasattr(vqgan, "cfg"):  # a file of ours names the architecture it was trained as

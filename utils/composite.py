@@ -23,9 +23,9 @@ def fill_holes(x: torch.Tensor, pixel_mask: torch.Tensor, smooth_iters: int = 30
     Push-pull: averages of the known pixels over 2x2, 4x4, ... blocks fill the holes coarse to
     fine, then ``smooth_iters`` Jacobi steps of the 3x3 mean (centre included) smooth the filled
     values; their fixed point is harmonic for the 8-neighbour Laplacian (each hole pixel the mean of
-    its 8 neighbours), which the fill approaches as iters grows. Why: the VQGAN encoder sees past each 4x4 patch,
-    so gray holes change the codes of the known tokens around them (on the lab's test images
-    40% of the known tokens get another code than the original's; 18% after this fill).
+    its 8 neighbours), which the fill approaches as iters grows. Why: the VQGAN encoder sees past
+    each 4x4 patch, so gray holes change the codes of the known tokens around them (on the lab's
+    test images 40% of the known tokens get another code than the original's; 18% after this fill).
     """
     known = pixel_mask.to(x.dtype)
     levels, xs, ws = [], x * known, known

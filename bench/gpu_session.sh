@@ -57,6 +57,11 @@ USAGE="usage: gpu_session.sh pack | speed|pipe|dec|speed-abl|abl OUT [MINUTES|SE
 PART=${1:?$USAGE}
 RECIPE=${RECIPE:-config/pipeline.yml}
 PACK=.devdata/lab3_data.tar.xz
+PART_BYTES=${PART_BYTES:-15000000}
+fetched() {  # fetched FILES DIR NAME: FILES/NAME, or DIR/NAME joined from FILES/NAME.part_* (what pack() split)
+  if [ -f "$1/$3" ] || [ ! -f "$1/$3.part_aa" ]; then echo "$1/$3"; return; fi
+  cat "$1/$3".part_* >"$2/$3" && echo "$2/$3"
+}
 
 case "$PART" in
   pack)
@@ -68,15 +73,18 @@ case "$PART" in
   score)
     FILES=${2:?$USAGE}; DIR=${3:-runs/gpu_session}
     mkdir -p "$DIR"
-    for f in results images_lab images_composited; do tar -xzf "$FILES/$f.tgz" -C "$DIR" || exit; done
-    cp "$FILES/vqgan.pt" "$DIR/pipeline/tokenizer/vqgan.pt" || exit
+    for f in results images_lab images_composited; do tar -xzf "$(fetched "$FILES" "$DIR" "$f.tgz")" -C "$DIR" || exit; done
+    cp "$(fetched "$FILES" "$DIR" vqgan.pt)" "$DIR/pipeline/tokenizer/vqgan.pt" || exit
     python pipeline.py --recipe "$RECIPE" --out "$DIR/pipeline" --stages fid --device "${DEVICE:-auto}" || exit
     cat "$DIR/pipeline/summary.md"
     exit ;;
   score-abl)
     FILES=${2:?$USAGE}; DIR=${3:-runs/gpu_session}
     mkdir -p "$DIR"
-    for f in "$FILES"/results.tgz "$FILES"/recon_*.tgz; do tar -xzf "$f" -C "$DIR" || exit; done
+    for f in "$FILES"/results.tgz "$FILES"/recon_*.tgz "$FILES"/recon_*.tgz.part_aa; do
+      [ -f "$f" ] || continue
+      tar -xzf "$(fetched "$FILES" "$DIR" "$(basename "${f%.part_aa}")")" -C "$DIR" || exit
+    done
     # shellcheck disable=SC2086
     python bench/stage1_ablation.py ${ABL_ARGS:---scale h100} --out "$DIR/ablation" --rescore --device "${DEVICE:-cpu}" \
       || exit
@@ -121,6 +129,13 @@ PY
   done
   tar -czf "$OUT/results.tgz" -C "$WORK" --exclude='*.pt' --exclude='*.pth' --exclude='pipeline/tokens/cache' \
     --exclude='fid_cache' --exclude='*/test_results' --exclude='*/imga' --exclude='*/mask_scheduling' --exclude='ablation/*/recon' .
+  # a file over the device tool's 16 MiB (the 1.5x decoder's fp32 vqgan.pt is 17.8 MB) comes back in parts:
+  # F.part_aa, F.part_ab, ... (`score` joins them; by hand: cat F.part_* >F)
+  for f in "$OUT"/*; do
+    if [ -f "$f" ] && [ "$(stat -c %s "$f")" -gt "$PART_BYTES" ]; then
+      split -b "$PART_BYTES" "$f" "$f.part_" && rm "$f"
+    fi
+  done
   ls -l "$OUT"
 }
 trap pack EXIT
@@ -194,7 +209,9 @@ case "$PART" in
     [ -f "$INIT" ] || INIT=.devdata/vqgan_init.pt
     [ -f "$INIT" ] || INIT=checkpoints/vqgan_small_fp16.pt
     echo "decoder fine-tune of $INIT" | tee -a "$WORK/session.log"
-    run decoder_ft timeout 560 env OUT_RUNS="$WORK" STEPS=decoder INIT="$INIT" bash scripts/train_bundled.sh \
+    # the pipe call's tokenizer overrides hold for its decoder too (e.g. TOKENIZER_SET="dec_channels=[48,96,192]")
+    run decoder_ft timeout 560 env OUT_RUNS="$WORK" STEPS=decoder INIT="$INIT" \
+      DEC_ARGS="${DEC_ARGS:-}${TOKENIZER_SET:+ --set $TOKENIZER_SET}" bash scripts/train_bundled.sh \
       ../shared/data/lab3_dataset "$DEVICE" 0 "${3:-2}"
     ;;
   speed-abl)  # one call of S seconds (default 560): #14's figures incl. batch 512, then the ablation in the time left

@@ -225,7 +225,8 @@ def test_smooth_prefill_keeps_the_known_tokens_of_real_images(lab3):
         ref = model.encode_to_z(orig)[1]
         gray = (model.encode_to_z(masked)[1] == ref)[known].float().mean().item()
         smooth = (model.encode_to_z(fill_holes(masked, pm))[1] == ref)[known].float().mean().item()
-    assert smooth > gray + 0.15, (gray, smooth)  # measured on 200 images: 0.60 -> 0.82
+    # measured on 200 images: 0.58 -> 0.73 with the bundled tokenizer (0.60 -> 0.82 with the 2.71M one before it)
+    assert smooth > gray + 0.10, (gray, smooth)
 
 
 def test_bench_composites_keep_known_pixels_and_the_seamless_one_removes_a_colour_cast(tmp_path):

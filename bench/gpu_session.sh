@@ -11,6 +11,8 @@
 #                                                  # M 0 with MINUTES="tokenizer=5.5 transformer=2.5": those minutes exactly;
 #                                                  # TOKENIZER_SET="dec_channels=[64,128,256]": the tokenizer's config
 #                                                  # overridden so (recipe copied to WORK/recipe.yml)
+#   bash bench/gpu_session.sh trans  $OUT [M]      # #13: the transformer alone for M minutes (default 8) on the bundled
+#                                                  # tokenizer's tokens, and the test images inpainted (~9.5 min)
 #   bash bench/gpu_session.sh dec    $OUT [M]      # #13: decoder fine-tune of M minutes (default 2) of the pipe call's
 #                                                  # tokenizer if this machine still has it, else of .devdata/vqgan_init.pt
 #                                                  # (copy a returned vqgan.pt there to carry it), else of the bundled one
@@ -53,7 +55,7 @@ set -uo pipefail
 # Next (sessions 15-16, CPU ablation, README): the recipe beside the 1.5x decoder, without and with 4-channel norm groups
 ABL_DEFAULT=ema_codebook_ssim1_gan_fm,recipe_dec1.5x,recipe_dec1.5x_gn4
 cd "$(dirname "$0")/.."
-USAGE="usage: gpu_session.sh pack | speed|pipe|dec|speed-abl|abl OUT [MINUTES|SECONDS|VARIANTS] | score|score-abl FILES [DIR]"
+USAGE="usage: gpu_session.sh pack | speed|pipe|trans|dec|speed-abl|abl OUT [MINUTES|SECONDS|VARIANTS] | score|score-abl FILES [DIR]"
 PART=${1:?$USAGE}
 RECIPE=${RECIPE:-config/pipeline.yml}
 PACK=.devdata/lab3_data.tar.xz
@@ -225,6 +227,24 @@ case "$PART" in
     run ablation timeout "$LEFT" python bench/stage1_ablation.py ${ABL_ARGS:---scale h100} --device "$DEVICE" \
       --out "$WORK/ablation" --variants "${4:-$ABL_DEFAULT}"
     cat "$WORK/ablation/results.md" >>"$WORK/session.log" 2>/dev/null
+    ;;
+  trans)  # #13: the transformer alone, M minutes (default 8), on the bundled tokenizer's tokens, then the
+          # 747 test images inpainted twice (lab, --paste-known); TRANS_ARGS: more training_transformer.py options
+    TOK=checkpoints/vqgan_small_fp16.pt
+    # shellcheck disable=SC2086  # TRANS_ARGS, INPAINT_ARGS: several words; to check this part on a CPU:
+    # DEVICE=cpu TRANS_ARGS="--partial 0.01 --stop-after-steps 2 --val-batches 1" INPAINT_ARGS="--limit 8" ... trans OUT 1
+    # Scored back here: python bench/run.py --sets val-unseen --combos cosine:10 --skip-speed --only-ours
+    # --transformer-ckpt FILES/transformer_fp16.pth --out runs/candidate (the bundled tokenizer by default)
+    run transformer timeout 540 python training_transformer.py --train_d_path ../shared/data/lab3_dataset/train \
+      --val_d_path ../shared/data/lab3_dataset/val --out_d_path "$WORK/pipeline/transformer" --vqgan-ckpt "$TOK" \
+      --device "$DEVICE" --time-budget-min "${3:-8}" --MaskGitConfig config/MaskGit_small.yml --batch-size 256 \
+      --learning-rate 1e-3 --warmup-steps 300 --hflip --no-progress ${TRANS_ARGS:-}
+    for kind in lab composited; do
+      extra=(); [ $kind = composited ] && extra=(--paste-known --no-vis)
+      run "inpaint_$kind" python inpainting.py --load-transformer-ckpt-path "$WORK/pipeline/transformer/transformer_best.pth" \
+        --vqgan-ckpt "$TOK" --data ../shared/data/lab3_dataset --device "$DEVICE" --gt-path ../shared/data/lab3_test_gt \
+        --out-dir "$WORK/pipeline/inpaint/$kind" --mask-func cosine --total-iter 10 --batch-size 256 --no-progress "${extra[@]}" ${INPAINT_ARGS:-}
+    done
     ;;
   abl)  # ~2 min per variant on an H100 (2,000 steps of batch 128 + scoring); rerun to finish the rest
     # shellcheck disable=SC2086  # ABL_ARGS: several words (e.g. "--scale cpu --steps 2" to check this script on a CPU)

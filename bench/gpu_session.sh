@@ -232,7 +232,9 @@ case "$PART" in
           # 747 test images inpainted twice (lab, --paste-known); TRANS_ARGS: more training_transformer.py options
     TOK=checkpoints/vqgan_small_fp16.pt
     # shellcheck disable=SC2086  # TRANS_ARGS, INPAINT_ARGS: several words; to check this part on a CPU:
-    # DEVICE=cpu TRANS_ARGS="--partial 0.01 --stop-after-steps 2 --val-batches 1" INPAINT_ARGS="--limit 8" ... trans OUT 1
+    # DEVICE=cpu TRANS_ARGS="--partial 0.01 --val-batches 1 --batch-size 16" INPAINT_ARGS="--limit 8" ... trans OUT 0.5
+    # (about 7 minutes there, most of it encoding the val images once; --stop-after-steps would end before the
+    # first epoch's transformer_best.pth, which the inpainting needs)
     # Scored back here: python bench/run.py --sets val-unseen --combos cosine:10 --skip-speed --only-ours
     # --transformer-ckpt FILES/transformer_fp16.pth --out runs/candidate (the bundled tokenizer by default)
     run transformer timeout 540 python training_transformer.py --train_d_path ../shared/data/lab3_dataset/train \

@@ -25,8 +25,8 @@ DEC_MIN=${4:-2.0}
 MINUTES=${MINUTES-tokenizer=5.3 transformer=2.4}
 OUT=${OUT_RUNS:-runs}
 STEPS=",${STEPS:-pipeline,bundle},"
-INIT=${INIT:-$OUT/pipeline/tokenizer/vqgan.pt}
-TOKENIZER=$OUT/pipeline/tokenizer/vqgan.pt
+TOKENIZER=$OUT/pipeline/tokenizer/vqgan.pt  # what is bundled: the pipeline's tokenizer, or its decoder fine-tune
+INIT=${INIT:-$TOKENIZER}
 if [[ $STEPS == *,pipeline,* ]]; then
   budget=()
   [ "$BUDGET" != 0 ] && budget=(--budget-minutes "$BUDGET")

@@ -25,7 +25,8 @@ def fill_holes(x: torch.Tensor, pixel_mask: torch.Tensor, smooth_iters: int = 30
     values; their fixed point is harmonic for the 8-neighbour Laplacian (each hole pixel the mean of
     its 8 neighbours), which the fill approaches as iters grows. Why: the VQGAN encoder sees past
     each 4x4 patch, so gray holes change the codes of the known tokens around them (on the lab's
-    test images 40% of the known tokens get another code than the original's; 18% after this fill).
+    test images, with the bundled tokenizer, 42% of the known tokens get another code than the
+    original's, 27% after this fill; with the 2.71M tokenizer before it 40% and 18%).
     """
     known = pixel_mask.to(x.dtype)
     levels, xs, ws = [], x * known, known

@@ -5,6 +5,7 @@ decoding report, summary.json and summary.md).
     python pipeline.py                                         # config/pipeline.yml: one H100, 25 minutes
     python pipeline.py --recipe config/pipeline_smoke.yml --out /tmp/pipe_smoke   # CPU smoke run, ~1 min
     python pipeline.py --stages inpaint,fid --force inpaint     # redo the inpainting and the FID only
+    python pipeline.py --tokenizer checkpoints/vqgan_small_fp16.pt   # a trained tokenizer: the transformer on it
 
 Rerun the same command after Ctrl-C: finished stages are skipped, an interrupted trainer resumes.
 The stages and the recipe format: ``utils/pipeline.py`` and ``config/pipeline.yml``.
@@ -28,6 +29,10 @@ def parse_args(argv=None) -> PipelineOptions:
                                               "../shared/data/lab3_test_gt when present; without one, or with "
                                               "--gt '', the FID stage is skipped)")
     p.add_argument("--device", default="auto", help="cuda | cpu | auto, for every stage")
+    p.add_argument("--tokenizer", default=None, metavar="FILE",
+                   help="a trained tokenizer (a run's tokenizer/vqgan.pt, checkpoints/vqgan_small_fp16.pt, the lab's "
+                        "VQGAN.pt with a recipe whose transformer YAML names its config): the tokenizer stage copies "
+                        "it instead of training one, and --budget-minutes leaves that stage out")
     p.add_argument("--budget-minutes", type=float, default=None,
                    help="scale every stage's minutes in the recipe so that they add up to this")
     p.add_argument("--minutes", nargs="+", default=[], metavar="STAGE=M",
@@ -59,7 +64,7 @@ def parse_args(argv=None) -> PipelineOptions:
                     f"MINUTES a number >= 0")
         minutes[stage] = m
     return PipelineOptions(args.recipe, args.out, args.data, args.gt, args.device, args.budget_minutes,
-                           tuple(minutes.items()), stages, args.force, args.dry_run)
+                           tuple(minutes.items()), stages, args.force, args.dry_run, args.tokenizer)
 
 
 def main(argv=None) -> dict:

@@ -11,8 +11,9 @@
 #                                                  # M 0 with MINUTES="tokenizer=5.5 transformer=2.5": those minutes exactly;
 #                                                  # TOKENIZER_SET="dec_channels=[64,128,256]": the tokenizer's config
 #                                                  # overridden so (recipe copied to WORK/recipe.yml)
-#   bash bench/gpu_session.sh trans  $OUT [M]      # #13: the transformer alone for M minutes (default 8) on the bundled
-#                                                  # tokenizer's tokens, and the test images inpainted (~9.5 min)
+#   bash bench/gpu_session.sh trans  $OUT [M]      # #13: the transformer alone for M minutes (default 8) on a trained
+#                                                  # tokenizer (pipeline.py --tokenizer; TOKENIZER=FILE, default the
+#                                                  # bundled one), and the test images inpainted (~9.5 min)
 #   bash bench/gpu_session.sh dec    $OUT [M]      # #13: decoder fine-tune of M minutes (default 2) of the pipe call's
 #                                                  # tokenizer if this machine still has it, else of .devdata/vqgan_init.pt
 #                                                  # (copy a returned vqgan.pt there to carry it), else of the bundled one
@@ -173,8 +174,8 @@ speed_steps() {  # speed_steps TESTS_S TRAIN_S DECODE_S FID_S [quick]: #14's fig
     "${decode[@]}" --csv "$WORK/decode.csv"
   fid_time "$4"
 }
-pipeline() {  # pipeline BUDGET_MINUTES (0: the recipe's own) [TIMEOUT_S]
-  local budget=() stages=tokenizer,tokens,transformer,inpaint
+pipeline() {  # pipeline BUDGET_MINUTES (0: the recipe's own) [TIMEOUT_S]; TOKENIZER=FILE: pipeline.py --tokenizer FILE
+  local budget=() stages=tokenizer,tokens,transformer,inpaint given=()
   if [ -n "${TOKENIZER_SET:-}" ]; then  # the recipe with these tokenizer config overrides added to its `set`
     # shellcheck disable=SC2086  # TOKENIZER_SET: several KEY=VALUE words
     python - "$RECIPE" "$WORK/recipe.yml" $TOKENIZER_SET <<'PY' || exit
@@ -191,10 +192,11 @@ PY
     echo "recipe: $RECIPE with the tokenizer's set: $TOKENIZER_SET" | tee -a "$WORK/session.log"
   fi
   [ "$1" != 0 ] && budget=(--budget-minutes "$1")
+  [ -n "${TOKENIZER:-}" ] && given=(--tokenizer "$TOKENIZER")
   [ "$FID_WEIGHTS" = 1 ] && stages=$stages,fid
   # shellcheck disable=SC2086  # MINUTES: several STAGE=M words
   run pipeline timeout "${2:-560}" python pipeline.py --recipe "$RECIPE" --out "$WORK/pipeline" --device "$DEVICE" \
-    --stages "$stages" "${budget[@]}" ${MINUTES:+--minutes $MINUTES}
+    --stages "$stages" "${budget[@]}" "${given[@]}" ${MINUTES:+--minutes $MINUTES}
   cat "$WORK/pipeline/summary.md" >>"$WORK/session.log" 2>/dev/null
 }
 case "$PART" in
@@ -228,25 +230,15 @@ case "$PART" in
       --out "$WORK/ablation" --variants "${4:-$ABL_DEFAULT}"
     cat "$WORK/ablation/results.md" >>"$WORK/session.log" 2>/dev/null
     ;;
-  trans)  # #13: the transformer alone, M minutes (default 8), on the bundled tokenizer's tokens, then the
-          # 747 test images inpainted twice (lab, --paste-known); TRANS_ARGS: more training_transformer.py options
-    TOK=checkpoints/vqgan_small_fp16.pt
-    # shellcheck disable=SC2086  # TRANS_ARGS, INPAINT_ARGS: several words; to check this part on a CPU:
-    # DEVICE=cpu TRANS_ARGS="--partial 0.01 --val-batches 1 --batch-size 16" INPAINT_ARGS="--limit 8" ... trans OUT 0.5
-    # (about 7 minutes there, most of it encoding the val images once; --stop-after-steps would end before the
-    # first epoch's transformer_best.pth, which the inpainting needs)
-    # Scored back here: python bench/run.py --sets val-unseen --combos cosine:10 --skip-speed --only-ours
-    # --transformer-ckpt FILES/transformer_fp16.pth --out runs/candidate (the bundled tokenizer by default)
-    run transformer timeout 540 python training_transformer.py --train_d_path ../shared/data/lab3_dataset/train \
-      --val_d_path ../shared/data/lab3_dataset/val --out_d_path "$WORK/pipeline/transformer" --vqgan-ckpt "$TOK" \
-      --device "$DEVICE" --time-budget-min "${3:-8}" --MaskGitConfig config/MaskGit_small.yml --batch-size 256 \
-      --learning-rate 1e-3 --warmup-steps 300 --hflip --no-progress ${TRANS_ARGS:-}
-    for kind in lab composited; do
-      extra=(); [ $kind = composited ] && extra=(--paste-known --no-vis)
-      run "inpaint_$kind" python inpainting.py --load-transformer-ckpt-path "$WORK/pipeline/transformer/transformer_best.pth" \
-        --vqgan-ckpt "$TOK" --data ../shared/data/lab3_dataset --device "$DEVICE" --gt-path ../shared/data/lab3_test_gt \
-        --out-dir "$WORK/pipeline/inpaint/$kind" --mask-func cosine --total-iter 10 --batch-size 256 --no-progress "${extra[@]}" ${INPAINT_ARGS:-}
-    done
+  trans)  # #13: the transformer alone, M minutes (default 8), on a trained tokenizer (TOKENIZER, default the bundled
+          # one; its copy comes back as vqgan.pt), then the 747 test images inpainted twice (lab, --paste-known).
+          # Checked on the CPU with the smoke recipe and a tokenizer trained by it (WORK: a folder per call):
+          # DEVICE=cpu RECIPE=config/pipeline_smoke.yml WORK=/tmp/w1 bash bench/gpu_session.sh pipe /tmp/o1 0, then
+          # DEVICE=cpu RECIPE=config/pipeline_smoke.yml WORK=/tmp/w2 TOKENIZER=/tmp/w1/pipeline/tokenizer/vqgan.pt ... trans /tmp/o2 0
+          # (0: no time budget, the smoke recipe's epochs)
+          # Scored back here: `score` (the test FIDs), and to decide on bundling, python bench/run.py --sets val-unseen
+          # --combos cosine:10 --skip-speed --only-ours --transformer-ckpt FILES/transformer_fp16.pth --vqgan-ckpt FILES/vqgan.pt
+    TOKENIZER=${TOKENIZER:-checkpoints/vqgan_small_fp16.pt} MINUTES="transformer=${3:-8}" pipeline 0
     ;;
   abl)  # ~2 min per variant on an H100 (2,000 steps of batch 128 + scoring); rerun to finish the rest
     # shellcheck disable=SC2086  # ABL_ARGS: several words (e.g. "--scale cpu --steps 2" to check this script on a CPU)

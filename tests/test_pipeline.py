@@ -167,6 +167,98 @@ def test_fid_stage_without_the_training_checkpoints(chain, tmp_path, capsys):
         assert got == pytest.approx(want, abs=1e-6)
 
 
+def test_a_given_tokenizer_is_copied_and_the_chain_runs_on_it(chain, tmp_path, capsys):
+    """--tokenizer FILE: the tokenizer stage trains nothing and copies the file; the transformer, the
+    inpainting and the FID run on it, and the tokenizer's reconstructions score exactly as when the
+    same file was trained in the run (same weights, same originals). A file without a stored config
+    (the lab's VQGAN.pt layout) takes the transformer YAML's tokenizer config."""
+    from utils.checkpoint import stored_config
+    src = tmp_path / "given" / "vqgan.pt"
+    os.makedirs(src.parent)
+    shutil.copyfile(os.path.join(chain["out"], "tokenizer", "vqgan.pt"), src)
+    out = tmp_path / "out"
+    code, err = run(args_for(chain["world"], chain["recipe"], out, "--tokenizer", str(src)), capsys)
+    assert code == 0, err
+    assert sorted(os.listdir(out / "tokenizer")) == ["attempts.json", "done.json", "vqgan.pt"]  # no training
+    assert stamp(out / "tokenizer" / "vqgan.pt")[0] == stamp(src)[0]
+    summary = yaml.safe_load(open(out / "summary.json"))
+    assert {s: r["status"] for s, r in summary["stages"].items()} == dict.fromkeys(STAGES, "done")
+    tok = summary["stages"]["tokenizer"]
+    vq = torch.load(src, weights_only=True)
+    assert tok["figures"]["source"] == str(src) and tok["minutes"] == 0
+    assert tok["figures"]["parameters"] == sum(v.numel() for k, v in vq.items() if not k.startswith("_")
+                                               and "ema_" not in k and "discriminator" not in k)
+    want, got = chain["summary"]["stages"]["fid"]["figures"], summary["stages"]["fid"]["figures"]
+    assert {k: got[k] for k in ("recon_psnr", "recon_fid")} == pytest.approx(
+        {k: want[k] for k in ("recon_psnr", "recon_fid")}, abs=1e-9)
+    assert summary["stages"]["transformer"]["figures"]["steps"] == 10
+    assert f"given (--tokenizer) `{src}`" in open(out / "summary.md").read()
+
+    # the lab's layout: weights only; the recipe's transformer YAML (MaskGit_smoke.yml) names VQGAN_smoke.yml
+    assert stored_config(vq) is not None
+    plain = tmp_path / "given" / "VQGAN.pt"
+    torch.save({k: v for k, v in vq.items()}, plain)
+    assert stored_config(torch.load(plain, weights_only=True)) is None
+    code, err = run(args_for(chain["world"], chain["recipe"], tmp_path / "lab", "--tokenizer", str(plain),
+                             "--stages", "tokenizer,tokens"), capsys)
+    assert code == 0, err
+    assert stamp(tmp_path / "lab" / "tokenizer" / "vqgan.pt")[0] == stamp(plain)[0]
+    # ... and with a recipe whose transformer YAML names another architecture, it stops before any work
+    other = smoke_recipe(tmp_path / "other.yml", **{"transformer.MaskGitConfig": "config/MaskGit_small.yml"})
+    code, err = run(args_for(chain["world"], other, tmp_path / "bad", "--tokenizer", str(plain)), capsys)
+    assert code == 1 and f"--tokenizer {plain}" in err and "does not fit the tokenizer config" in err
+    assert not os.path.exists(tmp_path / "bad" / "tokenizer")
+
+
+def test_the_labs_vqgan_layout_is_checked_against_the_transformer_yamls_tokenizer(tmp_path, capsys):
+    """The lab's VQGAN.pt (weights only, the lab's architecture): with a recipe whose transformer YAML
+    is the lab's config/MaskGit.yml the check passes; with the shipped small recipe it stops before any
+    work, naming the file and the first mismatching weights."""
+    from models import VQGAN
+    from utils.config import load_vqgan_config
+    world = make_world(tmp_path / "world", n_train=1, n_val=1, n_test=1)
+    lab = tmp_path / "VQGAN.pt"
+    torch.save(VQGAN(load_vqgan_config("models/VQGAN/config/VQGAN.yml")).state_dict(), lab)
+    with open(os.path.join(REPO_ROOT, "config", "pipeline.yml")) as f:
+        recipe = yaml.safe_load(f)
+    recipe["transformer"]["args"]["MaskGitConfig"] = "config/MaskGit.yml"
+    (tmp_path / "lab.yml").write_text(yaml.safe_dump(recipe))
+    for path, ok in ((tmp_path / "lab.yml", True), (os.path.join(REPO_ROOT, "config", "pipeline.yml"), False)):
+        code, err = run(["--recipe", str(path), "--out", str(tmp_path / "out"), "--data", world["root"],
+                         "--tokenizer", str(lab), "--dry-run"], capsys)
+        assert (code == 0) == ok, err
+        if not ok:
+            assert code == 1 and f"--tokenizer {lab}" in err and "does not fit the tokenizer config" in err
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_a_given_tokenizer_never_mixes_with_another_in_the_same_folder(chain, tmp_path, capsys):
+    """--tokenizer over a folder whose tokenizer was trained (or copied from another file) stops with
+    what to do; --force tokenizer replaces it and clears the later stages; a missing file is named."""
+    out = tmp_path / "out"
+    shutil.copytree(chain["out"], out)
+    world, recipe = chain["world"], chain["recipe"]
+    src = tmp_path / "other_vqgan.pt"
+    shutil.copyfile(out / "tokenizer" / "vqgan.pt", src)
+    shutil.copyfile(src, src.with_name("again.pt"))
+    before = {s: stamp(out / s / "done.json") for s in STAGES}
+    code, err = run(args_for(world, recipe, out, "--tokenizer", str(src)), capsys)
+    assert code == 1 and "already holds a tokenizer trained by this pipeline" in err and "--force tokenizer" in err
+    assert {s: stamp(out / s / "done.json") for s in STAGES} == before
+    code, err = run(args_for(world, recipe, out, "--tokenizer", str(src), "--stages", "tokenizer",
+                             "--force", "tokenizer"), capsys)
+    assert code == 0, err
+    assert sorted(os.listdir(out / "tokenizer")) == ["attempts.json", "done.json", "vqgan.pt"]
+    assert [s for s in STAGES if os.path.exists(out / s)] == ["tokenizer"]  # made from the old one: removed
+    code, err = run(args_for(world, recipe, out, "--tokenizer", str(out / "nowhere.pt")), capsys)
+    assert code == 1 and f"--tokenizer {out / 'nowhere.pt'}: no such file" in err
+    code, err = run(args_for(world, recipe, out, "--tokenizer", str(src.with_name("again.pt"))), capsys)
+    assert code == 1 and f"copied from {src}" in err  # (the same bytes under another name: still another file)
+    code, err = run(args_for(world, recipe, out, "--tokenizer", str(out / "tokenizer" / "vqgan.pt"), "--force",
+                             "tokenizer"), capsys)  # would delete the file it is to copy
+    assert code == 1 and "this run's own tokenizer folder" in err and os.path.isfile(out / "tokenizer" / "vqgan.pt")
+
+
 def test_stages_and_force_select_what_runs(chain, tmp_path, capsys):
     out = tmp_path / "out"
     shutil.copytree(chain["out"], out)

@@ -12,6 +12,9 @@ YAML (``config/pipeline.yml``), so the pipeline trains and decodes nothing itsel
     fid          the tokenizer's reconstructions of the       <out>/fid/recon/
                  originals, then fid_score_gpu.py --match-names on them, on lab/ and on composited/
 
+With ``--tokenizer FILE`` the tokenizer stage trains nothing: it copies a trained tokenizer (one of
+ours, or the lab's ``VQGAN.pt``) to ``<out>/tokenizer/vqgan.pt`` and the chain goes on from there.
+
 A finished stage writes ``<stage>/done.json`` (figures, wall time, the commands it ran); a rerun
 skips it, resumes an unfinished trainer from its ``last.pt`` (``--resume``) and redoes any other
 unfinished stage. A stage that runs makes the folders of the stages after it stale: they are
@@ -43,7 +46,7 @@ from models import VQGAN
 from models.VQGAN import VQGANConfig
 
 from .build import build_maskgit, load_vqgan_weights, tokenizer_file_config
-from .checkpoint import atomic_write_text, load_checkpoint
+from .checkpoint import atomic_write, atomic_write_text, load_checkpoint
 from .cli import Interrupted, ParserCaptured, UserError, capture_parser, one_line
 from .config import (REPO_ROOT, ConfigError, apply_overrides, load_maskgit_config, load_vqgan_config, load_yaml,
                      resolve_path)
@@ -212,6 +215,7 @@ class PipelineOptions:
     stages: tuple = STAGES
     force: str | None = None
     dry_run: bool = False
+    tokenizer: str | None = None  # a trained tokenizer file: the tokenizer stage copies it instead of training
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,6 +228,7 @@ class Context:
     gt: str | None
     device: str
     scale: float  # --budget-minutes / the recipe's minutes
+    tokenizer: str | None = None  # --tokenizer FILE (absolute), or None: the tokenizer stage trains one
 
     def dir(self, stage: str, *parts: str) -> str:
         return os.path.join(self.out, stage, *parts)
@@ -240,6 +245,16 @@ def make_context(opts: PipelineOptions) -> Context:
     recipe = load_recipe(opts.recipe)
     if opts.minutes:
         recipe = dataclasses.replace(recipe, minutes={**recipe.minutes, **dict(opts.minutes)})
+    tokenizer = None
+    if opts.tokenizer is not None:
+        tokenizer = os.path.abspath(resolve_path(opts.tokenizer))
+        if not os.path.isfile(tokenizer):
+            raise UserError(f"--tokenizer {opts.tokenizer}: no such file (a trained tokenizer: a pipeline run's "
+                            "tokenizer/vqgan.pt, checkpoints/vqgan_small_fp16.pt or the lab's VQGAN.pt)")
+        if os.path.dirname(tokenizer) == os.path.join(os.path.abspath(opts.out), "tokenizer"):
+            raise UserError(f"--tokenizer {opts.tokenizer}: that is this run's own tokenizer folder; leave out "
+                            "--tokenizer to go on with it, or copy the file elsewhere first")
+        recipe = dataclasses.replace(recipe, minutes={**recipe.minutes, "tokenizer": 0.0})  # nothing to train
     root = opts.data or default_data_root()
     if root is None:
         raise UserError("no lab dataset found (./lab3_dataset, ./lab5_dataset, ../shared/data/lab3_dataset): pass "
@@ -257,7 +272,7 @@ def make_context(opts: PipelineOptions) -> Context:
     # resolved once: without CUDA, --device cuda warns here once and every stage gets --device cpu
     device = str(get_device(opts.device))
     return Context(recipe, os.path.abspath(opts.out), root, find_lab_layout(root),
-                   os.path.abspath(gt) if gt else None, device, scale)
+                   os.path.abspath(gt) if gt else None, device, scale, tokenizer)
 
 
 def cpu_warning(ctx: Context) -> str | None:
@@ -273,6 +288,8 @@ def cpu_warning(ctx: Context) -> str | None:
 
 
 def tokenizer_commands(ctx: Context, resume: bool = False) -> list:
+    if ctx.tokenizer:
+        return []  # copied by run_tokenizer, no script
     return [("train_vqgan.py", ["--data", ctx.layout.train, "--val-data", ctx.layout.val, "--out-dir",
                                 ctx.dir("tokenizer"), "--device", ctx.device, *ctx.budget("tokenizer"),
                                 *(["--resume"] if resume else []), *recipe_argv(ctx.recipe, "tokenizer")])]
@@ -288,7 +305,11 @@ def transformer_commands(ctx: Context, resume: bool = False, budget: bool = True
 
 def tokenizer_overrides(ctx: Context) -> list:
     """The tokenizer stage's ``set`` overrides as overrides of the transformer's resolved tokenizer
-    config (``vqgan.KEY=VALUE``): the transformer builds the very tokenizer that was trained."""
+    config (``vqgan.KEY=VALUE``): the transformer builds the very tokenizer that was trained. None for
+    a tokenizer given with --tokenizer: its own config (or, for the lab's VQGAN.pt, the transformer
+    YAML's) describes it."""
+    if adopted_source(ctx):
+        return []
     sets = ctx.recipe.args["tokenizer"].get("set") or []
     return [f"vqgan.{item}" for item in ([sets] if isinstance(sets, str) else sets)]
 
@@ -339,7 +360,7 @@ def check_context(ctx: Context, stages: tuple) -> None:
     tt = script_module("training_transformer.py")
     opts = tt.parse_options(transformer_commands(ctx)[0][1])
     try:
-        vq_path, vq_cfg = recipe_tokenizer(ctx)
+        vq_path, vq_cfg = (ctx.tokenizer, check_tokenizer_file(ctx)) if ctx.tokenizer else recipe_tokenizer(ctx)
         trained = VQGANConfig.from_dict(vq_cfg)
         mp = load_maskgit_config(opts.MaskGitConfig, list(opts.set))["model_param"]
     except ConfigError as e:
@@ -351,6 +372,45 @@ def check_context(ctx: Context, stages: tuple) -> None:
                             f"image but the transformer's {opts.MaskGitConfig} expects "
                             f"{part.get('num_image_tokens')} of {part.get('num_codebook_vectors')}: set "
                             f"{where}.num_image_tokens and num_codebook_vectors to match")
+
+
+def adopted_source(ctx: Context) -> str | None:
+    """The file the tokenizer stage copied or will copy (--tokenizer, else the one its done.json
+    names), or None: a tokenizer trained by this run."""
+    done = read_json(ctx.dir("tokenizer", "done.json")) or {}
+    return ctx.tokenizer or (done.get("figures") or {}).get("source")
+
+
+def check_adopted(ctx: Context) -> None:
+    """A finished tokenizer stage must be the one asked for: --tokenizer FILE over a tokenizer trained
+    in this folder, or copied from another file, stops here instead of mixing the two."""
+    done = read_json(ctx.dir("tokenizer", "done.json"))
+    if done is None or ctx.tokenizer is None:
+        return
+    had = (done.get("figures") or {}).get("source")
+    if had != ctx.tokenizer:
+        what = f"copied from {had}" if had else "trained by this pipeline"
+        raise UserError(f"--tokenizer {ctx.tokenizer}: {ctx.dir('tokenizer')} already holds a tokenizer {what}; "
+                        "add --force tokenizer to replace it (every later stage runs again) or choose another --out")
+
+
+def check_tokenizer_file(ctx: Context) -> dict:
+    """--tokenizer FILE's config, once its weights have loaded strictly into the tokenizer it describes."""
+    try:
+        cfg = adopted_config(ctx, ctx.tokenizer)
+        load_vqgan_weights(VQGAN(cfg), ctx.tokenizer)
+    except (OSError, ValueError) as e:  # CheckpointError, CheckpointLayoutError: the file and what is wrong
+        raise UserError(f"--tokenizer {ctx.tokenizer}: {one_line(e)}") from e
+    return cfg
+
+
+def adopted_config(ctx: Context, path: str) -> dict:
+    """The config of a given tokenizer file as the transformer stage will build it: the one the file
+    stores, else (the lab's VQGAN.pt) the transformer YAML's tokenizer config (VQ_config_path)."""
+    tt = script_module("training_transformer.py")
+    argv = transformer_commands(ctx)[0][1]
+    argv[argv.index("--vqgan-ckpt") + 1] = path
+    return tt.model_config(tt.parse_options(argv))["vqgan"]
 
 
 def recipe_tokenizer(ctx: Context) -> tuple:
@@ -366,6 +426,9 @@ def command_line(script: str, argv: list) -> str:
 
 def shown_commands(ctx: Context, stage: str, commands: list) -> list:
     """The command lines a user can run by hand for a stage (summary.md, --dry-run)."""
+    if stage == "tokenizer" and ctx.tokenizer:
+        return [shlex.join(["cp", ctx.tokenizer, ctx.dir("tokenizer", "vqgan.pt")])
+                + "  # pipeline.py --tokenizer: a trained tokenizer, not trained here"]
     if stage == "tokens":  # no script of its own: the transformer's command makes the cache on its start
         return [command_line("pipeline.py", ["--recipe", ctx.recipe.path, "--out", ctx.out, "--data", ctx.data,
                                              "--device", ctx.device, "--stages", "tokens"])
@@ -377,6 +440,10 @@ def shown_commands(ctx: Context, stage: str, commands: list) -> list:
 
 
 def run_tokenizer(ctx: Context, commands: list) -> dict:
+    if ctx.tokenizer:  # its weights were checked against its config before any stage ran (check_context)
+        atomic_write(ctx.dir("tokenizer", "vqgan.pt"), lambda tmp: shutil.copyfile(ctx.tokenizer, tmp))
+        vq = VQGAN(adopted_config(ctx, ctx.tokenizer))
+        return {"source": ctx.tokenizer, "parameters": sum(p.numel() for p in vq.parameters())}
     r = script_module("train_vqgan.py").main(commands[0][1])
     return {"steps": r["step"], "val_psnr": r["val_psnr"], "code_usage": r["code_usage"]}
 
@@ -440,6 +507,8 @@ def tokenizer_config(ctx: Context) -> dict:
     last = ctx.dir("tokenizer", "last.pt")
     if os.path.isfile(last):
         return load_checkpoint(last, "VQGAN training checkpoint")["config"]
+    if adopted_source(ctx):  # the lab's VQGAN.pt, given with --tokenizer
+        return adopted_config(ctx, ctx.dir("tokenizer", "vqgan.pt"))
     return recipe_tokenizer(ctx)[1]
 
 
@@ -498,7 +567,8 @@ def duration(seconds: float) -> str:
 
 
 FIGURES = {  # stage -> (key, label, format) shown in summary.md
-    "tokenizer": [("steps", "steps", "{:,.0f}"), ("val_psnr", "val PSNR", "{:.2f} dB"),
+    "tokenizer": [("source", "given (--tokenizer)", "`{}`"), ("parameters", "parameters", "{:,.0f}"),
+                  ("steps", "steps", "{:,.0f}"), ("val_psnr", "val PSNR", "{:.2f} dB"),
                   ("code_usage", "codebook usage", "{:.1%}")],
     "tokens": [("train_sequences", "train sequences", "{:,.0f}"), ("val_sequences", "val", "{:,.0f}"),
                ("val_unseen", "val unseen in train", "{:,.0f}")],
@@ -557,7 +627,7 @@ def summary_markdown(s: dict) -> str:
              "| stage | status | ran on | wall time | key figures |", "| --- | --- | --- | --- | --- |"]
     for stage, rec in s["stages"].items():
         shown = [f"{label} {fmt.format(rec['figures'][k])}" for k, label, fmt in FIGURES[stage]
-                 if isinstance(rec["figures"].get(k), (int, float))]
+                 if isinstance(rec["figures"].get(k), (int, float, str))]
         status = rec["status"] + (f" ({rec['note']})" if rec.get("note") else "")
         if rec.get("attempts", 0) > 1:
             status += f", {rec['attempts']} attempts"
@@ -649,6 +719,8 @@ def run_pipeline(opts: PipelineOptions) -> dict:
     """Run the selected stages in order: skip the finished ones, resume or redo the others."""
     ctx = make_context(opts)
     selected = tuple(s for s in STAGES if s in opts.stages)
+    if opts.force != "tokenizer":
+        check_adopted(ctx)
     check_context(ctx, selected)
     warning = cpu_warning(ctx) if {"tokenizer", "transformer"} & set(selected) else None
     if opts.dry_run:

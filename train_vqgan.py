@@ -29,7 +29,7 @@ from tqdm import tqdm
 from models import VQGAN
 from models.VQGAN.discriminator import PatchDiscriminator, d_loss_fn, feature_matching_loss, g_loss_fn, r1_penalty
 from models.VQGAN.training import EMACodebook, LeCam, kmeans, restart_dead_codes, ssim_loss
-from utils.build import SILENT_VQGAN_KEYS, load_vqgan_weights
+from utils.build import SILENT_VQGAN_KEYS, load_vqgan_weights, tokenizer_file_config
 from utils.checkpoint import atomic_save, half_state_dict, lab_state_dict, load_checkpoint
 from utils.cli import ArgumentParser, Interrupted, UserError, run_cli
 from utils.config import ConfigError, apply_overrides, load_vqgan_config
@@ -40,6 +40,7 @@ from utils.runtime import (autocast, create_logger, get_device, grad_scaler, mak
 from utils.tokens import unseen_rows
 from utils.train_utils import EMA, MetricLog, StopFlag, check_finite, warmup_cosine
 
+DEFAULT_CONFIG = "models/VQGAN/config/VQGAN.yml"  # the lab's tokenizer
 BUDGET_WARMUP, BUDGET_PROBE = 20, 60  # steps skipped, then steps timed, to fit --time-budget-min
 
 
@@ -47,7 +48,9 @@ def parse_args(argv=None):
     p = ArgumentParser(description="Train a VQGAN tokenizer (stage 1)")
     p.add_argument("--data", default="../shared/data/lab3_dataset/train", help="folder of training images")
     p.add_argument("--val-data", default=None, help="folder of held-out images for reconstruction PSNR")
-    p.add_argument("--config", default="models/VQGAN/config/VQGAN.yml", help="VQGAN YAML (lab layout)")
+    p.add_argument("--config", default=None,
+                   help=f"VQGAN YAML (lab layout; default: the config --resume's last.pt or --init's file stores, "
+                        f"else {DEFAULT_CONFIG})")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys")
     p.add_argument("--out-dir", default="runs/vqgan", help="checkpoints, logs and reconstruction grids go here")
     p.add_argument("--steps", type=int, default=20000, help="training steps")
@@ -179,11 +182,35 @@ def check_options(args) -> None:
         raise UserError(f"negative loss weights: {', '.join(bad)} (0 turns a term off)")
 
 
+def config_source(args) -> tuple:
+    """(where the tokenizer config comes from, that config before --set): --config; without it the config
+    stored in --resume's last.pt or in the --init file (train_vqgan.py's vqgan.pt stores it; a fine-tune
+    of one needs no YAML), else the lab's DEFAULT_CONFIG."""
+    if args.config:
+        return args.config, load_vqgan_config(args.config).to_dict()
+    last = os.path.join(args.out_dir, "last.pt")
+    if args.resume and os.path.isfile(last):
+        own = load_checkpoint(last, "VQGAN training checkpoint").get("config")
+        if own is not None:
+            return last, own
+    if args.init:
+        own = tokenizer_file_config(args.init)
+        if own is not None:
+            return args.init, own
+    return DEFAULT_CONFIG, load_vqgan_config(DEFAULT_CONFIG).to_dict()
+
+
+def tokenizer_config(args) -> tuple:
+    """(source, the resolved tokenizer config dict: config_source's with --set applied)."""
+    where, cfg = config_source(args)
+    return where, apply_overrides(cfg, args.set, where=where)
+
+
 def build(args, raw_cfg: dict, device) -> Stage1:
     try:
         model = VQGAN(raw_cfg).to(device).train()
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"{args.config}: {e}") from e
+        raise ConfigError(f"{config_source(args)[0]}: {e}") from e
     if args.init and not args.resume:
         # a fine-tune may change the norm groups on purpose; with the decoder alone only its own (tokens kept)
         may = ("dec_norm_group_channels",) if args.train_part == "decoder" else SILENT_VQGAN_KEYS
@@ -436,7 +463,10 @@ def main(argv=None) -> dict:
         raise UserError(f"--resume: no checkpoint at {last_path} (drop --resume to start a new run)")
     log = create_logger("maskgit", os.path.join(args.out_dir, "train_vqgan.log"))
     check_options(args)
-    raw_cfg = apply_overrides(load_vqgan_config(args.config).to_dict(), args.set, where=args.config)
+    source, raw_cfg = tokenizer_config(args)
+    if not args.config:
+        log.info("tokenizer config (no --config): %s", "the lab's " + source if source == DEFAULT_CONFIG
+                 else "the one stored in " + source)
     size = raw_cfg["img_resolution"]
     images = load_image_stack(args.data, size, args.resize, args.limit, not args.no_progress, args.skip_bad_images)
     n_val = max(512, args.val_fid)

@@ -336,6 +336,34 @@ def test_decoder_finetune_keeps_every_token_and_lowers_the_loss(tiny_world, tmp_
         _run(tiny_world, tmp_path / "b", "--steps", "50", "--resume")
 
 
+def test_without_config_the_init_files_or_last_pts_own_config_is_used(tiny_world, tmp_path):
+    """No --config: a fine-tune of our vqgan.pt builds the architecture the file stores (here not the
+    lab's default, whose weights would not load), --set still applies on top, and --resume builds what
+    last.pt stores; a file without a config (the lab's layout) falls back to the lab's YAML and fails
+    to load there, naming the file."""
+    from models.convert import CheckpointLayoutError
+    from utils.build import tokenizer_file_config
+    (tmp_path / "a").mkdir()
+    _run(tiny_world, tmp_path / "a", "--steps", "10")
+    init = str(tmp_path / "a" / "vq" / "vqgan.pt")
+    assert tokenizer_file_config(init)["latent_dim"] == TINY_VQ["latent_dim"]
+    base = ["--data", tiny_world["train"], "--batch-size", "16", "--warmup-steps", "2", "--device", "cpu",
+            "--no-progress", "--eval-every", "1000", "--init", init, "--train-part", "decoder"]
+    out = tmp_path / "b"
+    r = train_vqgan.main(base + ["--out-dir", str(out), "--steps", "4", "--set", "dec_norm_group_channels=4"])
+    assert r["step"] == 4
+    assert tokenizer_file_config(str(out / "vqgan.pt")) == {**tokenizer_file_config(init), "dec_norm_group_channels": 4}
+    assert f"tokenizer config (no --config): the one stored in {init}" in (out / "train_vqgan.log").read_text()
+    r = train_vqgan.main(base + ["--out-dir", str(out), "--steps", "6", "--resume", "--set",
+                                 "dec_norm_group_channels=4"])
+    assert r["step"] == 6 and f"the one stored in {out / 'last.pt'}" in (out / "train_vqgan.log").read_text()
+    plain = tmp_path / "plain.pt"
+    torch.save(dict(torch.load(init, weights_only=True)), plain)  # weights only, as the lab's VQGAN.pt
+    base[base.index(init)] = str(plain)
+    with pytest.raises(CheckpointLayoutError, match=f"VQGAN checkpoint {plain} does not fit the tokenizer config"):
+        train_vqgan.main(base + ["--out-dir", str(tmp_path / "c"), "--steps", "2", "--resize", "--limit", "4"])
+
+
 def test_decoder_finetune_may_change_the_decoders_norm_groups_only(tiny_world, tmp_path):
     """--train-part decoder with --set dec_norm_group_channels=4 from a file trained with 1: the
     change is logged, the tokens stay bit-identical, the new file stores 4; changing the encoder's

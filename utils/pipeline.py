@@ -48,8 +48,7 @@ from models.VQGAN import VQGANConfig
 from .build import build_maskgit, load_vqgan_weights, tokenizer_file_config
 from .checkpoint import atomic_write, atomic_write_text, load_checkpoint
 from .cli import Interrupted, ParserCaptured, UserError, capture_parser, one_line
-from .config import (REPO_ROOT, ConfigError, apply_overrides, load_maskgit_config, load_vqgan_config, load_yaml,
-                     resolve_path)
+from .config import REPO_ROOT, ConfigError, load_maskgit_config, load_yaml, resolve_path
 from .data import (TEST_MEAN, TEST_STD, LabLayout, default_data_root, denormalize, find_lab_layout, list_images,
                    normalize, pil_to_tensor01, read_image, to_uint8)
 from .metrics import psnr
@@ -416,8 +415,8 @@ def adopted_config(ctx: Context, path: str) -> dict:
 def recipe_tokenizer(ctx: Context) -> tuple:
     """(config path, config dict with the recipe's ``set`` overrides) of the tokenizer stage, as
     train_vqgan.py reads its command."""
-    vq = script_module("train_vqgan.py").parse_args(tokenizer_commands(ctx)[0][1])
-    return vq.config, apply_overrides(load_vqgan_config(vq.config).to_dict(), vq.set)
+    tv = script_module("train_vqgan.py")
+    return tv.tokenizer_config(tv.parse_args(tokenizer_commands(ctx)[0][1]))
 
 
 def command_line(script: str, argv: list) -> str:

@@ -203,6 +203,14 @@ def test_a_given_tokenizer_is_copied_and_the_chain_runs_on_it(chain, tmp_path, c
                              "--stages", "tokenizer,tokens"), capsys)
     assert code == 0, err
     assert stamp(tmp_path / "lab" / "tokenizer" / "vqgan.pt")[0] == stamp(plain)[0]
+    # rerun without --tokenizer under a recipe whose own tokenizer (256 tokens) does not fit the transformer
+    # (16): the copied file is what runs, so the check reads it, not the recipe's tokenizer section
+    unfit = smoke_recipe(tmp_path / "unfit.yml", **{"tokenizer.config": "models/VQGAN/config/VQGAN_small.yml"})
+    code, err = run(args_for(chain["world"], unfit, tmp_path / "lab", "--stages", "tokens", "--force", "tokens"),
+                    capsys)
+    assert code == 0, err
+    code, err = run(args_for(chain["world"], unfit, tmp_path / "fresh", "--stages", "tokenizer", "--dry-run"), capsys)
+    assert code == 1 and "makes 256 tokens of 1024 codes" in err  # the same recipe, nothing copied: refused
     # ... and with a recipe whose transformer YAML names another architecture, it stops before any work
     other = smoke_recipe(tmp_path / "other.yml", **{"transformer.MaskGitConfig": "config/MaskGit_small.yml"})
     code, err = run(args_for(chain["world"], other, tmp_path / "bad", "--tokenizer", str(plain)), capsys)

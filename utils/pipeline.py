@@ -349,7 +349,7 @@ COMMANDS = {"tokenizer": tokenizer_commands, "tokens": tokens_commands, "transfo
             "inpaint": inpaint_commands, "fid": fid_commands}
 
 
-def check_context(ctx: Context, stages: tuple) -> None:
+def check_context(ctx: Context, stages: tuple, force: str | None = None) -> None:
     """Before any work: every selected stage's arguments parse, both configs load, and the transformer's
     token interface (sequence length, vocabulary) is the one the tokenizer stage trains. The tokenizer's
     architecture itself comes with its vqgan.pt (training_transformer.py reads the config stored in it)."""
@@ -359,7 +359,12 @@ def check_context(ctx: Context, stages: tuple) -> None:
     tt = script_module("training_transformer.py")
     opts = tt.parse_options(transformer_commands(ctx)[0][1])
     try:
-        vq_path, vq_cfg = (ctx.tokenizer, check_tokenizer_file(ctx)) if ctx.tokenizer else recipe_tokenizer(ctx)
+        if ctx.tokenizer:
+            vq_path, vq_cfg = ctx.tokenizer, check_tokenizer_file(ctx)
+        elif adopted_source(ctx) and force != "tokenizer":  # a copied tokenizer, kept: the copy is what runs
+            vq_path, vq_cfg = ctx.dir("tokenizer", "vqgan.pt"), tokenizer_config(ctx)
+        else:
+            vq_path, vq_cfg = recipe_tokenizer(ctx)
         trained = VQGANConfig.from_dict(vq_cfg)
         mp = load_maskgit_config(opts.MaskGitConfig, list(opts.set))["model_param"]
     except ConfigError as e:
@@ -720,7 +725,7 @@ def run_pipeline(opts: PipelineOptions) -> dict:
     selected = tuple(s for s in STAGES if s in opts.stages)
     if opts.force != "tokenizer":
         check_adopted(ctx)
-    check_context(ctx, selected)
+    check_context(ctx, selected, opts.force)
     warning = cpu_warning(ctx) if {"tokenizer", "transformer"} & set(selected) else None
     if opts.dry_run:
         if warning:

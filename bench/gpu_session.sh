@@ -151,7 +151,10 @@ run() {  # run NAME CMD...: time one step, keep its log, go on after a failure
   "$@" >"$WORK/$name.log" 2>&1
   local rc=$?
   echo "   exit $rc in $((SECONDS - t0)) s" | tee -a "$WORK/session.log"
-  tail -n 25 "$WORK/$name.log" | tee -a "$WORK/session.log"
+  # the tail without progress bars (a recipe may not set no_progress): carriage returns split, bar lines,
+  # cursor escapes and the blanks a cleared bar leaves dropped
+  tr '\r' '\n' <"$WORK/$name.log" | sed 's/\x1b\[[0-9;]*[A-Za-z]//g; s/^ \{10,\}\[/[/; s/^ *$//' | grep -av -e '[0-9]%|' -e '^$' \
+    | tail -n 25 | tee -a "$WORK/session.log"
 }
 fid_time() {  # fid_time TIMEOUT_S
   local env=()

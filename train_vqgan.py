@@ -182,17 +182,14 @@ def check_options(args) -> None:
         raise UserError(f"negative loss weights: {', '.join(bad)} (0 turns a term off)")
 
 
-def config_source(args) -> tuple:
+def config_source(args, resumed: dict | None = None) -> tuple:
     """(where the tokenizer config comes from, that config before --set): --config; without it the config
-    stored in --resume's last.pt or in the --init file (train_vqgan.py's vqgan.pt stores it; a fine-tune
-    of one needs no YAML), else the lab's DEFAULT_CONFIG."""
+    stored in ``resumed`` (--resume's last.pt, read once by main) or in the --init file (train_vqgan.py's
+    vqgan.pt stores it; a fine-tune of one needs no YAML), else the lab's DEFAULT_CONFIG."""
     if args.config:
         return args.config, load_vqgan_config(args.config).to_dict()
-    last = os.path.join(args.out_dir, "last.pt")
-    if args.resume and os.path.isfile(last):
-        own = load_checkpoint(last, "VQGAN training checkpoint").get("config")
-        if own is not None:
-            return last, own
+    if resumed is not None and resumed.get("config") is not None:
+        return os.path.join(args.out_dir, "last.pt"), resumed["config"]
     if args.init:
         own = tokenizer_file_config(args.init)
         if own is not None:
@@ -200,17 +197,18 @@ def config_source(args) -> tuple:
     return DEFAULT_CONFIG, load_vqgan_config(DEFAULT_CONFIG).to_dict()
 
 
-def tokenizer_config(args) -> tuple:
+def tokenizer_config(args, resumed: dict | None = None) -> tuple:
     """(source, the resolved tokenizer config dict: config_source's with --set applied)."""
-    where, cfg = config_source(args)
+    where, cfg = config_source(args, resumed)
     return where, apply_overrides(cfg, args.set, where=where)
 
 
-def build(args, raw_cfg: dict, device) -> Stage1:
+def build(args, raw_cfg: dict, device, source: str | None = None) -> Stage1:
+    """``source``: where ``raw_cfg`` came from, named in a config error (default --config)."""
     try:
         model = VQGAN(raw_cfg).to(device).train()
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"{config_source(args)[0]}: {e}") from e
+        raise ConfigError(f"{source or args.config}: {e}") from e
     if args.init and not args.resume:
         # a fine-tune may change the norm groups on purpose; with the decoder alone only its own (tokens kept)
         may = ("dec_norm_group_channels",) if args.train_part == "decoder" else SILENT_VQGAN_KEYS
@@ -463,7 +461,8 @@ def main(argv=None) -> dict:
         raise UserError(f"--resume: no checkpoint at {last_path} (drop --resume to start a new run)")
     log = create_logger("maskgit", os.path.join(args.out_dir, "train_vqgan.log"))
     check_options(args)
-    source, raw_cfg = tokenizer_config(args)
+    resumed = load_checkpoint(last_path, "VQGAN training checkpoint") if args.resume else None
+    source, raw_cfg = tokenizer_config(args, resumed)
     if not args.config:
         log.info("tokenizer config (no --config): %s", "the lab's " + source if source == DEFAULT_CONFIG
                  else "the one stored in " + source)
@@ -480,13 +479,12 @@ def main(argv=None) -> dict:
         log.info("--val-unseen: %d of the %d images of %s occur in no training image; the first %d are the val set",
                  len(keep), len(val_images), args.val_data, min(n_val, len(keep)))
         val_images = val_images[keep[:n_val]]
-    st = build(args, raw_cfg, device)
-    if args.resume:
-        ck = load_checkpoint(last_path, "VQGAN training checkpoint")
-        was = (ck.get("args") or {}).get("train_part", "all")
+    st = build(args, raw_cfg, device, source)
+    if resumed is not None:
+        was = (resumed.get("args") or {}).get("train_part", "all")
         if was != args.train_part:
             raise UserError(f"--resume: {last_path} was trained with --train-part {was}; resume with the same option")
-        st.load_state_dict(ck)
+        st.load_state_dict(resumed)
         if not st.budget_fixed:  # --steps may extend a finished run; a time budget's total is kept
             st.total_steps, st.disc_start = args.steps, disc_start(args, args.steps)
         log.info("resumed from %s at step %d of %d", last_path, st.step, st.total_steps)

@@ -15,10 +15,10 @@ import os
 
 import torch.distributed as dist
 
-from utils.build import build_maskgit, tokenizer_file_config
+from utils.build import adopt_tokenizer, build_maskgit
 from utils.checkpoint import atomic_save, lab_state_dict, load_checkpoint
 from utils.cli import Interrupted, UserError, run_cli
-from utils.config import config_diff, load_maskgit_config, resolve_path
+from utils.config import load_maskgit_config, resolve_path
 from utils.data import DataError, default_data_root, find_lab_layout, list_images
 from utils.runtime import create_logger, get_device, resolve_precision, seed_everything
 from utils.tokens import cached_tokens, state_dict_fingerprint, unseen_indices
@@ -70,14 +70,9 @@ def model_config(opts: RunConfig, notes: list | None = None) -> dict:
     ``notes`` receives a line for the log when the file's config replaces the YAML's."""
     cfg = load_maskgit_config(opts.MaskGitConfig, list(opts.set))
     if opts.vqgan_ckpt:
-        path = os.path.abspath(resolve_path(opts.vqgan_ckpt))
-        cfg["model_param"]["VQ_Configs"] = dict(cfg["model_param"].get("VQ_Configs") or {}, VQ_CKPT_path=path)
-        own = tokenizer_file_config(path)
-        if own is not None and own != cfg["vqgan"]:
-            if notes is not None:
-                notes.append(f"tokenizer config: the one stored in {path} (the YAML's differs in "
-                             f"{', '.join(config_diff(own, cfg['vqgan']))})")
-            cfg["vqgan"] = own
+        note = adopt_tokenizer(cfg, opts.vqgan_ckpt)
+        if note and notes is not None:
+            notes.append(note)
     return cfg
 
 

@@ -11,6 +11,8 @@
 #                                                  # M 0 with MINUTES="tokenizer=5.5 transformer=2.5": those minutes exactly;
 #                                                  # TOKENIZER_SET="dec_channels=[64,128,256]": the tokenizer's config
 #                                                  # overridden so (recipe copied to WORK/recipe.yml)
+#   bash bench/gpu_session.sh tok    $OUT [M]      # #13: the tokenizer stage alone for M minutes (default 8.5; TOKENIZER_SET
+#                                                  # as for pipe); its vqgan.pt comes back for score-tok, then for trans
 #   bash bench/gpu_session.sh trans  $OUT [M]      # #13: the transformer alone for M minutes (default 8) on a trained
 #                                                  # tokenizer (pipeline.py --tokenizer; TOKENIZER=FILE, default the
 #                                                  # bundled one), and the test images inpainted (~9.5 min)
@@ -32,6 +34,10 @@
 #       --sets val-unseen --combos cosine:10 --skip-speed --only-ours --transformer-ckpt FILES/transformer_fp16.pth
 #       --vqgan-ckpt FILES/vqgan.pt --out runs/candidate   (~10 min here; the bundled pair: README's val table)
 #       and, if it is better there: python scripts/bundle.py --vqgan FILES/vqgan.pt --transformer FILES/transformer_fp16.pth
+#   bash bench/gpu_session.sh score-tok FILES [DIR] # a tok call's tokenizer scored alone on this CPU: reconstruction
+#       FID and PSNR on the 1,118 unseen val images (to decide on; the bundled tokenizer's FID: 18.12) and the 570
+#       test originals (a report) -> DIR/tok/quality.csv; then, to train its transformer, copy FILES/vqgan.pt to
+#       .devdata/vqgan_tok.pt and, on the device: TOKENIZER=.devdata/vqgan_tok.pt bash bench/gpu_session.sh trans $OUT 8
 #   bash bench/gpu_session.sh score-abl FILES [DIR] # the ablation's FIDs on this CPU -> DIR/ablation/results.md
 #
 # Why the detours. The device gets the repository and the carried paths only (never ../shared), at
@@ -56,7 +62,7 @@ set -uo pipefail
 # Next (sessions 15-16, CPU ablation, README): the recipe beside the 1.5x decoder, without and with 4-channel norm groups
 ABL_DEFAULT=ema_codebook_ssim1_gan_fm,recipe_dec1.5x,recipe_dec1.5x_gn4
 cd "$(dirname "$0")/.."
-USAGE="usage: gpu_session.sh pack | speed|pipe|trans|dec|speed-abl|abl OUT [MINUTES|SECONDS|VARIANTS] | score|score-abl FILES [DIR]"
+USAGE="usage: gpu_session.sh pack | speed|pipe|tok|trans|dec|speed-abl|abl OUT [MINUTES|SECONDS|VARIANTS] | score|score-tok|score-abl FILES [DIR]"
 PART=${1:?$USAGE}
 RECIPE=${RECIPE:-config/pipeline.yml}
 PACK=.devdata/lab3_data.tar.xz
@@ -80,6 +86,14 @@ case "$PART" in
     cp "$(fetched "$FILES" "$DIR" vqgan.pt)" "$DIR/pipeline/tokenizer/vqgan.pt" || exit
     python pipeline.py --recipe "$RECIPE" --out "$DIR/pipeline" --stages fid --device "${DEVICE:-auto}" || exit
     cat "$DIR/pipeline/summary.md"
+    exit ;;
+  score-tok)  # SCORE_ARGS: more bench/run.py options (e.g. "--n 48" for a quick look)
+    FILES=${2:?$USAGE}; DIR=${3:-runs/gpu_session}
+    mkdir -p "$DIR"
+    VQ=$(fetched "$FILES" "$DIR" vqgan.pt) || exit
+    # shellcheck disable=SC2086
+    python bench/run.py --sets val-unseen,test --combos none --only-ours --skip-speed --vqgan-ckpt "$VQ" \
+      --device "${DEVICE:-auto}" --out "$DIR/tok" ${SCORE_ARGS:-} || exit
     exit ;;
   score-abl)
     FILES=${2:?$USAGE}; DIR=${3:-runs/gpu_session}
@@ -178,7 +192,7 @@ speed_steps() {  # speed_steps TESTS_S TRAIN_S DECODE_S FID_S [quick]: #14's fig
   fid_time "$4"
 }
 pipeline() {  # pipeline BUDGET_MINUTES (0: the recipe's own) [TIMEOUT_S]; TOKENIZER=FILE: pipeline.py --tokenizer FILE
-  local budget=() stages=tokenizer,tokens,transformer,inpaint given=()
+  local budget=() stages=${STAGES:-tokenizer,tokens,transformer,inpaint} given=()
   if [ -n "${TOKENIZER_SET:-}" ]; then  # the recipe with these tokenizer config overrides added to its `set`
     # shellcheck disable=SC2086  # TOKENIZER_SET: several KEY=VALUE words
     python - "$RECIPE" "$WORK/recipe.yml" $TOKENIZER_SET <<'PY' || exit
@@ -196,7 +210,7 @@ PY
   fi
   [ "$1" != 0 ] && budget=(--budget-minutes "$1")
   [ -n "${TOKENIZER:-}" ] && given=(--tokenizer "$TOKENIZER")
-  [ "$FID_WEIGHTS" = 1 ] && stages=$stages,fid
+  [ "$FID_WEIGHTS" = 1 ] && [ -z "${STAGES:-}" ] && stages=$stages,fid
   # shellcheck disable=SC2086  # MINUTES: several STAGE=M words
   run pipeline timeout "${2:-560}" python pipeline.py --recipe "$RECIPE" --out "$WORK/pipeline" --device "$DEVICE" \
     --stages "$stages" "${budget[@]}" "${given[@]}" ${MINUTES:+--minutes $MINUTES}
@@ -232,6 +246,12 @@ case "$PART" in
     run ablation timeout "$LEFT" python bench/stage1_ablation.py ${ABL_ARGS:---scale h100} --device "$DEVICE" \
       --out "$WORK/ablation" --variants "${4:-$ABL_DEFAULT}"
     cat "$WORK/ablation/results.md" >>"$WORK/session.log" 2>/dev/null
+    ;;
+  tok)  # #13: the tokenizer stage alone, M minutes of training (0: the recipe's own steps); ~25 s more for start-up
+        # and its final evaluation, so 8.5 fits the 560-s timeout. Checked on the CPU:
+        # DEVICE=cpu RECIPE=config/pipeline_smoke.yml WORK=/tmp/w1 bash bench/gpu_session.sh tok /tmp/o1 0
+    M=${3:-8.5}
+    if [ "$M" = 0 ]; then STAGES=tokenizer pipeline 0; else STAGES=tokenizer MINUTES="tokenizer=$M" pipeline 0; fi
     ;;
   trans)  # #13: the transformer alone, M minutes (default 8), on a trained tokenizer (TOKENIZER, default the bundled
           # one; its copy comes back as vqgan.pt), then the 747 test images inpainted twice (lab, --paste-known).

@@ -32,7 +32,7 @@ from PIL import Image
 
 from common import SHARED_DATA, device_name, print_table, write_csv
 from inpainting import BUNDLED_CONFIG, BUNDLED_TRANSFORMER
-from utils.build import build_maskgit, checkpoint_config, load_inference_model, load_transformer_checkpoint
+from utils.build import adopt_tokenizer, build_maskgit, checkpoint_config, load_inference_model, load_transformer_checkpoint
 from utils.config import REPO_ROOT, load_maskgit_config, resolve_path
 from utils.checkpoint import stored_config
 from utils.cli import UserError, run_cli
@@ -50,7 +50,7 @@ from utils.tokens import unseen_val_paths
 
 def load_model(args):
     """The model scored as "ours", in eval mode on the CPU: the bundled small models (with
-    ``--vqgan-ckpt``, another tokenizer of the bundled config), or ``--transformer-ckpt`` built as
+    ``--vqgan-ckpt``, another tokenizer: the architecture its file stores, else the bundled config's), or ``--transformer-ckpt`` built as
     inpainting.py builds it (the config the checkpoint stores, else ``--config``) with its tokenizer
     from ``--vqgan-ckpt``; a file without a config needs ``--config``, and the tokenizer is never guessed."""
     if args.transformer_ckpt:
@@ -62,7 +62,12 @@ def load_model(args):
             raise UserError(f"{args.transformer_ckpt} stores no config: pass the MaskGit YAML it was trained with as "
                             f"--config (e.g. {BUNDLED_CONFIG}, the bundled models' config)")
         return load_inference_model(cfg, obj, resolve_path(args.transformer_ckpt), args.vqgan_ckpt)
-    model = build_maskgit(load_maskgit_config(str(REPO_ROOT / BUNDLED_CONFIG)), vqgan_ckpt=args.vqgan_ckpt)
+    cfg = load_maskgit_config(str(REPO_ROOT / BUNDLED_CONFIG))
+    if args.vqgan_ckpt:  # a tokenizer of ours is built as its file says (e.g. a wider decoder: same tokens' interface)
+        note = adopt_tokenizer(cfg, args.vqgan_ckpt)
+        if note:
+            create_logger().info(note)
+    model = build_maskgit(cfg)
     load_transformer_checkpoint(model, str(REPO_ROOT / BUNDLED_TRANSFORMER))
     return model.eval()
 
@@ -109,8 +114,11 @@ def parse_combos(parser, text: str) -> list:
     [Combo("cosine", 10), Combo("linear", 8, "halton"), Combo("cosine", 10, confidence="logprob"),
     Combo("cosine", 10, prefill="gray"), Combo("cosine", 10, temperature=0.7)]: schedule:T, then
     optionally an order, a confidence, prefill=NAME and / or sample[=TEMPERATURE] (--token-choice
-    sample at that --sample-temperature, default 1; without it argmax)."""
+    sample at that --sample-temperature, default 1; without it argmax). 'none' -> []: no inpainting,
+    the tokenizer's reconstruction only (a tokenizer scored alone)."""
     from models import CONFIDENCES, ORDERS, SCHEDULES
+    if text.strip() == "none":
+        return []
     combos = []
     for item in text.split(","):
         name, t, *extra = item.strip().split(":") + [""] * (":" not in item)
@@ -229,7 +237,7 @@ def hole_metrics(pred_dir: str, root: str) -> dict:
         holes.append(1 - load_mask(mp))
     m = paired_metrics(torch.stack(preds), torch.stack(gts), torch.stack(holes))
     return {"psnr_hole": m["psnr_hole"].mean().item(), "ssim_hole": m["ssim_hole"].mean().item(),
-            "l1_hole": m["l1_hole"].mean().item()}
+            "l1_hole": m["l1_hole"].mean().item(), "psnr": m["psnr"].mean().item()}
 
 
 def classical(root: str, out_dir: str, method: str) -> str:
@@ -273,8 +281,9 @@ def main(argv=None):
     p.add_argument("--only-ours", action="store_true",
                    help="skip the classical baselines (they do not depend on our model)")
     p.add_argument("--vqgan-ckpt", default=None, metavar="PATH",
-                   help="score another tokenizer: of the bundled config (e.g. a decoder fine-tune of it: same "
-                        "tokens), or the one --transformer-ckpt was trained on")
+                   help="score another tokenizer: one of ours is built as its file stores (e.g. a pipeline "
+                        "run's tokenizer/vqgan.pt, alone with --combos none), a file without a config (the lab's "
+                        "VQGAN.pt) must fit the bundled config; or the one --transformer-ckpt was trained on")
     p.add_argument("--transformer-ckpt", default=None, metavar="PATH",
                    help="score this transformer instead of the bundled one (e.g. a pipeline run's, with its "
                         "tokenizer as --vqgan-ckpt); its stored config is used, else --config")
@@ -356,8 +365,9 @@ def main(argv=None):
         decode_main(["--bundled", "--device", str(device), "--images", "32" if args.quick else "128",
                      "--csv", os.path.join(out, "speed_decode.csv")])
         t0 = time.time()
-        first_set, first = next(iter(sets)), combos[0]
-        compute_fid(os.path.join(work, first_set, first.dirname(), "test_results"),
+        first_set = next(iter(sets))
+        compute_fid(os.path.join(work, first_set, combos[0].dirname(), "test_results") if combos
+                    else os.path.join(work, first_set, "recon"),
                     os.path.join(work, first_set, "originals"), device=device)
         n_fid = len(list_images(os.path.join(work, first_set, "originals")))
         print(f"\nFID of {n_fid} vs {n_fid} images with cached ground-truth statistics: {time.time() - t0:.1f} s "

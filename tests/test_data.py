@@ -260,7 +260,7 @@ def test_bench_composites_keep_known_pixels_and_the_seamless_one_removes_a_colou
 def test_bench_hole_metrics_count_only_the_lab_hole_pixels(tmp_path):
     """bench/run.py's hole PSNR / L1 by hand: a prediction off by exactly 51/255 = 0.2 inside the hole
     and exact outside gives L1 0.2 and PSNR 10 log10(1 / 0.04) = 13.98 dB, whatever the known pixels
-    hold; a mask saved with grey levels is read with the lab's >= 128 rule (utils.data.load_mask)."""
+    hold, and over the whole image (54 of 256 pixels off) 10 log10(256 / (0.04 * 54)); a mask saved with grey levels is read with the lab's >= 128 rule (utils.data.load_mask)."""
     import sys
 
     from conftest import ROOT
@@ -283,6 +283,7 @@ def test_bench_hole_metrics_count_only_the_lab_hole_pixels(tmp_path):
     m = hole_metrics(str(tmp_path / "pred"), str(tmp_path))
     assert m["l1_hole"] == pytest.approx(0.2, abs=1e-6)
     assert m["psnr_hole"] == pytest.approx(10 * np.log10(1 / 0.04), abs=1e-4)
+    assert m["psnr"] == pytest.approx(10 * np.log10(256 / (0.04 * 54)), abs=1e-4)
 
 
 def test_normalization_constants_are_the_labs():

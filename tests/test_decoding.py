@@ -341,6 +341,7 @@ def test_order_and_confidence_reach_the_decoder_from_the_cli_and_the_bench(tiny_
     class Parser:
         def error(self, msg):
             raise SystemExit(msg)
+    assert parse_combos(None, "none") == []  # the tokenizer's reconstruction only
     for bad in ("cosine:10:prefill=blur", "cosine:10:prefill=gray:prefill=smooth", "cosine:10:biharmonic",
                 "cosine:10:sample=0", "cosine:10:sample=x", "cosine:10:sample:sample=0.5", "cosine:10:sample=inf"):
         with pytest.raises(SystemExit, match="--combos"):
@@ -482,3 +483,30 @@ def test_bench_scores_a_given_transformer_checkpoint(tiny_world, tmp_path):
         load_model(types.SimpleNamespace(transformer_ckpt=no_config, config=None, vqgan_ckpt=tiny_world["vqgan"]))
     with pytest.raises(UserError, match="needs --vqgan-ckpt"):
         load_model(types.SimpleNamespace(transformer_ckpt=ckpt, config=None, vqgan_ckpt=None))
+
+
+def test_bench_scores_a_tokenizer_of_another_architecture(tmp_path):
+    """bench/run.py --vqgan-ckpt with the bundled transformer (gpu_session.sh score-tok: a tokenizer
+    scored alone): a file of ours is built as the config it stores says (here the narrow decoder of
+    VQGAN_small.yml, not the bundled 1.5x one) with its weights, bit for bit; a file without a config
+    (a lab-style raw dict) of another architecture is refused naming the file."""
+    import types
+    from models import VQGAN
+    from models.convert import CheckpointLayoutError
+    from utils.checkpoint import lab_state_dict
+    from utils.config import load_yaml
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    from run import load_model
+    cfg = load_yaml(os.path.join(ROOT, "models/VQGAN/config/VQGAN_small.yml"))["model_param"]
+    torch.manual_seed(3)
+    vq = VQGAN(cfg)
+    ours = str(tmp_path / "vqgan.pt")
+    torch.save(lab_state_dict(vq, vq.cfg.to_dict()), ours)
+    model = load_model(types.SimpleNamespace(transformer_ckpt=None, config=None, vqgan_ckpt=ours))
+    assert model.vqgan.cfg.dec_channels == list(cfg["dec_channels"]) != [48, 96, 192]
+    for name, p in vq.state_dict().items():
+        torch.testing.assert_close(model.vqgan.state_dict()[name], p, atol=0, rtol=0, msg=name)
+    bare = str(tmp_path / "VQGAN.pt")
+    torch.save(dict(vq.state_dict()), bare)  # no _metadata: the bundled config is assumed, and does not fit
+    with pytest.raises(CheckpointLayoutError, match="VQGAN.pt does not fit"):
+        load_model(types.SimpleNamespace(transformer_ckpt=None, config=None, vqgan_ckpt=bare))

@@ -65,6 +65,21 @@ def tokenizer_file_config(path: str) -> dict | None:
     return vqgan_file_config(load_checkpoint(path, "VQGAN checkpoint")) if os.path.isfile(path) else None
 
 
+def adopt_tokenizer(cfg: dict, path: str) -> str | None:
+    """Point ``cfg`` (a resolved MaskGit config) at the tokenizer file ``path`` (its VQ_CKPT_path) and
+    build that tokenizer as the file says: a file that stores its config (train_vqgan.py's vqgan.pt)
+    brings its own architecture; for one without (the lab's VQGAN.pt) the YAML's tokenizer config
+    stays. Returns a line for the log when the file's config replaced the YAML's, else None."""
+    path = os.path.abspath(resolve_path(path))
+    cfg["model_param"]["VQ_Configs"] = dict(cfg["model_param"].get("VQ_Configs") or {}, VQ_CKPT_path=path)
+    own = tokenizer_file_config(path)
+    if own is None or own == cfg["vqgan"]:
+        return None
+    note = f"tokenizer config: the one stored in {path} (the YAML's differs in {', '.join(config_diff(own, cfg['vqgan']))})"
+    cfg["vqgan"] = own
+    return note
+
+
 def vqgan_file_config(obj) -> dict | None:
     """The tokenizer config ``obj`` (a loaded tokenizer file) stores, completed with the defaults of
     the keys added since it was written; None for a file without one."""

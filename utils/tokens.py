@@ -99,18 +99,21 @@ def unseen_indices(val_folder: str, train_folder: str, val_files: list | None = 
                 out.append(hashlib.sha1(im.convert("RGB").tobytes()).digest())
         return out
 
-    train = set(digests(train_folder, train_files))
-    return torch.tensor([i for i, d in enumerate(digests(val_folder, val_files)) if d not in train],
-                        dtype=torch.long)
+    return _absent(digests(val_folder, val_files), digests(train_folder, train_files))
 
 
 def unseen_rows(val: torch.Tensor, train: torch.Tensor) -> torch.Tensor:
     """Indices of the images of ``val`` (N, 3, H, W uint8, in memory) whose pixels are those of no
     image of ``train`` (same layout): :func:`unseen_indices` for image stacks already loaded."""
-    def digest(x):
-        return hashlib.sha1(x.contiguous().numpy().tobytes()).digest()
-    seen = {digest(x) for x in train}
-    return torch.tensor([i for i, x in enumerate(val) if digest(x) not in seen], dtype=torch.long)
+    def digests(images):
+        return [hashlib.sha1(x.contiguous().numpy().tobytes()).digest() for x in images]
+    return _absent(digests(val), digests(train))
+
+
+def _absent(val_digests: list, train_digests: list) -> torch.Tensor:
+    """Indices into ``val_digests`` of the digests that ``train_digests`` lacks (long tensor)."""
+    seen = set(train_digests)
+    return torch.tensor([i for i, d in enumerate(val_digests) if d not in seen], dtype=torch.long)
 
 
 def unseen_val_paths(data_root: str, n: int | None = None) -> list:

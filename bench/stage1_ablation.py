@@ -77,6 +77,11 @@ VARIANTS.update({
                                     "--set", "dec_norm_group_channels=4"],
     # which part's groups: the 1.5x decoder with 4-channel groups in the decoder only (the encoder's as the recipe's)
     "recipe_dec1.5x_gn4dec": RECIPE + ["--set", "dec_channels=*1.5", "--set", "dec_norm_group_channels=4"],
+    # session 19, for the next H100 tokenizer run: the doubled step size on the bundled (1.5x) decoder, and the 2x
+    # decoder with the groups it has at H100 scale (64/128/256 channels: 2 per group in its last stage under the
+    # lab's rule, where the CPU scale's 32 channels get 1; at H100 scale the setting changes nothing)
+    "recipe_dec1.5x_lr8e-4": RECIPE + ["--set", "dec_channels=*1.5", "--learning-rate", "8e-4"],
+    "recipe_dec2x_gn2dec": RECIPE + ["--set", "dec_channels=*2", "--set", "dec_norm_group_channels=2"],
 })
 
 

@@ -12,7 +12,9 @@
 #                                                  # TOKENIZER_SET="dec_channels=[64,128,256]": the tokenizer's config
 #                                                  # overridden so (recipe copied to WORK/recipe.yml)
 #   bash bench/gpu_session.sh tok    $OUT [M]      # #13: the tokenizer stage alone for M minutes (default 8.5; TOKENIZER_SET
-#                                                  # as for pipe); its vqgan.pt comes back for score-tok, then for trans
+#                                                  # as for pipe; TOKENIZER_ARGS="learning_rate=8e-4": its options too);
+#                                                  # its vqgan.pt comes back for score-tok, then for trans. Next (session 19's
+#                                                  # CPU ablation): TOKENIZER_SET="dec_channels=[64,128,256]" TOKENIZER_ARGS="learning_rate=8e-4"
 #   bash bench/gpu_session.sh trans  $OUT [M]      # #13: the transformer alone for M minutes (default 8) on a trained
 #                                                  # tokenizer (pipeline.py --tokenizer; TOKENIZER=FILE, default the
 #                                                  # bundled one), and the test images inpainted (~9.5 min)
@@ -193,20 +195,26 @@ speed_steps() {  # speed_steps TESTS_S TRAIN_S DECODE_S FID_S [quick]: #14's fig
 }
 pipeline() {  # pipeline BUDGET_MINUTES (0: the recipe's own) [TIMEOUT_S]; TOKENIZER=FILE: pipeline.py --tokenizer FILE
   local budget=() stages=${STAGES:-tokenizer,tokens,transformer,inpaint} given=()
-  if [ -n "${TOKENIZER_SET:-}" ]; then  # the recipe with these tokenizer config overrides added to its `set`
-    # shellcheck disable=SC2086  # TOKENIZER_SET: several KEY=VALUE words
-    python - "$RECIPE" "$WORK/recipe.yml" $TOKENIZER_SET <<'PY' || exit
+  if [ -n "${TOKENIZER_SET:-}${TOKENIZER_ARGS:-}" ]; then  # the recipe with these tokenizer config overrides added to
+    # its `set`, and these tokenizer options (TOKENIZER_ARGS="learning_rate=8e-4": its args, values read as YAML)
+    # shellcheck disable=SC2086  # TOKENIZER_SET, TOKENIZER_ARGS: several KEY=VALUE words
+    python - "$RECIPE" "$WORK/recipe.yml" "${TOKENIZER_ARGS:-}" $TOKENIZER_SET <<'PY' || exit
 import sys
 import yaml
-src, dst, *sets = sys.argv[1:]
+src, dst, opts, *sets = sys.argv[1:]
 recipe = yaml.safe_load(open(src))
 args = recipe["tokenizer"].get("args") or {}
+for item in opts.split():
+    key, sep, value = item.partition("=")
+    if not sep:
+        sys.exit(f"TOKENIZER_ARGS: {item!r} is not KEY=VALUE")
+    args[key] = yaml.safe_load(value)
 old = args.get("set") or []
 recipe["tokenizer"]["args"] = {**args, "set": (old if isinstance(old, list) else [old]) + sets}
 yaml.safe_dump(recipe, open(dst, "w"), sort_keys=False)
 PY
     RECIPE=$WORK/recipe.yml
-    echo "recipe: $RECIPE with the tokenizer's set: $TOKENIZER_SET" | tee -a "$WORK/session.log"
+    echo "recipe: $RECIPE with the tokenizer's set: ${TOKENIZER_SET:-} and args: ${TOKENIZER_ARGS:-}" | tee -a "$WORK/session.log"
   fi
   [ "$1" != 0 ] && budget=(--budget-minutes "$1")
   [ -n "${TOKENIZER:-}" ] && given=(--tokenizer "$TOKENIZER")

@@ -32,7 +32,8 @@ from PIL import Image
 
 from common import SHARED_DATA, device_name, print_table, write_csv
 from inpainting import BUNDLED_CONFIG, BUNDLED_TRANSFORMER
-from utils.build import adopt_tokenizer, build_maskgit, checkpoint_config, load_inference_model, load_transformer_checkpoint
+from utils.build import (adopt_tokenizer, build_maskgit, checkpoint_config, load_inference_model,
+                         load_transformer_checkpoint)
 from utils.config import REPO_ROOT, load_maskgit_config, resolve_path
 from utils.checkpoint import stored_config
 from utils.cli import UserError, run_cli
@@ -50,9 +51,10 @@ from utils.tokens import unseen_val_paths
 
 def load_model(args):
     """The model scored as "ours", in eval mode on the CPU: the bundled small models (with
-    ``--vqgan-ckpt``, another tokenizer: the architecture its file stores, else the bundled config's), or ``--transformer-ckpt`` built as
-    inpainting.py builds it (the config the checkpoint stores, else ``--config``) with its tokenizer
-    from ``--vqgan-ckpt``; a file without a config needs ``--config``, and the tokenizer is never guessed."""
+    ``--vqgan-ckpt``, another tokenizer: the architecture its file stores, else the bundled config's),
+    or ``--transformer-ckpt`` built as inpainting.py builds it (the config the checkpoint stores, else
+    ``--config``) with its tokenizer from ``--vqgan-ckpt``; a file without a config needs ``--config``,
+    and the tokenizer is never guessed."""
     if args.transformer_ckpt:
         if args.vqgan_ckpt is None:  # a flag check first, before the checkpoint is read
             raise UserError("--transformer-ckpt needs --vqgan-ckpt: the tokenizer it was trained on (a pipeline "

@@ -75,7 +75,8 @@ def adopt_tokenizer(cfg: dict, path: str) -> str | None:
     own = tokenizer_file_config(path)
     if own is None or own == cfg["vqgan"]:
         return None
-    note = f"tokenizer config: the one stored in {path} (the YAML's differs in {', '.join(config_diff(own, cfg['vqgan']))})"
+    note = (f"tokenizer config: the one stored in {path} (the YAML's differs in "
+            f"{', '.join(config_diff(own, cfg['vqgan']))})")
     cfg["vqgan"] = own
     return note
 

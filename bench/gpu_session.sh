@@ -258,8 +258,8 @@ case "$PART" in
   tok)  # #13: the tokenizer stage alone, M minutes of training (0: the recipe's own steps); ~25 s more for start-up
         # and its final evaluation, so 8.5 fits the 560-s timeout. Checked on the CPU:
         # DEVICE=cpu RECIPE=config/pipeline_smoke.yml WORK=/tmp/w1 bash bench/gpu_session.sh tok /tmp/o1 0
-    M=${3:-8.5}
-    if [ "$M" = 0 ]; then STAGES=tokenizer pipeline 0; else STAGES=tokenizer MINUTES="tokenizer=$M" pipeline 0; fi
+    [ "${3:-8.5}" != 0 ] && MINUTES="tokenizer=${3:-8.5}"
+    STAGES=tokenizer pipeline 0
     ;;
   trans)  # #13: the transformer alone, M minutes (default 8), on a trained tokenizer (TOKENIZER, default the bundled
           # one; its copy comes back as vqgan.pt), then the 747 test images inpainted twice (lab, --paste-known).

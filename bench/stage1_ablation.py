@@ -82,6 +82,9 @@ VARIANTS.update({
     # lab's rule, where the CPU scale's 32 channels get 1; at H100 scale the setting changes nothing)
     "recipe_dec1.5x_lr8e-4": RECIPE + ["--set", "dec_channels=*1.5", "--learning-rate", "8e-4"],
     "recipe_dec2x_gn2dec": RECIPE + ["--set", "dec_channels=*2", "--set", "dec_norm_group_channels=2"],
+    # session 20: the two together, the exact recipe of the planned H100 tokenizer call
+    "recipe_dec2x_gn2dec_lr8e-4": RECIPE + ["--set", "dec_channels=*2", "--set", "dec_norm_group_channels=2",
+                                           "--learning-rate", "8e-4"],
 })
 
 

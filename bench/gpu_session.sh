@@ -17,7 +17,9 @@
 #                                                  # CPU ablation): TOKENIZER_SET="dec_channels=[64,128,256]" TOKENIZER_ARGS="learning_rate=8e-4"
 #   bash bench/gpu_session.sh trans  $OUT [M]      # #13: the transformer alone for M minutes (default 8) on a trained
 #                                                  # tokenizer (pipeline.py --tokenizer; TOKENIZER=FILE, default the
-#                                                  # bundled one), and the test images inpainted (~9.5 min)
+#                                                  # bundled one), and the test images inpainted (~9.5 min);
+#                                                  # TRANSFORMER_SET="model_param.Transformer_param.dim=320 ..." and
+#                                                  # TRANSFORMER_ARGS="warmup_steps=500": the transformer's config and options
 #   bash bench/gpu_session.sh dec    $OUT [M]      # #13: decoder fine-tune of M minutes (default 2) of the pipe call's
 #                                                  # tokenizer if this machine still has it, else of .devdata/vqgan_init.pt
 #                                                  # (copy a returned vqgan.pt there to carry it), else of the bundled one
@@ -195,26 +197,33 @@ speed_steps() {  # speed_steps TESTS_S TRAIN_S DECODE_S FID_S [quick]: #14's fig
 }
 pipeline() {  # pipeline BUDGET_MINUTES (0: the recipe's own) [TIMEOUT_S]; TOKENIZER=FILE: pipeline.py --tokenizer FILE
   local budget=() stages=${STAGES:-tokenizer,tokens,transformer,inpaint} given=()
-  if [ -n "${TOKENIZER_SET:-}${TOKENIZER_ARGS:-}" ]; then  # the recipe with these tokenizer config overrides added to
-    # its `set`, and these tokenizer options (TOKENIZER_ARGS="learning_rate=8e-4": its args, values read as YAML)
-    # shellcheck disable=SC2086  # TOKENIZER_SET, TOKENIZER_ARGS: several KEY=VALUE words
-    python - "$RECIPE" "$WORK/recipe.yml" "${TOKENIZER_ARGS:-}" $TOKENIZER_SET <<'PY' || exit
+  if [ -n "${TOKENIZER_SET:-}${TOKENIZER_ARGS:-}${TRANSFORMER_SET:-}${TRANSFORMER_ARGS:-}" ]; then
+    # the recipe copied with a stage's config overrides added to its `set` (TOKENIZER_SET="dec_channels=[64,128,256]",
+    # TRANSFORMER_SET="model_param.Transformer_param.dim=320") and options to its args (TOKENIZER_ARGS=
+    # "learning_rate=8e-4", TRANSFORMER_ARGS="warmup_steps=500": values read as YAML); each several KEY=VALUE words
+    python - "$RECIPE" "$WORK/recipe.yml" <<'PY' || exit
+import os
 import sys
 import yaml
-src, dst, opts, *sets = sys.argv[1:]
+src, dst = sys.argv[1:]
 recipe = yaml.safe_load(open(src))
-args = recipe["tokenizer"].get("args") or {}
-for item in opts.split():
-    key, sep, value = item.partition("=")
-    if not sep:
-        sys.exit(f"TOKENIZER_ARGS: {item!r} is not KEY=VALUE")
-    args[key] = yaml.safe_load(value)
-old = args.get("set") or []
-recipe["tokenizer"]["args"] = {**args, "set": (old if isinstance(old, list) else [old]) + sets}
+for stage in ("tokenizer", "transformer"):
+    opts, sets = (os.environ.get(f"{stage.upper()}_{kind}", "").split() for kind in ("ARGS", "SET"))
+    args = recipe[stage].get("args") or {}
+    for item in opts:
+        key, sep, value = item.partition("=")
+        if not sep:
+            sys.exit(f"{stage.upper()}_ARGS: {item!r} is not KEY=VALUE")
+        args[key] = yaml.safe_load(value)
+    if sets:
+        old = args.get("set") or []
+        args["set"] = (old if isinstance(old, list) else [old]) + sets
+    recipe[stage]["args"] = args
 yaml.safe_dump(recipe, open(dst, "w"), sort_keys=False)
 PY
     RECIPE=$WORK/recipe.yml
-    echo "recipe: $RECIPE with the tokenizer's set: ${TOKENIZER_SET:-} and args: ${TOKENIZER_ARGS:-}" | tee -a "$WORK/session.log"
+    echo "recipe: $RECIPE with the tokenizer's set: ${TOKENIZER_SET:-} and args: ${TOKENIZER_ARGS:-};" \
+      "the transformer's set: ${TRANSFORMER_SET:-} and args: ${TRANSFORMER_ARGS:-}" | tee -a "$WORK/session.log"
   fi
   [ "$1" != 0 ] && budget=(--budget-minutes "$1")
   [ -n "${TOKENIZER:-}" ] && given=(--tokenizer "$TOKENIZER")

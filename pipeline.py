@@ -6,6 +6,7 @@ decoding report, summary.json and summary.md).
     python pipeline.py --recipe config/pipeline_smoke.yml --out /tmp/pipe_smoke   # CPU smoke run, ~1 min
     python pipeline.py --stages inpaint,fid --force inpaint     # redo the inpainting and the FID only
     python pipeline.py --tokenizer checkpoints/vqgan_small_fp16.pt   # a trained tokenizer: the transformer on it
+    python pipeline.py --arg tokenizer.learning_rate=8e-4         # a recipe option changed without editing the YAML
 
 Rerun the same command after Ctrl-C: finished stages are skipped, an interrupted trainer resumes.
 The stages and the recipe format: ``utils/pipeline.py`` and ``config/pipeline.yml``.
@@ -13,7 +14,7 @@ The stages and the recipe format: ``utils/pipeline.py`` and ``config/pipeline.ym
 from __future__ import annotations
 
 from utils.cli import ArgumentParser, run_cli
-from utils.pipeline import STAGES, PipelineOptions, run_pipeline
+from utils.pipeline import ARG_STAGES, STAGES, PipelineOptions, run_pipeline
 
 
 def parse_args(argv=None) -> PipelineOptions:
@@ -38,6 +39,11 @@ def parse_args(argv=None) -> PipelineOptions:
     p.add_argument("--minutes", nargs="+", default=[], metavar="STAGE=M",
                    help="replace the recipe's minutes of these stages, e.g. --minutes tokenizer=5.5 "
                         "transformer=2.5 (applied before --budget-minutes scales them all)")
+    p.add_argument("--arg", nargs="+", default=[], metavar="STAGE.KEY=VALUE", dest="recipe_args",
+                   help="set a recipe option of a stage without editing the YAML, e.g. --arg "
+                        "tokenizer.learning_rate=8e-4 transformer.hflip=false 'tokenizer.set=dec_channels=[64,128,256]' "
+                        "(KEY as in the recipe's args, VALUE read as YAML; a `set` item is added to the recipe's "
+                        "set list)")
     p.add_argument("--stages", default=",".join(STAGES),
                    help=f"comma-separated subset of {','.join(STAGES)} to run (in that order)")
     p.add_argument("--force", default=None, choices=STAGES,
@@ -63,8 +69,16 @@ def parse_args(argv=None) -> PipelineOptions:
             p.error(f"--minutes {item}: expected STAGE=MINUTES with STAGE one of {','.join(STAGES)} and "
                     f"MINUTES a number >= 0")
         minutes[stage] = m
+    recipe_args = []
+    for item in args.recipe_args:
+        target, sep, value = item.partition("=")
+        stage, dot, key = target.partition(".")
+        if not sep or not dot or not key or stage not in ARG_STAGES:
+            p.error(f"--arg {item}: expected STAGE.KEY=VALUE with STAGE one of {','.join(ARG_STAGES)}")
+        recipe_args.append((stage, key, value))
     return PipelineOptions(args.recipe, args.out, args.data, args.gt, args.device, args.budget_minutes,
-                           tuple(minutes.items()), stages, args.force, args.dry_run, args.tokenizer)
+                           tuple(minutes.items()), stages, args.force, args.dry_run, args.tokenizer,
+                           tuple(recipe_args))
 
 
 def main(argv=None) -> dict:

@@ -10,7 +10,7 @@
 #   bash bench/gpu_session.sh pipe   $OUT [M]      # #13: pipeline.py --budget-minutes M (default 10: trainers 3.6 min each), up to inpainting;
 #                                                  # M 0 with MINUTES="tokenizer=5.5 transformer=2.5": those minutes exactly;
 #                                                  # TOKENIZER_SET="dec_channels=[64,128,256]": the tokenizer's config
-#                                                  # overridden so (recipe copied to WORK/recipe.yml)
+#                                                  # overridden so (pipeline.py --arg tokenizer.set=...)
 #   bash bench/gpu_session.sh tok    $OUT [M]      # #13: the tokenizer stage alone for M minutes (default 8.5; TOKENIZER_SET
 #                                                  # as for pipe; TOKENIZER_ARGS="learning_rate=8e-4": its options too);
 #                                                  # its vqgan.pt comes back for score-tok, then for trans. Next (session 19's
@@ -197,40 +197,29 @@ speed_steps() {  # speed_steps TESTS_S TRAIN_S DECODE_S FID_S [quick]: #14's fig
 }
 pipeline() {  # pipeline BUDGET_MINUTES (0: the recipe's own) [TIMEOUT_S]; TOKENIZER=FILE: pipeline.py --tokenizer FILE
   local budget=() stages=${STAGES:-tokenizer,tokens,transformer,inpaint} given=()
-  if [ -n "${TOKENIZER_SET:-}${TOKENIZER_ARGS:-}${TRANSFORMER_SET:-}${TRANSFORMER_ARGS:-}" ]; then
-    # the recipe copied with a stage's config overrides added to its `set` (TOKENIZER_SET="dec_channels=[64,128,256]",
-    # TRANSFORMER_SET="model_param.Transformer_param.dim=320") and options to its args (TOKENIZER_ARGS=
-    # "learning_rate=8e-4", TRANSFORMER_ARGS="warmup_steps=500": values read as YAML); each several KEY=VALUE words
-    python - "$RECIPE" "$WORK/recipe.yml" <<'PY' || exit
-import os
-import sys
-import yaml
-src, dst = sys.argv[1:]
-recipe = yaml.safe_load(open(src))
-for stage in ("tokenizer", "transformer"):
-    opts, sets = (os.environ.get(f"{stage.upper()}_{kind}", "").split() for kind in ("ARGS", "SET"))
-    args = recipe[stage].get("args") or {}
-    for item in opts:
-        key, sep, value = item.partition("=")
-        if not sep:
-            sys.exit(f"{stage.upper()}_ARGS: {item!r} is not KEY=VALUE")
-        args[key] = yaml.safe_load(value)
-    if sets:
-        old = args.get("set") or []
-        args["set"] = (old if isinstance(old, list) else [old]) + sets
-    recipe[stage]["args"] = args
-yaml.safe_dump(recipe, open(dst, "w"), sort_keys=False)
-PY
-    RECIPE=$WORK/recipe.yml
-    echo "recipe: $RECIPE with the tokenizer's set: ${TOKENIZER_SET:-} and args: ${TOKENIZER_ARGS:-};" \
-      "the transformer's set: ${TRANSFORMER_SET:-} and args: ${TRANSFORMER_ARGS:-}" | tee -a "$WORK/session.log"
+  # a stage's config overrides added to its `set` (TOKENIZER_SET="dec_channels=[64,128,256]", TRANSFORMER_SET=
+  # "model_param.Transformer_param.dim=320") and options to its args (TOKENIZER_ARGS="learning_rate=8e-4",
+  # TRANSFORMER_ARGS="warmup_steps=500"; values read as YAML), each several KEY=VALUE words: pipeline.py --arg
+  local recipe_args=() words word stage kind var
+  for stage in tokenizer transformer; do
+    for kind in SET ARGS; do
+      var=${stage^^}_$kind
+      read -ra words <<<"${!var:-}"
+      for word in "${words[@]}"; do
+        if [ "$kind" = SET ]; then recipe_args+=("$stage.set=$word"); else recipe_args+=("$stage.$word"); fi
+      done
+    done
+  done
+  if [ ${#recipe_args[@]} -gt 0 ]; then
+    echo "recipe: $RECIPE with --arg ${recipe_args[*]}" | tee -a "$WORK/session.log"
+    recipe_args=(--arg "${recipe_args[@]}")
   fi
   [ "$1" != 0 ] && budget=(--budget-minutes "$1")
   [ -n "${TOKENIZER:-}" ] && given=(--tokenizer "$TOKENIZER")
   [ "$FID_WEIGHTS" = 1 ] && [ -z "${STAGES:-}" ] && stages=$stages,fid
   # shellcheck disable=SC2086  # MINUTES: several STAGE=M words
   run pipeline timeout "${2:-560}" python pipeline.py --recipe "$RECIPE" --out "$WORK/pipeline" --device "$DEVICE" \
-    --stages "$stages" "${budget[@]}" "${given[@]}" ${MINUTES:+--minutes $MINUTES}
+    --stages "$stages" "${budget[@]}" "${given[@]}" "${recipe_args[@]}" ${MINUTES:+--minutes $MINUTES}
   cat "$WORK/pipeline/summary.md" >>"$WORK/session.log" 2>/dev/null
 }
 case "$PART" in

@@ -515,6 +515,65 @@ def test_transformer_time_budget_is_kept_on_resume(tiny_world, tmp_path, monkeyp
     assert r["step"] == ck["step"] == 75 and ck["epochs"] == first["epochs"]
 
 
+ARGS = ["tokenizer.learning_rate=8e-4", "tokenizer.set=latent_dim=8", "transformer.no_progress=false",
+        "transformer.set=model_param.Transformer_param.n_layers=2", "inpaint.total_iter=4", "inpaint.total_iter=5"]
+
+
+def test_arg_runs_what_the_edited_recipe_runs(tmp_path):
+    """--arg STAGE.KEY=VALUE gives every stage the commands of a recipe YAML edited by hand the same way
+    (VALUE read as YAML, false drops a flag, a set item joins the recipe's set list, the last of two
+    wins), and the token cache's shown command repeats the --arg words, which parse back to themselves."""
+    world = make_world(tmp_path / "world", n_train=1, n_val=1, n_test=1)
+    with open(SMOKE) as f:
+        edited = yaml.safe_load(f)
+    edited["tokenizer"]["args"]["set"] = ["codebook_norm=true"]  # a set list of its own, which --arg adds to
+    base_recipe = tmp_path / "base.yml"
+    base_recipe.write_text(yaml.safe_dump(edited, sort_keys=False))
+    tok, trans = edited["tokenizer"]["args"], edited["transformer"]["args"]
+    tok["learning_rate"] = 8e-4
+    tok["set"] = [*(tok.get("set") or []), "latent_dim=8"]
+    trans["no_progress"] = False
+    trans["set"] = [*(trans.get("set") or []), "model_param.Transformer_param.n_layers=2"]
+    edited["inpaint"]["args"]["total_iter"] = 5
+    path = tmp_path / "edited.yml"
+    path.write_text(yaml.safe_dump(edited, sort_keys=False))
+    base = ["--out", str(tmp_path / "out"), "--data", world["root"], "--device", "cpu", "--dry-run"]
+    by_arg = pipeline.main(["--recipe", str(base_recipe), "--arg", *ARGS, *base])["commands"]
+    by_yaml = pipeline.main(["--recipe", str(path), *base])["commands"]
+    assert by_arg.keys() == by_yaml.keys() == set(STAGES)
+    for stage in ("transformer", "inpaint", "fid"):
+        assert by_arg[stage] == by_yaml[stage], stage
+    # the tokenizer's: the same options once its own parser has read them (YAML reads 8e-4 as text, the
+    # edited file holds the float 0.0008: train_vqgan.py gets 8e-4 either way)
+    import train_vqgan
+    got, want = (vars(train_vqgan.parse_args(shlex.split(c["tokenizer"][0])[2:])) for c in (by_arg, by_yaml))
+    assert got == want and got["learning_rate"] == 8e-4 and got["set"] == ["codebook_norm=true", "latent_dim=8"]
+    trans_argv = shlex.split(by_arg["transformer"][0])
+    assert "--no-progress" not in trans_argv and "vqgan.latent_dim=8" in trans_argv  # the tokenizer's set reaches it
+    assert "vqgan.codebook_norm=true" in trans_argv
+    shown = shlex.split(by_arg["tokens"][0].split("  #")[0])
+    assert pipeline.parse_args(shown[2:]).recipe_args == pipeline.parse_args(["--arg", *ARGS]).recipe_args
+    assert not os.path.exists(tmp_path / "out")
+
+
+@pytest.mark.parametrize("arg, code, expected", [
+    ("tokens.minutes=1", 2, "--arg tokens.minutes=1: expected STAGE.KEY=VALUE with STAGE one of "
+                            "tokenizer,transformer,inpaint,fid"),
+    ("tokenizer.learning_rate", 2, "expected STAGE.KEY=VALUE"),
+    ("learning_rate=1e-3", 2, "expected STAGE.KEY=VALUE"),
+    ("tokenizer.frobnicate=3", 1, "pipeline.py: error: --arg tokenizer.frobnicate: train_vqgan.py has no option "
+                                  "--frobnicate"),
+    ("tokenizer.out_dir=x", 1, "pipeline.py: error: --arg tokenizer.out_dir: --out-dir is set by the pipeline"),
+    ("inpaint.total_iter=x", 1, "and --arg: inpaint: argument --total-iter: invalid int value: 'x'"),
+    ("tokenizer.learning_rate=[1", 1, "pipeline.py: error: --arg tokenizer.learning_rate=[1: not a YAML value"),
+])
+def test_arg_errors_name_the_arg(tmp_path, capsys, arg, code, expected):
+    world = make_world(tmp_path / "world", n_train=1, n_val=1, n_test=1)
+    got, err = run(args_for(world, SMOKE, tmp_path / "out", "--arg", arg), capsys)
+    assert got == code and expected in err and err.count("\n") == 1
+    assert not os.path.exists(tmp_path / "out")
+
+
 def test_tokenizer_overrides_reach_the_transformer(tmp_path):
     """A recipe that changes the tokenizer config with `set` (e.g. the l2-normalised codebook) trains the
     transformer on that very tokenizer: the check before any work passes and the transformer's resolved

@@ -40,6 +40,7 @@ import signal
 import time
 
 import torch
+import yaml
 from PIL import Image
 
 from models import VQGAN
@@ -55,6 +56,7 @@ from .metrics import psnr
 from .runtime import create_logger, get_device
 
 STAGES = ("tokenizer", "tokens", "transformer", "inpaint", "fid")
+ARG_STAGES = tuple(s for s in STAGES if s != "tokens")  # the stages with args (the token cache uses the transformer's)
 TRAINERS = ("tokenizer", "transformer")  # resumable from <stage>/last.pt
 NEEDS = {"tokens": ("tokenizer",), "transformer": ("tokenizer",), "inpaint": ("tokenizer", "transformer"),
          "fid": ("tokenizer", "inpaint")}  # the finished stages whose outputs a stage reads
@@ -81,7 +83,19 @@ class Recipe:
     """A recipe YAML: per stage the minutes of its time budget and its script's options."""
     path: str
     minutes: dict  # stage -> float (0: no budget)
-    args: dict  # stage -> {key: value} as written in the YAML
+    args: dict  # stage -> {key: value} as written in the YAML, then with pipeline.py's --arg applied
+    given: tuple = ()  # pipeline.py's --arg words as typed ("stage.key=value")
+
+    @property
+    def source(self) -> str:
+        return self.path + (" and --arg" if self.given else "")
+
+    def where(self, stage: str, key: str | None = None) -> str:
+        """Where a stage's (or one option's) value comes from, for error messages."""
+        if key is not None and f"{stage}.{key}" in {g.partition("=")[0] for g in self.given}:
+            return f"--arg {stage}.{key}"
+        plus = " and --arg" if any(g.startswith(f"{stage}.") for g in self.given) else ""
+        return f"{self.path}{plus}: {stage}" + (f".args.{key}" if key is not None else "")
 
 
 def load_recipe(path: str) -> Recipe:
@@ -106,6 +120,22 @@ def load_recipe(path: str) -> Recipe:
             raise UserError(f"{path}: {stage}.args must be a mapping of option: value")
         minutes[stage], args[stage] = float(m), dict(section.get("args") or {})
     return Recipe(path, minutes, args)
+
+
+def with_recipe_args(recipe: Recipe, given: tuple) -> Recipe:
+    """The recipe with pipeline.py's ``--arg STAGE.KEY=VALUE`` applied in order: VALUE read as YAML replaces
+    the recipe's value (``false`` / ``null`` drop a flag); a ``set`` item is added to the stage's set list."""
+    args = {stage: dict(a) for stage, a in recipe.args.items()}
+    for stage, key, value in given:
+        if key == "set":  # KEY=VALUE words of the script's --set, kept as text
+            old = args[stage].get("set") or []
+            args[stage]["set"] = [*(old if isinstance(old, list) else [old]), value]
+            continue
+        try:
+            args[stage][key] = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError as e:
+            raise UserError(f"--arg {stage}.{key}={value}: not a YAML value ({one_line(e)})") from e
+    return dataclasses.replace(recipe, args=args, given=tuple(f"{st}.{k}={v}" for st, k, v in given))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,7 +201,7 @@ def recipe_argv(recipe: Recipe, stage: str, leave_out: tuple = ()) -> list:
     """A stage's ``args`` as command-line arguments of its script (without the options ``leave_out``)."""
     script, flags, argv = SCRIPTS[stage], script_flags(SCRIPTS[stage]), []
     for key, value in recipe.args[stage].items():
-        where = f"{recipe.path}: {stage}.args.{key}"
+        where = recipe.where(stage, key)
         flag = flags.get(f"--{key}") or flags.get(f"--{str(key).replace('_', '-')}")
         if flag is None:
             close = difflib.get_close_matches(f"--{str(key).replace('_', '-')}", list(flags), n=1, cutoff=0.75)
@@ -215,6 +245,7 @@ class PipelineOptions:
     force: str | None = None
     dry_run: bool = False
     tokenizer: str | None = None  # a trained tokenizer file: the tokenizer stage copies it instead of training
+    recipe_args: tuple = ()  # ((stage, key, value text), ...): --arg, applied to the recipe's args in order
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,7 +272,7 @@ class Context:
 
 
 def make_context(opts: PipelineOptions) -> Context:
-    recipe = load_recipe(opts.recipe)
+    recipe = with_recipe_args(load_recipe(opts.recipe), opts.recipe_args)
     if opts.minutes:
         recipe = dataclasses.replace(recipe, minutes={**recipe.minutes, **dict(opts.minutes)})
     tokenizer = None
@@ -355,7 +386,7 @@ def check_context(ctx: Context, stages: tuple, force: str | None = None) -> None
     architecture itself comes with its vqgan.pt (training_transformer.py reads the config stored in it)."""
     for stage in stages:
         for script, argv in COMMANDS[stage](ctx):
-            check_argv(script, argv, f"{ctx.recipe.path}: {stage}")
+            check_argv(script, argv, ctx.recipe.where(stage))
     tt = script_module("training_transformer.py")
     opts = tt.parse_options(transformer_commands(ctx)[0][1])
     try:
@@ -368,11 +399,11 @@ def check_context(ctx: Context, stages: tuple, force: str | None = None) -> None
         trained = VQGANConfig.from_dict(vq_cfg)
         mp = load_maskgit_config(opts.MaskGitConfig, list(opts.set))["model_param"]
     except ConfigError as e:
-        raise UserError(f"{ctx.recipe.path}: {e}") from e
+        raise UserError(f"{ctx.recipe.source}: {e}") from e
     tokens, codes = trained.latent_resolution ** 2, trained.num_codebook_vectors
     for where, part in (("model_param", mp), ("model_param.Transformer_param", mp.get("Transformer_param") or {})):
         if (part.get("num_image_tokens"), part.get("num_codebook_vectors")) != (tokens, codes):
-            raise UserError(f"{ctx.recipe.path}: the tokenizer ({vq_path}) makes {tokens} tokens of {codes} codes per "
+            raise UserError(f"{ctx.recipe.source}: the tokenizer ({vq_path}) makes {tokens} tokens of {codes} codes per "
                             f"image but the transformer's {opts.MaskGitConfig} expects "
                             f"{part.get('num_image_tokens')} of {part.get('num_codebook_vectors')}: set "
                             f"{where}.num_image_tokens and num_codebook_vectors to match")
@@ -434,8 +465,9 @@ def shown_commands(ctx: Context, stage: str, commands: list) -> list:
         return [shlex.join(["cp", ctx.tokenizer, ctx.dir("tokenizer", "vqgan.pt")])
                 + "  # pipeline.py --tokenizer: a trained tokenizer, not trained here"]
     if stage == "tokens":  # no script of its own: the transformer's command makes the cache on its start
-        return [command_line("pipeline.py", ["--recipe", ctx.recipe.path, "--out", ctx.out, "--data", ctx.data,
-                                             "--device", ctx.device, "--stages", "tokens"])
+        given = ["--arg", *ctx.recipe.given] if ctx.recipe.given else []
+        return [command_line("pipeline.py", ["--recipe", ctx.recipe.path, *given, "--out", ctx.out, "--data",
+                                             ctx.data, "--device", ctx.device, "--stages", "tokens"])
                 + "  # or the transformer's command, which encodes the images on its start"]
     return [command_line(script, argv) for script, argv in commands]
 
@@ -613,7 +645,7 @@ def stage_record(ctx: Context, stage: str, note: str | None) -> dict:
 
 def write_summary(ctx: Context, opts: PipelineOptions, notes: dict) -> dict:
     stages = {s: stage_record(ctx, s, notes.get(s)) for s in STAGES}
-    summary = {"updated": now(), "recipe": ctx.recipe.path, "out": ctx.out, "data": ctx.data, "gt": ctx.gt,
+    summary = {"updated": now(), "recipe": ctx.recipe.path, "recipe_args": list(ctx.recipe.given), "out": ctx.out, "data": ctx.data, "gt": ctx.gt,
                "device": ctx.device, "budget_minutes": opts.budget_minutes, "budget_scale": ctx.scale,
                "wall_s": sum(r["wall_s"] for r in stages.values()), "stages": stages}
     write_json(os.path.join(ctx.out, "summary.json"), summary)
@@ -625,7 +657,8 @@ def summary_markdown(s: dict) -> str:
     budget = f", budget {s['budget_minutes']:g} min (recipe minutes x{s['budget_scale']:.3g})" \
         if s["budget_minutes"] else ""
     lines = ["# Pipeline summary", "",
-             f"Recipe `{s['recipe']}`, data `{s['data']}`, originals `{s['gt'] or 'none (FID skipped)'}`; last "
+             f"Recipe `{s['recipe']}`" + "".join(f" `--arg {g}`" for g in s.get("recipe_args") or []) +
+             f", data `{s['data']}`, originals `{s['gt'] or 'none (FID skipped)'}`; last "
              f"invoked with device `{s['device']}`{budget}. Updated {s['updated']}; total wall time "
              f"{duration(s['wall_s'])}. Each stage's row shows the device and the minutes it ran with.", "",
              "| stage | status | ran on | wall time | key figures |", "| --- | --- | --- | --- | --- |"]
@@ -736,7 +769,8 @@ def run_pipeline(opts: PipelineOptions) -> dict:
         return {"commands": cmds}
     os.makedirs(ctx.out, exist_ok=True)
     log = create_logger("pipeline", os.path.join(ctx.out, "pipeline.log"))
-    log.info("pipeline: recipe %s -> %s (stages %s%s%s)", ctx.recipe.path, ctx.out, ",".join(selected),
+    log.info("pipeline: recipe %s%s -> %s (stages %s%s%s)", ctx.recipe.path,
+             "".join(f" --arg {g}" for g in ctx.recipe.given), ctx.out, ",".join(selected),
              "".join(f", {s} {m:g} min" for s, m in opts.minutes),
              f", budget {opts.budget_minutes:g} min" if opts.budget_minutes else "")
     if warning:

@@ -403,8 +403,8 @@ def check_context(ctx: Context, stages: tuple, force: str | None = None) -> None
     tokens, codes = trained.latent_resolution ** 2, trained.num_codebook_vectors
     for where, part in (("model_param", mp), ("model_param.Transformer_param", mp.get("Transformer_param") or {})):
         if (part.get("num_image_tokens"), part.get("num_codebook_vectors")) != (tokens, codes):
-            raise UserError(f"{ctx.recipe.source}: the tokenizer ({vq_path}) makes {tokens} tokens of {codes} codes per "
-                            f"image but the transformer's {opts.MaskGitConfig} expects "
+            raise UserError(f"{ctx.recipe.source}: the tokenizer ({vq_path}) makes {tokens} tokens of {codes} codes "
+                            f"per image but the transformer's {opts.MaskGitConfig} expects "
                             f"{part.get('num_image_tokens')} of {part.get('num_codebook_vectors')}: set "
                             f"{where}.num_image_tokens and num_codebook_vectors to match")
 
@@ -645,8 +645,9 @@ def stage_record(ctx: Context, stage: str, note: str | None) -> dict:
 
 def write_summary(ctx: Context, opts: PipelineOptions, notes: dict) -> dict:
     stages = {s: stage_record(ctx, s, notes.get(s)) for s in STAGES}
-    summary = {"updated": now(), "recipe": ctx.recipe.path, "recipe_args": list(ctx.recipe.given), "out": ctx.out, "data": ctx.data, "gt": ctx.gt,
-               "device": ctx.device, "budget_minutes": opts.budget_minutes, "budget_scale": ctx.scale,
+    summary = {"updated": now(), "recipe": ctx.recipe.path, "recipe_args": list(ctx.recipe.given), "out": ctx.out,
+               "data": ctx.data, "gt": ctx.gt, "device": ctx.device, "budget_minutes": opts.budget_minutes,
+               "budget_scale": ctx.scale,
                "wall_s": sum(r["wall_s"] for r in stages.values()), "stages": stages}
     write_json(os.path.join(ctx.out, "summary.json"), summary)
     atomic_write_text(os.path.join(ctx.out, "summary.md"), summary_markdown(summary))

@@ -42,8 +42,8 @@ def parse_args(argv=None) -> PipelineOptions:
     p.add_argument("--arg", nargs="+", default=[], metavar="STAGE.KEY=VALUE", dest="recipe_args",
                    help="set a recipe option of a stage without editing the YAML, e.g. --arg "
                         "tokenizer.learning_rate=8e-4 transformer.hflip=false "
-                        "'tokenizer.set=dec_channels=[64,128,256]' (KEY as in the recipe's args, VALUE read as YAML; a `set` item is added to the recipe's "
-                        "set list)")
+                        "'tokenizer.set=dec_channels=[64,128,256]' (KEY as in the recipe's args, VALUE read as "
+                        "YAML; a `set` item is added to the recipe's set list)")
     p.add_argument("--stages", default=",".join(STAGES),
                    help=f"comma-separated subset of {','.join(STAGES)} to run (in that order)")
     p.add_argument("--force", default=None, choices=STAGES,

@@ -86,16 +86,16 @@ class Recipe:
     args: dict  # stage -> {key: value} as written in the YAML, then with pipeline.py's --arg applied
     given: tuple = ()  # pipeline.py's --arg words as typed ("stage.key=value")
 
-    @property
-    def source(self) -> str:
-        return self.path + (" and --arg" if self.given else "")
+    def source(self, stage: str | None = None) -> str:
+        """The recipe file, and --arg where it changed (this stage's) options: for error messages."""
+        changed = any(stage is None or g.startswith(f"{stage}.") for g in self.given)
+        return self.path + (" and --arg" if changed else "")
 
     def where(self, stage: str, key: str | None = None) -> str:
         """Where a stage's (or one option's) value comes from, for error messages."""
         if key is not None and f"{stage}.{key}" in {g.partition("=")[0] for g in self.given}:
             return f"--arg {stage}.{key}"
-        plus = " and --arg" if any(g.startswith(f"{stage}.") for g in self.given) else ""
-        return f"{self.path}{plus}: {stage}" + (f".args.{key}" if key is not None else "")
+        return f"{self.source(stage)}: {stage}" + (f".args.{key}" if key is not None else "")
 
 
 def load_recipe(path: str) -> Recipe:
@@ -399,11 +399,11 @@ def check_context(ctx: Context, stages: tuple, force: str | None = None) -> None
         trained = VQGANConfig.from_dict(vq_cfg)
         mp = load_maskgit_config(opts.MaskGitConfig, list(opts.set))["model_param"]
     except ConfigError as e:
-        raise UserError(f"{ctx.recipe.source}: {e}") from e
+        raise UserError(f"{ctx.recipe.source()}: {e}") from e
     tokens, codes = trained.latent_resolution ** 2, trained.num_codebook_vectors
     for where, part in (("model_param", mp), ("model_param.Transformer_param", mp.get("Transformer_param") or {})):
         if (part.get("num_image_tokens"), part.get("num_codebook_vectors")) != (tokens, codes):
-            raise UserError(f"{ctx.recipe.source}: the tokenizer ({vq_path}) makes {tokens} tokens of {codes} codes "
+            raise UserError(f"{ctx.recipe.source()}: the tokenizer ({vq_path}) makes {tokens} tokens of {codes} codes "
                             f"per image but the transformer's {opts.MaskGitConfig} expects "
                             f"{part.get('num_image_tokens')} of {part.get('num_codebook_vectors')}: set "
                             f"{where}.num_image_tokens and num_codebook_vectors to match")

@@ -177,10 +177,13 @@ def main(argv=None) -> dict:
     if not args.data:
         summary["cats generated with"] = (f"sample, temperature {args.gen_temperature:g}" if args.gen_temperature
                                           else "argmax")
+    report_ids = [i for i in (0, 1) if i < len(ds)]
+    done = {}  # schedule -> {id: Decoded}: the schedule report draws these runs' decodes of its images
     for s in SCHEDULES:
         o = InpaintOptions(**{**opts.__dict__, "mask_func": s, "gif": s == "cosine"})
+        done[s] = dict.fromkeys(report_ids)
         res = run_inpainting(model, ds, os.path.join(root, f"inpaint_{s}"), o, device, 32, gt_dir,
-                             not args.no_progress)
+                             not args.no_progress, keep=done[s])
         if "psnr_hole" in res:
             summary[f"{s}: hole PSNR / SSIM"] = f"{res['psnr_hole']:.2f} dB / {res['ssim_hole']:.3f}"
         if args.data and args.gt:
@@ -195,7 +198,7 @@ def main(argv=None) -> dict:
             if not os.path.exists(link):
                 os.symlink(os.path.abspath(img_dir if k == "masked_image" else mask_dir), link)
         overview(root, min(len(ds), 8), os.path.join(root, "report.png"), False)
-    schedule_report(model, ds, [0, 1], list(SCHEDULES), opts, device, os.path.join(root, "schedules.png"))
+    schedule_report(model, ds, report_ids, list(SCHEDULES), opts, device, os.path.join(root, "schedules.png"), done)
     summary["seconds"] = round(time.time() - t0, 1)
     page = write_html(root, summary, not args.data, n_dark, args.gen_temperature)
     for k, v in summary.items():

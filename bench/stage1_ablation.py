@@ -85,6 +85,10 @@ VARIANTS.update({
     # session 20: the two together, the exact recipe of the planned H100 tokenizer call
     "recipe_dec2x_gn2dec_lr8e-4": RECIPE + ["--set", "dec_channels=*2", "--set", "dec_norm_group_channels=2",
                                            "--learning-rate", "8e-4"],
+    # session 21: the encoder 1.5x wider beside that 2x decoder (more than one channel per group in its first stages
+    # at both scales, as the wider decoder's)
+    "recipe_dec2x_gn2dec_enc1.5x": RECIPE + ["--set", "dec_channels=*2", "--set", "dec_norm_group_channels=2",
+                                            "--set", "enc_channels=*1.5"],
 })
 
 

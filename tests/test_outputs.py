@@ -4,6 +4,7 @@ import os
 import threading
 import time
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -146,3 +147,39 @@ def test_inpainting_reports_a_failed_write_by_name(tiny_run, tmp_path, monkeypat
         run_cli(lambda argv: run_inpainting(model, ds, str(tmp_path / "o2"), InpaintOptions(total_iter=2),
                                             "cpu", 4, progress=False), [])
     assert e.value.code == 1 and "image_003.png" in capsys.readouterr().err
+
+
+def test_schedule_report_draws_the_kept_decodes_as_it_would_decode_them(tiny_run, tmp_path, monkeypatch):
+    """demo.py's path: the runs keep their decodes of the report's images, and the report drawn from
+    them is the picture the report decodes itself (batch of 4 there, batch of 1 here); a kept decode
+    made with other options (another seed) is decoded again, not drawn."""
+    model, ds = tiny_run
+    opts = InpaintOptions(total_iter=4, token_choice="sample", seed=3)
+    ids, schedules = [1, 4], ["cosine", "square"]
+    done = {}
+    for s in schedules:
+        done[s] = dict.fromkeys(ids)
+        run_inpainting(model, ds, str(tmp_path / s), InpaintOptions(**{**opts.__dict__, "mask_func": s, "gif": True}),
+                       "cpu", batch_size=4, progress=False, keep=done[s])
+    assert all(isinstance(d, outputs.Decoded) for k in done.values() for d in k.values())
+    calls = []
+    real = outputs.inpaint_batch
+    monkeypatch.setattr(outputs, "inpaint_batch", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
+    outputs.schedule_report(model, ds, ids, schedules, opts, "cpu", str(tmp_path / "kept.png"), done)
+    assert calls == []
+    outputs.schedule_report(model, ds, ids, schedules, opts, "cpu", str(tmp_path / "fresh.png"))
+    assert len(calls) == len(ids) * len(schedules)
+    kept, fresh = (torch.from_numpy(np.array(Image.open(tmp_path / f"{n}.png"))).int() for n in ("kept", "fresh"))
+    assert kept.shape == fresh.shape and (kept - fresh).abs().max() <= 1
+    calls.clear()
+    outputs.schedule_report(model, ds, ids, schedules, InpaintOptions(**{**opts.__dict__, "seed": 4}), "cpu",
+                            str(tmp_path / "other.png"), done)
+    assert len(calls) == len(ids) * len(schedules)
+    other = torch.from_numpy(np.array(Image.open(tmp_path / "other.png"))).int()
+    assert (other - fresh).abs().max() > 1  # another seed's noise draws other tokens: the check above can fail
+
+
+def test_keep_needs_step_images(tiny_run, tmp_path):
+    model, ds = tiny_run
+    with pytest.raises(ValueError, match="keep needs the step images"):
+        run_inpainting(model, ds, str(tmp_path), InpaintOptions(visualize=False), "cpu", progress=False, keep={0: None})

@@ -17,6 +17,7 @@ import logging
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 
 import torch
 from PIL import Image, ImageDraw
@@ -119,9 +120,16 @@ def output_name(dataset, i: int) -> str:
 
 
 def run_inpainting(model, dataset, out_dir: str, opts: InpaintOptions, device, batch_size: int = 32,
-                   gt_dir: str | None = None, progress: bool = True, write_workers: int = 2) -> dict:
+                   gt_dir: str | None = None, progress: bool = True, write_workers: int = 2,
+                   keep: dict | None = None) -> dict:
     """Inpaint every image of a :class:`utils.data.MaskedImageSet`; write the lab's files (on
-    ``write_workers`` background threads; 0: in the loop). Returns once every file is written."""
+    ``write_workers`` background threads; 0: in the loop). Returns once every file is written.
+
+    ``keep``: a dict whose keys are dataset indices; each is set to that image's :class:`Decoded`
+    (needs ``opts.visualize`` or ``opts.gif``), so :func:`schedule_report` can draw it without decoding it again."""
+    keep = {} if keep is None else keep
+    if keep and not (opts.visualize or opts.gif):
+        raise ValueError("run_inpainting: keep needs the step images (opts.visualize or opts.gif)")
     res = model.vqgan.cfg.latent_resolution
     dirs = {k: os.path.join(out_dir, k) for k in ("test_results", "mask_scheduling", "imga", "gifs")}
     os.makedirs(dirs["test_results"], exist_ok=True)
@@ -140,6 +148,10 @@ def run_inpainting(model, dataset, out_dir: str, opts: InpaintOptions, device, b
                                                                with_steps=opts.visualize or opts.gif)
             _submit_batch(writer, dirs, dataset, idx.tolist(), out, result, step_imgs,
                           denormalize(x, TEST_MEAN, TEST_STD), opts, res)
+            for b, i in enumerate(idx.tolist()):
+                if i in keep:
+                    keep[i] = Decoded(opts, step_imgs[b].cpu(), torch.stack([m[b] for m in result.mask_per_step]).cpu(),
+                                      out[b].cpu())
             if gt_dir:
                 rows += _metrics_rows(out, pm, idx.tolist(), dataset, gt_dir, token_mask)
             n_done += len(idx)
@@ -193,22 +205,42 @@ def write_metrics(rows: list, path: str) -> dict:
     return {"gt_matched": len(rows), **means, "metrics_csv": path}
 
 
+@dataclass
+class Decoded:
+    """One image's decoding, as :func:`run_inpainting` keeps it: the options it ran with, the decoded
+    image after every step (S, 3, H, W) in [0, 1], the token mask after every step (S, N) True = masked,
+    and the final image (3, H, W). All on the CPU."""
+    opts: InpaintOptions
+    steps: torch.Tensor
+    masks: torch.Tensor
+    out: torch.Tensor
+
+    def drawn_as(self, opts: InpaintOptions) -> bool:
+        """Whether decoding with ``opts`` gives these images (the options differ at most in what is written)."""
+        return replace(self.opts, visualize=opts.visualize, gif=opts.gif) == opts
+
+
 @torch.no_grad()
-def schedule_report(model, dataset, ids: list, schedules: list, opts: InpaintOptions, device, path: str) -> None:
+def schedule_report(model, dataset, ids: list, schedules: list, opts: InpaintOptions, device, path: str,
+                    done: dict | None = None) -> None:
     """One PNG comparing schedules side by side: per image id, one row per schedule showing the
-    masked input, the decoded image after every step, and the final result."""
+    masked input, the decoded image after every step, and the final result.
+
+    ``done``: ``{schedule: {id: Decoded}}`` from :func:`run_inpainting`'s ``keep``; an entry decoded with
+    these options (the schedule's, no paste) is drawn as it is, the others are decoded here."""
     rows = []
     for i in ids:
         x, pm, _ = dataset[i]
         x, pm = x[None].to(device), pm[None].to(device)
         for s in schedules:
             o = InpaintOptions(**{**opts.__dict__, "mask_func": s, "paste_known": False})
-            out, result, _, steps = inpaint_batch(model, x, pm, [i], o, device, with_steps=True)
-            steps = steps[0]  # (S, 3, H, W)
-            masks = latent_mask_images(torch.stack([m[0] for m in result.mask_per_step]).cpu(),
-                                       model.vqgan.cfg.latent_resolution)
+            d = (done or {}).get(s, {}).get(i)
+            if d is None or not d.drawn_as(o):
+                out, result, _, steps = inpaint_batch(model, x, pm, [i], o, device, with_steps=True)
+                d = Decoded(o, steps[0].cpu(), torch.stack([m[0] for m in result.mask_per_step]).cpu(), out[0].cpu())
+            masks = latent_mask_images(d.masks, model.vqgan.cfg.latent_resolution)
             masks = torch.nn.functional.interpolate(masks, size=x.shape[-2:], mode="nearest")
-            rows.append(torch.cat([denormalize(x, TEST_MEAN, TEST_STD).cpu(), steps.cpu(), out.cpu()]))
+            rows.append(torch.cat([denormalize(x, TEST_MEAN, TEST_STD).cpu(), d.steps, d.out[None]]))
             rows.append(torch.cat([torch.ones_like(x).cpu(), masks, torch.ones_like(x).cpu()]))
     grid = make_grid(torch.cat(rows), nrow=rows[0].shape[0], padding=2, pad_value=1.0)
     img = Image.fromarray(to_uint8(grid)).resize((grid.shape[-1] * 2, grid.shape[-2] * 2), Image.NEAREST)

@@ -15,7 +15,8 @@
 #                                                  # as for pipe; TOKENIZER_ARGS="learning_rate=8e-4": its options too);
 #                                                  # its vqgan.pt comes back for score-tok, then for trans. Next (sessions
 #                                                  # 19-20's CPU ablation): TOKENIZER_SET="dec_channels=[64,128,256]", the
-#                                                  # recipe's learning rate (8e-4 cost the 2x decoder 10.8 FID there)
+#                                                  # recipe's learning rate (8e-4 cost the 2x decoder 10.8 FID there);
+#                                                  # after it, a lean of one seed (session 21): also enc_channels=[48,96,192]
 #   bash bench/gpu_session.sh trans  $OUT [M]      # #13: the transformer alone for M minutes (default 8) on a trained
 #                                                  # tokenizer (pipeline.py --tokenizer; TOKENIZER=FILE, default the
 #                                                  # bundled one), and the test images inpainted (~9.5 min);

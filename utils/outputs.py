@@ -150,8 +150,7 @@ def run_inpainting(model, dataset, out_dir: str, opts: InpaintOptions, device, b
                           denormalize(x, TEST_MEAN, TEST_STD), opts, res)
             for b, i in enumerate(idx.tolist()):
                 if i in keep:
-                    keep[i] = Decoded(opts, step_imgs[b].cpu(), torch.stack([m[b] for m in result.mask_per_step]).cpu(),
-                                      out[b].cpu())
+                    keep[i] = Decoded.of(opts, out, result, step_imgs, b)
             if gt_dir:
                 rows += _metrics_rows(out, pm, idx.tolist(), dataset, gt_dir, token_mask)
             n_done += len(idx)
@@ -215,6 +214,11 @@ class Decoded:
     masks: torch.Tensor
     out: torch.Tensor
 
+    @classmethod
+    def of(cls, opts: InpaintOptions, out, result, step_imgs, b: int) -> "Decoded":
+        """Image ``b`` of a batch that :func:`utils.inpaint.inpaint_batch` decoded ``with_steps``."""
+        return cls(opts, step_imgs[b].cpu(), torch.stack([m[b] for m in result.mask_per_step]).cpu(), out[b].cpu())
+
     def drawn_as(self, opts: InpaintOptions) -> bool:
         """Whether decoding with ``opts`` gives these images (the options differ at most in what is written)."""
         return replace(self.opts, visualize=opts.visualize, gif=opts.gif) == opts
@@ -237,7 +241,7 @@ def schedule_report(model, dataset, ids: list, schedules: list, opts: InpaintOpt
             d = (done or {}).get(s, {}).get(i)
             if d is None or not d.drawn_as(o):
                 out, result, _, steps = inpaint_batch(model, x, pm, [i], o, device, with_steps=True)
-                d = Decoded(o, steps[0].cpu(), torch.stack([m[0] for m in result.mask_per_step]).cpu(), out[0].cpu())
+                d = Decoded.of(o, out, result, steps, 0)
             masks = latent_mask_images(d.masks, model.vqgan.cfg.latent_resolution)
             masks = torch.nn.functional.interpolate(masks, size=x.shape[-2:], mode="nearest")
             rows.append(torch.cat([denormalize(x, TEST_MEAN, TEST_STD).cpu(), d.steps, d.out[None]]))

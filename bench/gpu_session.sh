@@ -14,9 +14,9 @@
 #   bash bench/gpu_session.sh tok    $OUT [M]      # #13: the tokenizer stage alone for M minutes (default 8.5; TOKENIZER_SET
 #                                                  # as for pipe; TOKENIZER_ARGS="learning_rate=8e-4": its options too);
 #                                                  # its vqgan.pt comes back for score-tok, then for trans. Next (sessions
-#                                                  # 19-20's CPU ablation): TOKENIZER_SET="dec_channels=[64,128,256]", the
-#                                                  # recipe's learning rate (8e-4 cost the 2x decoder 10.8 FID there);
-#                                                  # after it, a lean of one seed (session 21): also enc_channels=[48,96,192]
+#                                                  # 19-22's CPU ablation, two seeds each, -6.9 FID against the 2x decoder
+#                                                  # alone; the recipe's learning rate, 8e-4 cost the 2x decoder 10.8 FID):
+#                                                  # TOKENIZER_SET="dec_channels=[64,128,256] enc_channels=[48,96,192]"
 #   bash bench/gpu_session.sh trans  $OUT [M]      # #13: the transformer alone for M minutes (default 8) on a trained
 #                                                  # tokenizer (pipeline.py --tokenizer; TOKENIZER=FILE, default the
 #                                                  # bundled one), and the test images inpainted (~9.5 min);

@@ -45,7 +45,7 @@ from utils.config import REPO_ROOT, resolve_path
 from utils.data import (HOLE_GRAY, TEST_MEAN, TEST_STD, DataError, default_data_root, find_lab_layout, list_images,
                         load_mask, normalize, pil_to_tensor01, pixel_to_token_mask, read_image, to_uint8)
 from utils.inpaint import InpaintOptions, generate_images, inpaint_batch, latent_mask_images
-from utils.runtime import create_logger, get_device, resolve_precision
+from utils.runtime import create_logger, get_device, keep_freed_memory, resolve_precision
 
 WEB_DIR = REPO_ROOT / "web"
 EXAMPLES_DIR = WEB_DIR / "examples"
@@ -424,6 +424,7 @@ def find_lab(args, size: int) -> LabImages | None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    keep_freed_memory()  # CPU decoding without page faults on its large tensors
     device = get_device(args.device)
     try:
         precision = resolve_precision(args.precision, device)

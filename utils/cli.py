@@ -17,6 +17,7 @@ from models.convert import CheckpointLayoutError
 from .checkpoint import CheckpointError
 from .config import ConfigError
 from .data import DataError
+from .runtime import keep_freed_memory
 
 EXIT_USER_ERROR = 1
 EXIT_INTERRUPTED = 130
@@ -83,7 +84,10 @@ def one_line(e: BaseException) -> str:
 
 def run_cli(main, argv=None, prog: str | None = None) -> None:
     """Call ``main(argv)``; a user error prints ``<prog>: error: <message>`` on stderr and exits 1,
-    an interrupt exits 130; with ``--debug`` user errors raise with their traceback."""
+    an interrupt exits 130; with ``--debug`` user errors raise with their traceback. Every command
+    first lets malloc keep freed tensor memory (``utils.runtime.keep_freed_memory``: CPU work
+    without page faults on its large tensors)."""
+    keep_freed_memory()
     args = sys.argv[1:] if argv is None else argv
     prog = prog or (sys.argv[0].rsplit("/", 1)[-1] if sys.argv and sys.argv[0] else "maskgit")
     try:

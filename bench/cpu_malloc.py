@@ -22,6 +22,7 @@ import tempfile
 import time
 
 from common import print_table
+from utils.runtime import MALLOC_ENV
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GLIBC_DEFAULT = {"MALLOC_TRIM_THRESHOLD_": "131072"}  # glibc's default trim threshold: keep_freed_memory stands aside
@@ -67,7 +68,7 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=2, help="runs of each setting, alternating")
     p.add_argument("command", nargs="*", help="after --: any command to time instead of --workload")
     args = p.parse_args()
-    if any(k in os.environ for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")):
+    if any(k in os.environ for k in MALLOC_ENV):
         sys.exit("cpu_malloc.py: error: unset the MALLOC_*_ variables first (they are this benchmark's switch)")
     tmp = tempfile.mkdtemp(prefix="cpu_malloc_")
     outs = {}

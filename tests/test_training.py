@@ -233,6 +233,23 @@ def test_loss_falls_when_overfitting_a_tiny_batch(tiny_cfg):
     assert after < 0.25 * before, (before, after)
 
 
+
+def test_cpu_evaluation_in_chunks_equals_one_pass(tiny_cfg, monkeypatch):
+    """The CPU validation forward runs CPU_EVAL_CHUNK sequences at a time: the same loss and accuracy as
+    one pass over the batch (a tail shorter than a chunk included), and the same masks."""
+    model = _tiny_model(tiny_cfg, dropout=0.1)  # dropout on in training: evaluate must still be deterministic
+    ids = _ids(2 * engine.CPU_EVAL_CHUNK + 3, seed=7)
+    calls = []
+    net = model.transformer
+    monkeypatch.setattr(net, "forward", lambda x, f=net.forward: calls.append(len(x)) or f(x))
+    chunked = evaluate(model, net, ids, batch_size=len(ids))
+    assert calls == [engine.CPU_EVAL_CHUNK, engine.CPU_EVAL_CHUNK, 3]
+    monkeypatch.setattr(engine, "CPU_EVAL_CHUNK", 10**6)
+    whole = evaluate(model, net, ids, batch_size=len(ids))
+    assert calls[3:] == [len(ids)]
+    assert whole["acc"] == chunked["acc"] and 0 < whole["acc"] < 1
+    assert whole["loss"] == pytest.approx(chunked["loss"], rel=1e-6)
+
 def test_gradient_accumulation_equals_the_larger_batch(tiny_cfg):
     """Same masks (keyed on seed and step over the step's global batch), fp32, no dropout: 2 x 6
     accumulated equals one batch of 12, in the gradients and in the weights after two steps."""

@@ -35,6 +35,10 @@ from .runtime import autocast, grad_scaler, make_generator, rng_state, set_rng_s
 from .train_utils import EMA, NonFiniteLoss, warmup_cosine
 
 EVAL_SEED = 12345  # fixed validation masks: losses are comparable across epochs
+# on the CPU the validation forward runs this many sequences at a time (masks still drawn per batch):
+# the lab-size transformer's attention maps are then 32 MiB, which utils.runtime.keep_freed_memory
+# reuses; a batch of 256 made 512 MiB maps on fresh pages at every layer (README › CPU memory reuse)
+CPU_EVAL_CHUNK = 8
 HOLE_BANK_SIZE = 4096  # generated inpainting holes to draw from with --hole-frac
 
 
@@ -310,7 +314,8 @@ def train_one_epoch(parts: TrainParts, cfg: StepConfig, data: torch.Tensor, stat
 def evaluate(model, net: torch.nn.Module, ids: torch.Tensor, precision: str = "fp32", batch_size: int = 256,
              max_batches: int = 0, progress: bool = False, desc: str = "validate") -> dict:
     """Masked-token cross-entropy (no label smoothing) and accuracy of ``net`` on token ids (n, N),
-    with the same masks at every call (seed ``EVAL_SEED``): comparable across epochs."""
+    with the same masks at every call (seed ``EVAL_SEED``): comparable across epochs. On the CPU
+    the forward pass runs ``CPU_EVAL_CHUNK`` sequences at a time (the same masks and results)."""
     was_training = net.training
     net.eval()
     gen = make_generator(EVAL_SEED)
@@ -319,8 +324,10 @@ def evaluate(model, net: torch.nn.Module, ids: torch.Tensor, precision: str = "f
     for s in tqdm(starts, desc=desc, disable=not progress, leave=False):
         z = ids[s:s + batch_size].long()  # (b, N)
         idx = masked_positions(mvtm_masks(model, len(z), gen), z.device)  # (M,)
+        x = apply_mask(z, idx, model.mask_token_id)
+        chunk = CPU_EVAL_CHUNK if z.device.type == "cpu" else len(x)
         with autocast(z.device, precision):
-            logits = net(apply_mask(z, idx, model.mask_token_id))  # (b, N, V)
+            logits = torch.cat([net(x[i:i + chunk]) for i in range(0, len(x), chunk)])  # (b, N, V)
         ce, _, logits_m, target = masked_token_loss(logits, z, idx)
         tot += torch.stack([ce, (logits_m.argmax(-1) == target).sum().float()])
         n += len(idx)

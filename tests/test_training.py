@@ -233,7 +233,6 @@ def test_loss_falls_when_overfitting_a_tiny_batch(tiny_cfg):
     assert after < 0.25 * before, (before, after)
 
 
-
 def test_cpu_evaluation_in_chunks_equals_one_pass(tiny_cfg, monkeypatch):
     """The CPU validation forward runs CPU_EVAL_CHUNK sequences at a time: the same loss and accuracy as
     one pass over the batch (a tail shorter than a chunk included), and the same masks."""
@@ -249,6 +248,7 @@ def test_cpu_evaluation_in_chunks_equals_one_pass(tiny_cfg, monkeypatch):
     assert calls[3:] == [len(ids)]
     assert whole["acc"] == chunked["acc"] and 0 < whole["acc"] < 1
     assert whole["loss"] == pytest.approx(chunked["loss"], rel=1e-6)
+
 
 def test_gradient_accumulation_equals_the_larger_batch(tiny_cfg):
     """Same masks (keyed on seed and step over the step's global batch), fp32, no dropout: 2 x 6

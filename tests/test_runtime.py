@@ -28,7 +28,7 @@ with torch.no_grad():
 print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 MAP_PAGES = (16 * 8 * 256 * 256 * 4) // os.sysconf("SC_PAGE_SIZE")  # one (B, H, N, N) fp32 map
-ALLOCATOR_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "GLIBC_TUNABLES", "LD_PRELOAD")
+ALLOCATOR_ENV = runtime.MALLOC_ENV + ("GLIBC_TUNABLES", "LD_PRELOAD")  # every setting that makes it stand aside
 
 
 def attention_faults(extra_env: dict) -> tuple:

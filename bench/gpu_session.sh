@@ -16,7 +16,10 @@
 #                                                  # its vqgan.pt comes back for score-tok, then for trans. Next (sessions
 #                                                  # 19-22's CPU ablation, two seeds each, -6.9 FID against the 2x decoder
 #                                                  # alone; the recipe's learning rate, 8e-4 cost the 2x decoder 10.8 FID):
-#                                                  # TOKENIZER_SET="dec_channels=[64,128,256] enc_channels=[48,96,192]"
+#                                                  # TOKENIZER_ARGS="config=models/VQGAN/config/VQGAN_small_wide.yml"
+#                                                  # (encoder 48/96/192, decoder 64/128/256, 8.28 M; checked on the CPU
+#                                                  # in session 23 with steps=2 batch_size=4 half=false added: tok, score-tok,
+#                                                  # and trans with the smoke recipe)
 #   bash bench/gpu_session.sh trans  $OUT [M]      # #13: the transformer alone for M minutes (default 8) on a trained
 #                                                  # tokenizer (pipeline.py --tokenizer; TOKENIZER=FILE, default the
 #                                                  # bundled one), and the test images inpainted (~9.5 min);
@@ -44,6 +47,9 @@
 #       FID and PSNR on the 1,118 unseen val images (to decide on; the bundled tokenizer's FID: 18.12) and the 570
 #       test originals (a report) -> DIR/tok/quality.csv; then, to train its transformer, copy FILES/vqgan.pt to
 #       .devdata/vqgan_tok.pt and, on the device: TOKENIZER=.devdata/vqgan_tok.pt bash bench/gpu_session.sh trans $OUT 8
+#       (its config travels in the file). To bundle a tokenizer of another YAML (e.g. VQGAN_small_wide.yml), first
+#       point config/MaskGit_small.yml's VQ_config_path and config/pipeline.yml's tokenizer config at that YAML:
+#       scripts/bundle.py checks both files against the bundled configs
 #   bash bench/gpu_session.sh score-abl FILES [DIR] # the ablation's FIDs on this CPU -> DIR/ablation/results.md
 #
 # Why the detours. The device gets the repository and the carried paths only (never ../shared), at

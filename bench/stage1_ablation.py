@@ -90,6 +90,13 @@ VARIANTS.update({
     "recipe_dec2x_gn2dec_enc1.5x": RECIPE + ["--set", "dec_channels=*2", "--set", "dec_norm_group_channels=2",
                                             "--set", "enc_channels=*1.5"],
 })
+# session 23, on top of both widths (the next H100 tokenizer's architecture): the loss balance (SSIM weight 2.0 instead
+# of 1.0) and the GAN's length (it and its feature matching from 40% of the run instead of 60%); a later option wins
+WIDE = VARIANTS["recipe_dec2x_gn2dec_enc1.5x"]
+VARIANTS.update({
+    "recipe_dec2x_gn2dec_enc1.5x_ssim2": WIDE + ["--ssim-weight", "2.0"],
+    "recipe_dec2x_gn2dec_enc1.5x_disc0.4": WIDE + ["--disc-start-frac", "0.4"],
+})
 
 
 def scale_sets(sets: list, base: dict) -> list:

@@ -1,5 +1,6 @@
 """utils.runtime.keep_freed_memory: freed tensor memory is reused without fresh page faults, the
-user's own allocator settings win, and every command applies it."""
+user's own allocator settings win, and every command and benchmark applies it."""
+import importlib.util
 import os
 import subprocess
 import sys
@@ -62,4 +63,14 @@ def test_every_command_keeps_freed_memory(monkeypatch):
     calls = []
     monkeypatch.setattr(cli, "keep_freed_memory", lambda: calls.append(1))
     cli.run_cli(lambda argv: None, [])
+    assert calls == [1]
+
+
+def test_every_benchmark_keeps_freed_memory(monkeypatch):
+    """bench/common.py, which every benchmark imports, applies it too: their CPU figures are the commands'."""
+    calls = []
+    monkeypatch.setattr(runtime, "keep_freed_memory", lambda: calls.append(1))
+    path = os.path.join(ROOT, "bench", "common.py")
+    spec = importlib.util.spec_from_file_location("bench_common_under_test", path)
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))
     assert calls == [1]

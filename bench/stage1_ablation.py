@@ -99,6 +99,13 @@ VARIANTS.update({
     # the GAN from 40% cost 8.2 FID on seed 0, so the other way: from 80%
     "recipe_dec2x_gn2dec_enc1.5x_disc0.8": WIDE + ["--disc-start-frac", "0.8"],
 })
+# session 24, on top of session 23's best (SSIM weight 2.0): further along the loss balance (3.0), and the LeCam
+# regulariser of the discriminator (the issue's GAN hygiene, not yet ablated at 800 steps)
+WIDE_SSIM2 = VARIANTS["recipe_dec2x_gn2dec_enc1.5x_ssim2"]
+VARIANTS.update({
+    "recipe_dec2x_gn2dec_enc1.5x_ssim3": WIDE + ["--ssim-weight", "3.0"],
+    "recipe_dec2x_gn2dec_enc1.5x_ssim2_lecam": WIDE_SSIM2 + ["--lecam-weight", "0.1"],
+})
 
 
 def scale_sets(sets: list, base: dict) -> list:

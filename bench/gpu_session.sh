@@ -20,7 +20,8 @@
 #                                                  # (encoder 48/96/192, decoder 64/128/256, 8.28 M; checked on the CPU
 #                                                  # in session 23 with steps=2 batch_size=4 half=false added: tok, score-tok,
 #                                                  # and trans with the smoke recipe)
-#                                                  # (session 23: SSIM 2.0 -3.3 FID on two seeds; the GAN from 40% or 80% worse)
+#                                                  # (session 23: SSIM 2.0 -3.3 FID on two seeds; the GAN from 40% or 80% worse;
+#                                                  # session 24: SSIM 3.0 and LeCam 0.1 on top of 2.0 not better, seed 0)
 #   bash bench/gpu_session.sh trans  $OUT [M]      # #13: the transformer alone for M minutes (default 8) on a trained
 #                                                  # tokenizer (pipeline.py --tokenizer; TOKENIZER=FILE, default the
 #                                                  # bundled one), and the test images inpainted (~9.5 min);

@@ -16,12 +16,15 @@
 #                                                  # its vqgan.pt comes back for score-tok, then for trans. Next (sessions
 #                                                  # 19-22's CPU ablation, two seeds each, -6.9 FID against the 2x decoder
 #                                                  # alone; the recipe's learning rate, 8e-4 cost the 2x decoder 10.8 FID):
-#                                                  # TOKENIZER_ARGS="config=models/VQGAN/config/VQGAN_small_wide.yml ssim_weight=2.0"
+#                                                  # TOKENIZER_ARGS="config=models/VQGAN/config/VQGAN_small_wide.yml ssim_weight=3.0"
 #                                                  # (encoder 48/96/192, decoder 64/128/256, 8.28 M; checked on the CPU
 #                                                  # in session 23 with steps=2 batch_size=4 half=false added: tok, score-tok,
 #                                                  # and trans with the smoke recipe)
 #                                                  # (session 23: SSIM 2.0 -3.3 FID on two seeds; the GAN from 40% or 80% worse;
-#                                                  # session 24: SSIM 3.0 and LeCam 0.1 on top of 2.0 not better, seed 0)
+#                                                  # session 24: SSIM 3.0 and LeCam 0.1 on top of 2.0 not better, seed 0;
+#                                                  # session 25: SSIM 3.0 -1.4 FID against 2.0 on two seeds, 4.0 worse than
+#                                                  # 3.0 on both; weight EMA, R1, feature matching 2.0 not better; 2.0 is the
+#                                                  # fallback if 3.0 loses at this scale)
 #   bash bench/gpu_session.sh trans  $OUT [M]      # #13: the transformer alone for M minutes (default 8) on a trained
 #                                                  # tokenizer (pipeline.py --tokenizer; TOKENIZER=FILE, default the
 #                                                  # bundled one), and the test images inpainted (~9.5 min);

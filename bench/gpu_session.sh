@@ -167,12 +167,14 @@ import os, shutil, sys
 import torch
 from utils.checkpoint import half_state_dict
 trans, trans_out, vq, vq_out, vq_max = sys.argv[1:]
+def save_half(src, dst):
+    torch.save(half_state_dict(torch.load(src, map_location="cpu", weights_only=True)), dst)
 if os.path.isfile(trans):
-    torch.save(half_state_dict(torch.load(trans, map_location="cpu", weights_only=True)), trans_out)
+    save_half(trans, trans_out)
 if os.path.isfile(vq) and os.path.getsize(vq) <= int(vq_max):
     shutil.copyfile(vq, vq_out)
 elif os.path.isfile(vq):
-    torch.save(half_state_dict(torch.load(vq, map_location="cpu", weights_only=True)), vq_out)
+    save_half(vq, vq_out)
     print(f"{vq}: {os.path.getsize(vq)} bytes in fp32, sent back in fp16 ({os.path.getsize(vq_out)} bytes)")
 PY
   for rec in "$WORK"/ablation/*/recon; do

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from models import VQGAN
 from models.VQGAN.discriminator import PatchDiscriminator, d_loss_fn, feature_matching_loss, g_loss_fn, r1_penalty
 from models.VQGAN.training import EMACodebook, LeCam, kmeans, restart_dead_codes, ssim_loss
-from utils.build import SILENT_VQGAN_KEYS, load_vqgan_weights, tokenizer_file_config
+from utils.build import SILENT_VQGAN_KEYS, TOKEN_PARTS, load_vqgan_weights, tokenizer_file_config
 from utils.checkpoint import atomic_save, half_state_dict, lab_state_dict, load_checkpoint
 from utils.cli import ArgumentParser, Interrupted, UserError, run_cli
 from utils.config import ConfigError, apply_overrides, load_vqgan_config
@@ -86,6 +86,10 @@ def parse_args(argv=None):
     p.add_argument("--train-part", choices=["all", "decoder"], default="all",
                    help="decoder: train post_quant_conv + decoder only (needs --init); encoder and codebook stay "
                         "frozen, so every image keeps its tokens and a transformer trained on them stays valid")
+    p.add_argument("--new-decoder", action="store_true",
+                   help="with --train-part decoder: load only the --init file's encoder, quant_conv and codebook (its "
+                        "tokens) and train a new post_quant_conv + decoder from scratch, of the config's decoder "
+                        "architecture (e.g. --set dec_channels=[64,128,256]: a wider decoder for the same tokens)")
     p.add_argument("--val-fid", type=int, default=0, metavar="N",
                    help="at each evaluation also the FID of the reconstructions of the first N --val-data images "
                         "against them (offline FID Inception); keeps vqgan_best.pt, the lowest (0: off)")
@@ -168,6 +172,9 @@ def check_options(args) -> None:
         clash = [f for f, on in (("--kmeans-init", args.kmeans_init), ("--ema-codebook", args.ema_codebook)) if on]
         if clash:
             raise UserError(f"--train-part decoder keeps the codebook frozen: drop {' and '.join(clash)}")
+    elif args.new_decoder:
+        raise UserError("--new-decoder trains a new decoder on a trained tokenizer's frozen tokens: add --train-part "
+                        "decoder (and --init PATH)")
     if args.val_fid and not args.val_data:
         raise UserError("--val-fid N scores the first N --val-data images: give --val-data DIR")
     if args.val_unseen and not args.val_data:
@@ -212,8 +219,13 @@ def build(args, raw_cfg: dict, device, source: str | None = None) -> Stage1:
     if args.init and not args.resume:
         # a fine-tune may change the norm groups on purpose; with the decoder alone only its own (tokens kept)
         may = ("dec_norm_group_channels",) if args.train_part == "decoder" else SILENT_VQGAN_KEYS
-        for line in load_vqgan_weights(model, args.init, may_differ=may):
+        parts = TOKEN_PARTS if args.new_decoder else None  # a new decoder: the file's tokens only
+        for line in load_vqgan_weights(model, args.init, may_differ=may, parts=parts):
             logging.getLogger("maskgit").info("--init: the config differs from the file's in %s", line)
+        if args.new_decoder:
+            logging.getLogger("maskgit").info(
+                "--new-decoder: encoder, quant_conv and codebook from %s (its tokens); post_quant_conv and a new "
+                "decoder (dec_channels %s) trained from scratch", args.init, model.cfg.dec_channels)
     if args.train_part == "decoder":  # tokens fixed: only post_quant_conv and the decoder learn
         for part in (model.encoder, model.quant_conv, model.codebook):
             part.requires_grad_(False)

@@ -128,6 +128,17 @@ VARIANTS.update({
     # whether the wide tokenizer's width pays at a fixed time (an H100 call gives it ~0.7 of the 1.5x decoder's steps)
     "recipe_dec1.5x_ssim3": VARIANTS["recipe_dec1.5x"] + ["--ssim-weight", "3.0"],
 })
+# session 27, decoders trained on the frozen tokens of a trained tokenizer (--init FILE, e.g. recipe_dec1.5x_ssim3's
+# vqgan.pt): the tokens stay, so a transformer trained on them stays valid. Its own decoder trained on (the decoder
+# fine-tune), a new decoder of the same width from scratch, and a new one twice as wide (with the groups of the
+# H100 scale's 64/128/256). The loss is recipe_dec1.5x_ssim3's without the codebook options (the codebook is frozen)
+DECODER_RECIPE = ["--train-part", "decoder", "--ssim-weight", "3.0", "--disc-start-frac", "0.6", "--disc-weight", "0.1",
+                  "--fm-weight", "1.0"]
+VARIANTS.update({
+    "dec1.5x_ft": DECODER_RECIPE + ["--set", "dec_channels=*1.5"],
+    "newdec1.5x": DECODER_RECIPE + ["--new-decoder", "--set", "dec_channels=*1.5"],
+    "newdec2x_gn2dec": DECODER_RECIPE + ["--new-decoder", "--set", "dec_channels=*2", "--set", "dec_norm_group_channels=2"],
+})
 
 
 def scale_sets(sets: list, base: dict) -> list:
@@ -159,6 +170,8 @@ def run_variant(name: str, extra: list, scale: dict, args, held_out: tuple) -> d
            "--val-data", os.path.join(args.data, "val"), "--config", scale["config"], "--out-dir", out,
            "--steps", str(args.steps or scale["steps"]), "--batch-size", str(scale["batch"]), "--device", args.device,
            "--eval-every", "100000", "--ckpt-every", "100", "--no-progress", "--seed", str(args.seed), *BASE]
+    if args.init:
+        cmd += ["--init", args.init]
     if os.path.exists(os.path.join(out, "last.pt")):
         cmd.append("--resume")
     base_cfg = load_vqgan_config(os.path.join(REPO, scale["config"])).to_dict()
@@ -177,7 +190,8 @@ def run_variant(name: str, extra: list, scale: dict, args, held_out: tuple) -> d
     p = reconstruct_images(model, src, names, rec_dir, args.device)
     return {"variant": name, "options": " ".join(extra) or "(base recipe)", "steps": args.steps or scale["steps"],
             "eval_set": args.eval_set, "psnr": round(p, 2), "fid": recon_fid(rec_dir, src, args.device),
-            "train_s": round(train_s), **({"seed": args.seed} if args.seed else {})}
+            "train_s": round(train_s), **({"seed": args.seed} if args.seed else {}),
+            **({"init": args.init} if args.init else {})}
 
 
 def eval_images(args) -> tuple:
@@ -244,6 +258,9 @@ def main(argv=None):
                    help="train_vqgan.py's seed for every variant (one thread on the CPU repeats a run exactly; "
                         "another seed shows how far a result moves by chance)")
     p.add_argument("--out", default="bench/results/stage1_ablation")
+    p.add_argument("--init", default=None, metavar="PATH",
+                   help="start every variant from this tokenizer (train_vqgan.py --init): for the decoder variants "
+                        "(dec1.5x_ft, newdec*), which train on its frozen tokens")
     p.add_argument("--rescore", action="store_true",
                    help="train nothing: score the FIDs left out by a machine without the FID Inception weights")
     args = p.parse_args(argv)

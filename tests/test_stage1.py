@@ -395,10 +395,64 @@ def test_decoder_finetune_may_change_the_decoders_norm_groups_only(tiny_world, t
              "--set", "enc_norm_group_channels=4")
 
 
+def test_new_decoder_keeps_the_files_tokens_and_trains_a_decoder_of_another_width_from_scratch(tiny_world, tmp_path,
+                                                                                              tiny_cfg):
+    """--train-part decoder --new-decoder: only the --init file's encoder, quant_conv and codebook are
+    loaded (bit-identical in the new file, so every image keeps its tokens); the decoder takes the
+    config's width (here wider than the file's) and starts from scratch: at learning rate 0 a plain
+    decoder fine-tune exports the file's decoder unchanged, a new decoder does not. An encoder that
+    differs from the file's is refused, naming the file. For inference a MaskGit whose config names
+    the old decoder (a transformer trained on those tokens) builds the file's new decoder; a tokenizer
+    file with other tokens (another code dimension) is still refused."""
+    import copy
+    from utils.build import build_maskgit
+    from models.convert import CheckpointLayoutError
+    from utils.build import tokenizer_file_config
+    from utils.data import load_image_stack, uint8_to_normalized
+    for d in "abcde":
+        (tmp_path / d).mkdir()
+    _run(tiny_world, tmp_path / "a", "--steps", "20")
+    init = str(tmp_path / "a" / "vq" / "vqgan.pt")
+    before = torch.load(init, weights_only=True)
+    dec = ["--init", init, "--train-part", "decoder"]
+    _run(tiny_world, tmp_path / "b", "--steps", "3", "--learning-rate", "0", *dec)
+    _run(tiny_world, tmp_path / "c", "--steps", "3", "--learning-rate", "0", *dec, "--new-decoder")
+    kept = torch.load(tmp_path / "b" / "vq" / "vqgan.pt", weights_only=True)
+    fresh = torch.load(tmp_path / "c" / "vq" / "vqgan.pt", weights_only=True)
+    assert all(torch.equal(before[k], kept[k]) for k in before)
+    assert all(torch.equal(before[k], fresh[k]) for k in before if k.startswith(("encoder.", "quant_conv.", "codebook.")))
+    assert not any(torch.equal(before[k], fresh[k]) for k in before
+                   if k.startswith(("decoder.", "post_quant_conv.")) and k.endswith("weight") and before[k].dim() > 1)
+    res = _run(tiny_world, tmp_path / "d", "--steps", "30", *dec, "--new-decoder", "--set", "dec_channels=[24,48,48]")
+    out = str(tmp_path / "d" / "vq" / "vqgan.pt")
+    wide = {**TINY_VQ, "dec_channels": [24, 48, 48]}
+    assert tokenizer_file_config(out) == {**tokenizer_file_config(init), "dec_channels": [24, 48, 48]}
+    m0, m1 = VQGAN(TINY_VQ).eval(), VQGAN(wide).eval()
+    m0.load_state_dict(before)
+    m1.load_state_dict(torch.load(out, weights_only=True))  # strictly: the new file holds the wider decoder
+    x = uint8_to_normalized(load_image_stack(tiny_world["train"], 16, progress=False))
+    with torch.no_grad():
+        assert torch.equal(m0.encode_indices(x), m1.encode_indices(x))
+    assert res["step"] == 30 and res["last_rec"] < res["first_rec"]
+    log = (tmp_path / "d" / "vq" / "train_vqgan.log").read_text()
+    assert f"--new-decoder: encoder, quant_conv and codebook from {init}" in log
+    with pytest.raises(CheckpointLayoutError, match=f"VQGAN checkpoint {init} does not fit.*encoder"):
+        _run(tiny_world, tmp_path / "e", "--steps", "2", *dec, "--new-decoder", "--set", "enc_channels=[16,32,48]")
+    cfg = copy.deepcopy(tiny_cfg)
+    model = build_maskgit(cfg, vqgan_ckpt=out)
+    assert model.vqgan.cfg.dec_channels == [24, 48, 48] and cfg["vqgan"]["dec_channels"] == [24, 48, 48]
+    assert all(torch.equal(a, b) for a, b in zip(model.vqgan.state_dict().values(), m1.state_dict().values()))
+    other = tmp_path / "other_tokens.pt"
+    torch.save(train_vqgan.tokenizer_state_dict(VQGAN({**TINY_VQ, "latent_dim": 16})), other)
+    with pytest.raises(CheckpointLayoutError, match=f"VQGAN checkpoint {other} does not fit"):
+        build_maskgit(copy.deepcopy(tiny_cfg), vqgan_ckpt=str(other))
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--train-part", "decoder"], "--init PATH"),
     (["--train-part", "decoder", "--init", "X", "--kmeans-init", "--ema-codebook", "0.9"],
      "drop --kmeans-init and --ema-codebook"),
+    (["--new-decoder"], "add --train-part decoder"),
     (["--val-fid", "8"], "give --val-data DIR"),
     (["--r1-every", "0"], "--r1-every must be at least 1"),
     (["--fm-weight", "-1", "--r1-weight", "-0.5"], "negative loss weights: --r1-weight -0.5, --fm-weight -1.0"),

@@ -1,6 +1,7 @@
 """Build a MaskGit from a resolved config and load the users' checkpoints."""
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -20,20 +21,30 @@ VQGAN_HINT = ("put the lab's VQGAN.pt there, or pass --vqgan-ckpt PATH together 
 
 # tokenizer config keys that change what the weights compute without changing the state_dict layout
 SILENT_VQGAN_KEYS = ("codebook_norm", "enc_norm_group_channels", "dec_norm_group_channels")
+# the parts of a tokenizer that make its tokens (train_vqgan.py --new-decoder loads only these), and the config keys
+# that change only the others (a tokenizer differing from another in these has the same tokens)
+TOKEN_PARTS = ("encoder.", "quant_conv.", "codebook.")
+DECODER_KEYS = ("dec_channels", "dec_num_res_blocks", "dec_norm_group_channels")
 
 
-def load_vqgan_weights(vqgan: torch.nn.Module, path: str, may_differ: tuple = ()) -> list:
+def load_vqgan_weights(vqgan: torch.nn.Module, path: str, may_differ: tuple = (), parts: tuple | None = None) -> list:
     """Load a VQGAN state_dict (the lab's raw fp32 dict, or ours, fp16 allowed) with strict=True.
     A file whose stored config differs from the tokenizer's in a key of SILENT_VQGAN_KEYS is refused
     unless the key is in ``may_differ`` (a fine-tune that changes it on purpose); returns those
-    differences, one line each."""
+    differences, one line each. ``parts``: load only the weights under these key prefixes (e.g.
+    TOKEN_PARTS), strictly among them, and leave the rest of ``vqgan`` as it is (the file's other
+    parts may have another layout)."""
     path = resolve_path(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"VQGAN checkpoint not found: {path}; {VQGAN_HINT}")
     raw = load_checkpoint(path, "VQGAN checkpoint")
     sd = unwrap_state_dict(raw)
     sd = {k[len("vqgan."):] if k.startswith("vqgan.") else k: v for k, v in sd.items()}
-    problem = describe_mismatch(vqgan.state_dict(), sd)
+    mine = vqgan.state_dict()
+    if parts is not None:
+        sd = {k: v for k, v in sd.items() if k.startswith(parts)}
+        mine = {k: v for k, v in mine.items() if k.startswith(parts)}
+    problem = describe_mismatch(mine, sd)
     own, changed = vqgan_file_config(raw), []
     if not problem and own is not None and hasattr(vqgan, "cfg"):  # keys that change the computation, not the layout
         changed = [k for k in SILENT_VQGAN_KEYS if own[k] != getattr(vqgan.cfg, k)]
@@ -52,7 +63,7 @@ def load_vqgan_weights(vqgan: torch.nn.Module, path: str, may_differ: tuple = ()
         raise CheckpointLayoutError(f"VQGAN checkpoint {path} does not fit the tokenizer config (a checkpoint needs the "
                                     f"config it was trained with: the tokenizer YAML, which a MaskGit YAML names in "
                                     f"model_param.VQ_Configs.VQ_config_path): {problem}{note}")
-    vqgan.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
+    vqgan.load_state_dict({k: v.float() for k, v in sd.items()}, strict=parts is None)
     return [f"{k}: {own[k]!r} in {path}, {getattr(vqgan.cfg, k)!r} here" for k in changed]
 
 
@@ -90,15 +101,25 @@ def vqgan_file_config(obj) -> dict | None:
 
 def build_maskgit(cfg: dict, load_vqgan: bool = True, vqgan_ckpt: str | None = None) -> MaskGit:
     """MaskGit from a resolved config (``utils.config.load_maskgit_config``); loads the frozen
-    tokenizer from ``vqgan_ckpt`` or ``model_param.VQ_Configs.VQ_CKPT_path``."""
-    try:
-        model = MaskGit(cfg["model_param"], cfg["vqgan"])
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"config: {e}") from e
+    tokenizer from ``vqgan_ckpt`` or ``model_param.VQ_Configs.VQ_CKPT_path``. A tokenizer file that
+    stores a config differing from ``cfg["vqgan"]`` in its decoder only (train_vqgan.py --new-decoder:
+    the same tokens, another decoder) is built as the file says, and ``cfg["vqgan"]`` updated so."""
+    path = None
     if load_vqgan:
         path = vqgan_ckpt or (cfg["model_param"].get("VQ_Configs") or {}).get("VQ_CKPT_path")
         if not path:
             raise FileNotFoundError(f"no VQGAN checkpoint configured (VQ_Configs.VQ_CKPT_path); {VQGAN_HINT}")
+    own = tokenizer_file_config(path) if path else None  # a broken file is named by the loader's own error
+    try:
+        diff = config_diff(own, VQGANConfig.from_dict(cfg["vqgan"]).to_dict()) if own is not None else []
+        if diff and set(diff) <= set(DECODER_KEYS):
+            logging.getLogger("maskgit").info("tokenizer: %s stores another decoder than the config (%s) on the same "
+                                              "tokens; built as the file says", path, ", ".join(diff))
+            cfg["vqgan"] = own
+        model = MaskGit(cfg["model_param"], cfg["vqgan"])
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"config: {e}") from e
+    if path:
         load_vqgan_weights(model.vqgan, path)
     return model
 

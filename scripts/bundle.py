@@ -8,7 +8,7 @@ both files load strictly into the bundled config (config/MaskGit_small.yml and t
 names), the models `demo.py`, `app.py` and `inpainting.py --bundled` build; the files are stored as
 fp16 CPU tensors with their configs kept (the transformer's config then names the bundled tokenizer
 file as its VQ_CKPT_path, so a loader given only the transformer file finds its partner instead of
-the path it was trained with); no file over 24 MiB and both together at most 40 MB. Then
+the path it was trained with, and the config that tokenizer file stores as its tokenizer config); no file over 24 MiB and both together at most 40 MB. Then
 ``checkpoints/vqgan_small_fp16.pt`` and ``checkpoints/transformer_small_fp16.pth`` are replaced
 (atomically; ``--out-dir`` writes elsewhere). Deciding *whether* to bundle is the scores' job
 (bench/run.py --transformer-ckpt on the val images); this only makes it safe to.
@@ -25,7 +25,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from utils.build import BUNDLED_CONFIG, build_maskgit, load_transformer_checkpoint, load_vqgan_weights  # noqa: E402
+from utils.build import (BUNDLED_CONFIG, build_maskgit, load_transformer_checkpoint, load_vqgan_weights,  # noqa: E402
+                         vqgan_file_config)
 from models.convert import CheckpointLayoutError  # noqa: E402
 from utils.checkpoint import CheckpointError, atomic_write, half_state_dict, load_checkpoint, stored_config  # noqa: E402
 from utils.cli import UserError, run_cli  # noqa: E402
@@ -44,13 +45,17 @@ def half_file(src: str, what: str) -> dict:
     return half_state_dict(obj)
 
 
-def point_at_tokenizer(sd: dict, vqgan_path: str) -> None:
+def point_at_tokenizer(sd: dict, vqgan_path: str, vqgan_cfg: dict | None = None) -> None:
     """Make the config ``sd`` stores (if any) name ``vqgan_path`` as its tokenizer file
     (``model_param.VQ_Configs.VQ_CKPT_path``): a pipeline run's transformer names the vqgan.pt of
-    its run folder, which is not where the bundled pair lives."""
+    its run folder, which is not where the bundled pair lives; and ``vqgan_cfg`` (the config the
+    tokenizer file stores, if any) as its tokenizer config: a tokenizer with a new decoder
+    (train_vqgan.py --new-decoder) has the tokens the transformer was trained on but another decoder."""
     cfg = stored_config(sd)  # the dict inside sd, changed in place
     if cfg is not None and isinstance(cfg.get("model_param"), dict):
         cfg["model_param"]["VQ_Configs"] = {**(cfg["model_param"].get("VQ_Configs") or {}), "VQ_CKPT_path": vqgan_path}
+        if vqgan_cfg is not None:
+            cfg["vqgan"] = dict(vqgan_cfg)
 
 
 def check_sizes(sizes: dict, max_file_mib: float = MAX_FILE_MIB, max_total_mb: float = MAX_TOTAL_MB) -> None:
@@ -77,7 +82,7 @@ def main(argv=None) -> dict:
     vq_dst = os.path.join(out_dir, NAMES["vqgan"])
     # the repository's own checkpoints/ as a relative path (resolved against the repository from any directory)
     point_at_tokenizer(halves["transformer"], os.path.join("checkpoints", NAMES["vqgan"])
-                       if out_dir == os.path.abspath(DEFAULT_OUT) else vq_dst)
+                       if out_dir == os.path.abspath(DEFAULT_OUT) else vq_dst, vqgan_file_config(halves["vqgan"]))
     with tempfile.TemporaryDirectory() as tmp:  # check the very bytes that would be bundled
         paths = {k: os.path.join(tmp, NAMES[k]) for k in halves}
         for k, obj in halves.items():

@@ -71,6 +71,35 @@ def test_into_the_repository_the_tokenizer_path_is_relative(tmp_path, monkeypatc
     assert cfg_t["model_param"]["VQ_Configs"]["VQ_CKPT_path"] == os.path.join("checkpoints", bundle.NAMES["vqgan"])
 
 
+def test_a_tokenizer_with_a_new_decoder_is_bundled_with_its_config_in_the_transformers(tmp_path, monkeypatch):
+    """The bundled tokenizer's tokens with a wider decoder (train_vqgan.py --new-decoder) and the bundled
+    transformer, bundled under a config whose tokenizer YAML names that decoder: the transformer's stored
+    config then names the new tokenizer config, so the pair builds from the transformer file alone."""
+    import yaml
+    from models import VQGAN
+    from utils.build import TOKEN_PARTS, build_maskgit, load_vqgan_weights
+    from utils.checkpoint import lab_state_dict, stored_config
+    from utils.config import load_vqgan_config
+    wide = {**load_vqgan_config(os.path.join(ROOT, "models/VQGAN/config/VQGAN_small_dec1.5x.yml")).to_dict(),
+            "dec_channels": [64, 96, 192]}
+    (tmp_path / "vq.yml").write_text(yaml.safe_dump({"model_param": wide}))
+    maskgit = yaml.safe_load(open(os.path.join(ROOT, "config", "MaskGit_small.yml")))
+    maskgit["model_param"]["VQ_Configs"]["VQ_config_path"] = str(tmp_path / "vq.yml")
+    (tmp_path / "maskgit.yml").write_text(yaml.safe_dump(maskgit))
+    monkeypatch.setattr(bundle, "BUNDLED_CONFIG", str(tmp_path / "maskgit.yml"))
+    vq = VQGAN(wide)
+    load_vqgan_weights(vq, VQ, parts=TOKEN_PARTS)  # the bundled tokens, a new (here untrained) decoder
+    torch.save(lab_state_dict(vq, wide), tmp_path / "vqgan.pt")
+    out = tmp_path / "out"
+    bundle.main(["--vqgan", str(tmp_path / "vqgan.pt"), "--transformer", TR, "--out-dir", str(out)])
+    cfg_t = stored_config(torch.load(out / bundle.NAMES["transformer"], map_location="cpu", weights_only=True))
+    assert cfg_t["vqgan"] == wide and stored_config(torch.load(TR, weights_only=True))["vqgan"] != wide
+    alone = build_maskgit(cfg_t)
+    assert alone.vqgan.cfg.to_dict() == wide
+    for k, v in alone.vqgan.state_dict().items():
+        torch.testing.assert_close(v, vq.state_dict()[k].half().float(), atol=0, rtol=0)
+
+
 def test_a_pair_that_does_not_fit_is_refused_and_nothing_is_written(tiny_world, tmp_path):
     out = tmp_path / "out"
     with pytest.raises(UserError, match="do not fit the bundled config") as e:

@@ -15,6 +15,7 @@ be fetched offline, and an ImageNet network in the loss would game FID.
 """
 from __future__ import annotations
 
+import argparse
 import logging
 import math
 import os
@@ -104,6 +105,9 @@ def parse_args(argv=None):
     p.add_argument("--limit", type=int, default=None, help="use only the first N images")
     p.add_argument("--ckpt-every", type=int, default=1000, help="write last.pt and vqgan.pt every N steps")
     p.add_argument("--eval-every", type=int, default=1000, help="validation PSNR and a reconstruction grid every N steps")
+    p.add_argument("--snapshot-at", type=fractions, default=(), metavar="F,F",
+                   help="also keep the weights at these fractions of the run, e.g. 0.3,0.6 (before a GAN that starts "
+                        "at 0.6): vqgan_stepNNNNNN.pt beside vqgan.pt, the same format, to score afterwards")
     p.add_argument("--resume", action="store_true", help="continue from <out-dir>/last.pt")
     p.add_argument("--half", action="store_true", help="also write vqgan_fp16.pt (half precision, for bundling)")
     p.add_argument("--device", default="auto", help="cuda | cpu | auto")
@@ -163,6 +167,22 @@ class Stage1:
                                 f" --{name.replace('_', '-')}; resume with the same options")
             if part is not None:
                 (part.model if name == "ema" else part).load_state_dict(ck[name])
+
+
+def fractions(text: str) -> tuple:
+    """``--snapshot-at``: comma-separated fractions of the run, each in (0, 1]."""
+    try:
+        fs = tuple(float(f) for f in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not comma-separated numbers: {text!r}") from None
+    if not all(0 < f <= 1 for f in fs):
+        raise argparse.ArgumentTypeError(f"fractions of the run must lie in (0, 1]: {text!r}")
+    return fs
+
+
+def snapshot_steps(fracs: tuple, total_steps: int) -> set:
+    """The steps ``--snapshot-at`` keeps: each fraction of the step total, rounded (at least step 1)."""
+    return {max(1, round(f * total_steps)) for f in fracs}
 
 
 def check_options(args) -> None:
@@ -545,6 +565,10 @@ def main(argv=None) -> dict:
                          100 * last_eval[2], f"  val FID {last_eval[3]:.2f}" if val_fid else "")
             if st.step % args.ckpt_every == 0:
                 save()
+            if st.step in snapshot_steps(args.snapshot_at, st.total_steps):
+                snap = os.path.join(args.out_dir, f"vqgan_step{st.step:06d}.pt")
+                atomic_save(tokenizer_state_dict(st.eval_model()), snap)
+                log.info("step %d: snapshot %s", st.step, snap)
         pbar.close()
         save()
         if stop.stop:

@@ -91,7 +91,7 @@ set -uo pipefail
 # Next (sessions 15-16, CPU ablation, README): the recipe beside the 1.5x decoder, without and with 4-channel norm groups
 ABL_DEFAULT=ema_codebook_ssim1_gan_fm,recipe_dec1.5x,recipe_dec1.5x_gn4
 cd "$(dirname "$0")/.."
-USAGE="usage: gpu_session.sh pack | speed|pipe|tok|trans|dec|speed-abl|abl OUT [MINUTES|SECONDS|VARIANTS] | score|score-tok|score-abl FILES [DIR]"
+USAGE="usage: gpu_session.sh pack | speed|pipe|tok|trans|decft|dec|speed-abl|abl OUT [MINUTES|SECONDS|VARIANTS] | score|score-tok|score-decft|score-abl FILES [DIR]"
 PART=${1:?$USAGE}
 RECIPE=${RECIPE:-config/pipeline.yml}
 PACK=.devdata/lab3_data.tar.xz
@@ -123,6 +123,20 @@ case "$PART" in
     # shellcheck disable=SC2086
     python bench/run.py --sets val-unseen,test --combos none --only-ours --skip-speed --vqgan-ckpt "$VQ" \
       --device "${DEVICE:-auto}" --out "$DIR/tok" ${SCORE_ARGS:-} || exit
+    exit ;;
+  score-decft)  # a decft call's tokenizers (its snapshots and its end) scored alone on this CPU: reconstruction FID and
+                # PSNR on the 1,118 unseen val images (the bundled tokenizer's: 18.12 / 27.45 dB), ~5 min each -> DIR/decft/
+    FILES=${2:?$USAGE}; DIR=${3:-runs/gpu_session}
+    mkdir -p "$DIR/decft"
+    for f in "$FILES"/vqgan_step*.pt "$(fetched "$FILES" "$DIR" vqgan_decoder_ft.pt)"; do
+      [ -f "$f" ] || continue
+      name=$(basename "${f%.pt}")
+      # shellcheck disable=SC2086
+      python bench/run.py --sets val-unseen --combos none --only-ours --skip-speed --vqgan-ckpt "$f" \
+        --device "${DEVICE:-auto}" --out "$DIR/decft/$name" ${SCORE_ARGS:-} >"$DIR/decft/$name.log" 2>&1 \
+        || { tail -3 "$DIR/decft/$name.log"; exit 1; }
+      echo "== $name"; cat "$DIR/decft/$name/quality.csv"
+    done
     exit ;;
   score-abl)
     FILES=${2:?$USAGE}; DIR=${3:-runs/gpu_session}
@@ -158,6 +172,10 @@ pack() {  # what comes back
   cp "$WORK/session.log" "$OUT/session.log" 2>/dev/null
   local run="$WORK/pipeline"
   cp "$WORK/decoder_ft/vqgan.pt" "$OUT/vqgan_decoder_ft.pt" 2>/dev/null
+  for snap in "$WORK"/decoder_ft/vqgan_step*.pt; do  # decft's snapshots, in fp16 (the bundled files' format)
+    [ -f "$snap" ] && python -c "import sys, torch; from utils.checkpoint import half_state_dict as h
+torch.save(h(torch.load(sys.argv[1], map_location='cpu', weights_only=True)), sys.argv[2])" "$snap" "$OUT/$(basename "$snap")"
+  done
   # the transformer in fp16 (the bundled files' format); the tokenizer in fp32, unless its fp32 file is over
   # VQ_FP32_MAX bytes (20 MB): the wide tokenizer's 33 MB beside the transformer and the images would pass the
   # device tool's 64 MiB, so it comes back in fp16 under the same name (every loader takes either)
@@ -265,6 +283,17 @@ case "$PART" in
     ;;
   pipe)
     pipeline "${3:-10}"  # ~8.7 min by estimate; the timeout leaves 40 s of the 600 for packing
+    ;;
+  decft)  # #13, session 27's plan for the next call: the bundled tokenizer's own decoder trained on for M minutes (default
+          # 8.5) on its frozen tokens with the stage-1 ablation's loss (SSIM 3.0; the GAN and its feature matching from 60%
+          # of the run, as the tokenizer stage's), the recipe's step size; snapshots at 30, 60 (the GAN's start) and 80% beside
+          # the end come back for `score-decft`. Every token kept, so the bundled transformer (8 minutes) stays valid.
+          # Checked on the CPU: DEVICE=cpu WORK=/tmp/w1 DECFT_ARGS="--steps 10 --batch-size 4 --limit 64 --warmup-steps 1"
+          # bash bench/gpu_session.sh decft /tmp/o1 0   (0: no time budget, DECFT_ARGS' steps)
+    # shellcheck disable=SC2086
+    run decoder_ft timeout 560 env OUT_RUNS="$WORK" STEPS=decoder INIT="${DECFT_INIT:-checkpoints/vqgan_small_fp16.pt}" \
+      DEC_ARGS="--learning-rate 4e-4 --ssim-weight 3.0 --disc-start-frac 0.6 --snapshot-at 0.3,0.6,0.8 ${DECFT_ARGS:-}" \
+      bash scripts/train_bundled.sh ../shared/data/lab3_dataset "$DEVICE" 0 "${3:-8.5}"
     ;;
   dec)  # the decoder fine-tune of scripts/train_bundled.sh (every token kept, so the transformer stays valid)
     INIT=$WORK/pipeline/tokenizer/vqgan.pt

@@ -259,25 +259,26 @@ def test_every_recipe_option_trains_and_exports_the_ema_weights(tiny_world, tmp_
     m.load_state_dict(exported, strict=True)  # the lab's layout: no extra tensors from the recipe
 
 
+class StopAt:  # StopFlag that reports a signal once the loop has checked it n times
+    def __init__(self, n):
+        self.n, self.signal = n, "SIGTERM"
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    @property
+    def stop(self):
+        self.n -= 1
+        return self.n < 0
+
+
 def test_time_budget_total_survives_an_interrupted_run(tiny_world, tmp_path, monkeypatch):
     from utils.cli import Interrupted
     monkeypatch.setattr(train_vqgan, "BUDGET_WARMUP", 1)
     monkeypatch.setattr(train_vqgan, "BUDGET_PROBE", 2)  # the step total is fixed after step 3
-
-    class StopAt:  # StopFlag that reports a signal once the loop has checked it n times
-        def __init__(self, n):
-            self.n, self.signal = n, "SIGTERM"
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
-        @property
-        def stop(self):
-            self.n -= 1
-            return self.n < 0
 
     class Clock:  # the trainer's clock advances 10 ms per reading: the probe's rate does not depend on the machine
         t = 0.0
@@ -295,6 +296,32 @@ def test_time_budget_total_survives_an_interrupted_run(tiny_world, tmp_path, mon
     monkeypatch.undo()
     res = _run(tiny_world, tmp_path, "--time-budget-min", "0.005", "--steps", "100000", "--resume")
     assert res["step"] == ck["total_steps"]  # the budgeted total, not --steps and not a new probe
+
+
+def test_snapshots_are_the_weights_at_those_fractions_of_the_run(tiny_world, tmp_path, monkeypatch, capsys):
+    """--snapshot-at 0.5,1: a 20-step run keeps vqgan_step000010.pt, equal to the vqgan.pt the same run
+    writes when stopped after step 10, and vqgan_step000020.pt, equal to its final vqgan.pt; a fraction
+    outside (0, 1] or not a number is a one-line command-line error."""
+    from utils.cli import Interrupted
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    _run(tiny_world, tmp_path / "a", "--steps", "20", "--snapshot-at", "0.5,1", "--ckpt-every", "1000")
+    out = tmp_path / "a" / "vq"
+    assert sorted(p.name for p in out.glob("vqgan_step*.pt")) == ["vqgan_step000010.pt", "vqgan_step000020.pt"]
+    monkeypatch.setattr(train_vqgan, "StopFlag", lambda: StopAt(10))
+    with pytest.raises(Interrupted):
+        _run(tiny_world, tmp_path / "b", "--steps", "20", "--ckpt-every", "1000")
+    for snap, whole in ((out / "vqgan_step000010.pt", tmp_path / "b" / "vq" / "vqgan.pt"),
+                        (out / "vqgan_step000020.pt", out / "vqgan.pt")):
+        a, b = torch.load(snap, weights_only=True), torch.load(whole, weights_only=True)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    first, last = torch.load(out / "vqgan_step000010.pt", weights_only=True), torch.load(out / "vqgan.pt", weights_only=True)
+    assert any(not torch.equal(first[k], last[k]) for k in first)
+    assert train_vqgan.snapshot_steps((0.3, 0.6, 1.0), 7) == {2, 4, 7}
+    for bad, why in (("0.5,1.5", "must lie in"), ("half", "not comma-separated numbers")):
+        with pytest.raises(SystemExit) as e:
+            _run(tiny_world, tmp_path / "a", "--steps", "2", "--snapshot-at", bad)
+        assert e.value.code == 2 and why in capsys.readouterr().err
 
 
 def test_non_finite_loss_stops_without_overwriting_the_checkpoint(tiny_world, tmp_path):

@@ -3,9 +3,14 @@
 # minutes measuring, not writing scripts. Each device part fits one device call (<= 10 minutes).
 #
 # A session's device time is 15 minutes, the machine's start and the transfers included (~1.5-2 min per call),
-# and no machine starts with under 4 left: so ONE call of <= 600 s, and it should bring back a whole pair, the
-# tokenizer and a transformer trained on its tokens (a tokenizer alone cannot be bundled: every token changes).
-# The next call (session 26's plan; the README's Stage-1 ablation says why):
+# and no machine starts with under 4 left: so ONE call of <= 600 s. A new tokenizer alone cannot be bundled (every
+# token changes, so its transformer must be retrained in the same call); a decoder trained on the bundled tokenizer's
+# frozen tokens can (the bundled transformer stays valid). The next call (session 27's plan; README › Pipeline ›
+# The next H100 call says why):
+#   bash bench/gpu_session.sh decft $OUT          # the bundled decoder trained on for 8.5 min, snapshots at 30/60/80%
+# then here `score-decft FILES` (each tokenizer's floor on the unseen val images) and bench/run.py --sets val-unseen
+# --combos cosine:10 --vqgan-ckpt on the best; bundle only if it beats the bundled tokenizer there. The call after it
+# (session 26's plan, a whole new pair):
 #   TOKENIZER_ARGS="config=models/VQGAN/config/VQGAN_small_wide.yml ssim_weight=3.0" \
 #     MINUTES="tokenizer=5.5 transformer=2.6" bash bench/gpu_session.sh pipe $OUT 0
 # (8.1 trainer minutes + ~30 s of start-up, token cache and inpainting inside pipe's 560-s timeout; the wide
@@ -42,6 +47,9 @@
 #                                                  # bundled one), and the test images inpainted (~9.5 min);
 #                                                  # TRANSFORMER_SET="model_param.Transformer_param.dim=320 ..." and
 #                                                  # TRANSFORMER_ARGS="warmup_steps=500": the transformer's config and options
+#   bash bench/gpu_session.sh decft  $OUT [M]      # #13: the bundled tokenizer's decoder trained on for M minutes (default
+#                                                  # 8.5) on its frozen tokens (SSIM 3.0, GAN + feature matching from 60%,
+#                                                  # lr 4e-4), snapshots at 30/60/80% back in fp16 with the end (~45 MB)
 #   bash bench/gpu_session.sh dec    $OUT [M]      # #13: decoder fine-tune of M minutes (default 2) of the pipe call's
 #                                                  # tokenizer if this machine still has it, else of .devdata/vqgan_init.pt
 #                                                  # (copy a returned vqgan.pt there to carry it), else of the bundled one
@@ -67,6 +75,11 @@
 #       (its config travels in the file). To bundle a tokenizer of another YAML (e.g. VQGAN_small_wide.yml), first
 #       point config/MaskGit_small.yml's VQ_config_path and config/pipeline.yml's tokenizer config at that YAML:
 #       scripts/bundle.py checks both files against the bundled configs
+#   bash bench/gpu_session.sh score-decft FILES [DIR] # a decft call's snapshots and end scored alone on this CPU (~5 min
+#       each): reconstruction FID and PSNR on the 1,118 unseen val images -> DIR/decft/NAME/quality.csv; the bundled
+#       tokenizer's: 18.12 / 27.45 dB. Then the best: python bench/run.py --sets val-unseen --combos cosine:10 --skip-speed
+#       --only-ours --vqgan-ckpt FILE (the bundled transformer; ~25 min), and to bundle (the same YAML, the same
+#       transformer): python scripts/bundle.py --vqgan FILE --transformer checkpoints/transformer_small_fp16.pth
 #   bash bench/gpu_session.sh score-abl FILES [DIR] # the ablation's FIDs on this CPU -> DIR/ablation/results.md
 #
 # Why the detours. The device gets the repository and the carried paths only (never ../shared), at

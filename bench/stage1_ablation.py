@@ -138,7 +138,7 @@ VARIANTS.update({
     "dec1.5x_ft": DECODER_RECIPE + ["--set", "dec_channels=*1.5"],
     "newdec1.5x": DECODER_RECIPE + ["--new-decoder", "--set", "dec_channels=*1.5"],
     "newdec2x_gn2dec": DECODER_RECIPE + ["--new-decoder", "--set", "dec_channels=*2", "--set", "dec_norm_group_channels=2"],
-    # the decoder fine-tune's settings of session 17 on the H100 (which lowered val PSNR's FID there): the GAN and feature
+    # the decoder fine-tune's settings of session 17 on the H100 (which raised the unseen val floor FID there): the GAN and feature
     # matching from step 0 with a fresh discriminator, learning rate 1e-4, SSIM 1.0 (scripts/train_bundled.sh's)
     "dec1.5x_ft_s17": ["--train-part", "decoder", "--ssim-weight", "1.0", "--disc-start", "0", "--disc-weight", "0.1",
                        "--fm-weight", "1.0", "--learning-rate", "1e-4", "--set", "dec_channels=*1.5"],

@@ -8,7 +8,8 @@ both files load strictly into the bundled config (config/MaskGit_small.yml and t
 names), the models `demo.py`, `app.py` and `inpainting.py --bundled` build; the files are stored as
 fp16 CPU tensors with their configs kept (the transformer's config then names the bundled tokenizer
 file as its VQ_CKPT_path, so a loader given only the transformer file finds its partner instead of
-the path it was trained with, and the config that tokenizer file stores as its tokenizer config); no file over 24 MiB and both together at most 40 MB. Then
+the path it was trained with, and the config that tokenizer file stores as its tokenizer config); no
+file over 24 MiB and both together at most 40 MB. Then
 ``checkpoints/vqgan_small_fp16.pt`` and ``checkpoints/transformer_small_fp16.pth`` are replaced
 (atomically; ``--out-dir`` writes elsewhere). Deciding *whether* to bundle is the scores' job
 (bench/run.py --transformer-ckpt on the val images); this only makes it safe to.

@@ -27,17 +27,24 @@ TOKEN_PARTS = ("encoder.", "quant_conv.", "codebook.")
 DECODER_KEYS = ("dec_channels", "dec_num_res_blocks", "dec_norm_group_channels")
 
 
-def load_vqgan_weights(vqgan: torch.nn.Module, path: str, may_differ: tuple = (), parts: tuple | None = None) -> list:
+def read_vqgan_file(path: str):
+    """The content of the tokenizer file ``path`` (read as data only); a missing file says what to do."""
+    path = resolve_path(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"VQGAN checkpoint not found: {path}; {VQGAN_HINT}")
+    return load_checkpoint(path, "VQGAN checkpoint")
+
+
+def load_vqgan_weights(vqgan: torch.nn.Module, path: str, may_differ: tuple = (), parts: tuple | None = None,
+                       raw=None) -> list:
     """Load a VQGAN state_dict (the lab's raw fp32 dict, or ours, fp16 allowed) with strict=True.
     A file whose stored config differs from the tokenizer's in a key of SILENT_VQGAN_KEYS is refused
     unless the key is in ``may_differ`` (a fine-tune that changes it on purpose); returns those
     differences, one line each. ``parts``: load only the weights under these key prefixes (e.g.
     TOKEN_PARTS), strictly among them, and leave the rest of ``vqgan`` as it is (the file's other
-    parts may have another layout)."""
+    parts may have another layout). ``raw``: the file's content when already read (read_vqgan_file)."""
     path = resolve_path(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"VQGAN checkpoint not found: {path}; {VQGAN_HINT}")
-    raw = load_checkpoint(path, "VQGAN checkpoint")
+    raw = read_vqgan_file(path) if raw is None else raw
     sd = unwrap_state_dict(raw)
     sd = {k[len("vqgan."):] if k.startswith("vqgan.") else k: v for k, v in sd.items()}
     mine = vqgan.state_dict()
@@ -109,7 +116,8 @@ def build_maskgit(cfg: dict, load_vqgan: bool = True, vqgan_ckpt: str | None = N
         path = vqgan_ckpt or (cfg["model_param"].get("VQ_Configs") or {}).get("VQ_CKPT_path")
         if not path:
             raise FileNotFoundError(f"no VQGAN checkpoint configured (VQ_Configs.VQ_CKPT_path); {VQGAN_HINT}")
-    own = tokenizer_file_config(path) if path else None  # a broken file is named by the loader's own error
+    raw = read_vqgan_file(path) if path else None  # read once: its stored config here, its weights below
+    own = vqgan_file_config(raw) if raw is not None else None
     try:
         diff = config_diff(own, VQGANConfig.from_dict(cfg["vqgan"]).to_dict()) if own is not None else []
         if diff and set(diff) <= set(DECODER_KEYS):
@@ -120,7 +128,7 @@ def build_maskgit(cfg: dict, load_vqgan: bool = True, vqgan_ckpt: str | None = N
     except (TypeError, ValueError) as e:
         raise ConfigError(f"config: {e}") from e
     if path:
-        load_vqgan_weights(model.vqgan, path)
+        load_vqgan_weights(model.vqgan, path, raw=raw)
     return model
 
 

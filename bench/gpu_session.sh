@@ -185,19 +185,16 @@ pack() {  # what comes back
   cp "$WORK/session.log" "$OUT/session.log" 2>/dev/null
   local run="$WORK/pipeline"
   cp "$WORK/decoder_ft/vqgan.pt" "$OUT/vqgan_decoder_ft.pt" 2>/dev/null
-  for snap in "$WORK"/decoder_ft/vqgan_step*.pt; do  # decft's snapshots, in fp16 (the bundled files' format)
-    [ -f "$snap" ] && python -c "import sys, torch; from utils.checkpoint import half_state_dict as h
-torch.save(h(torch.load(sys.argv[1], map_location='cpu', weights_only=True)), sys.argv[2])" "$snap" "$OUT/$(basename "$snap")"
-  done
   # the transformer in fp16 (the bundled files' format); the tokenizer in fp32, unless its fp32 file is over
   # VQ_FP32_MAX bytes (20 MB): the wide tokenizer's 33 MB beside the transformer and the images would pass the
-  # device tool's 64 MiB, so it comes back in fp16 under the same name (every loader takes either)
+  # device tool's 64 MiB, so it comes back in fp16 under the same name (every loader takes either); decft's
+  # snapshots (decoder_ft/vqgan_step*.pt) in fp16
   python - "$run/transformer/transformer_best.pth" "$OUT/transformer_fp16.pth" \
-    "$run/tokenizer/vqgan.pt" "$OUT/vqgan.pt" "${VQ_FP32_MAX:-20000000}" <<'PY'
-import os, shutil, sys
+    "$run/tokenizer/vqgan.pt" "$OUT/vqgan.pt" "${VQ_FP32_MAX:-20000000}" "$WORK/decoder_ft" "$OUT" <<'PY'
+import glob, os, shutil, sys
 import torch
 from utils.checkpoint import half_state_dict
-trans, trans_out, vq, vq_out, vq_max = sys.argv[1:]
+trans, trans_out, vq, vq_out, vq_max, snap_dir, out = sys.argv[1:]
 def save_half(src, dst):
     torch.save(half_state_dict(torch.load(src, map_location="cpu", weights_only=True)), dst)
 if os.path.isfile(trans):
@@ -207,6 +204,8 @@ if os.path.isfile(vq) and os.path.getsize(vq) <= int(vq_max):
 elif os.path.isfile(vq):
     save_half(vq, vq_out)
     print(f"{vq}: {os.path.getsize(vq)} bytes in fp32, sent back in fp16 ({os.path.getsize(vq_out)} bytes)")
+for snap in sorted(glob.glob(os.path.join(snap_dir, "vqgan_step*.pt"))):
+    save_half(snap, os.path.join(out, os.path.basename(snap)))
 PY
   for rec in "$WORK"/ablation/*/recon; do
     [ -d "$rec" ] && tar -czf "$OUT/recon_$(basename "$(dirname "$rec")").tgz" -C "$WORK" "${rec#"$WORK"/}"
@@ -261,6 +260,11 @@ speed_steps() {  # speed_steps TESTS_S TRAIN_S DECODE_S FID_S [quick]: #14's fig
     "${decode[@]}" --csv "$WORK/decode.csv"
   fid_time "$4"
 }
+decoder_ft() {  # decoder_ft INIT MINUTES DEC_ARGS: scripts/train_bundled.sh's decoder step on INIT (every token kept)
+  echo "decoder fine-tune of $1" | tee -a "$WORK/session.log"
+  run decoder_ft timeout 560 env OUT_RUNS="$WORK" STEPS=decoder INIT="$1" DEC_ARGS="$3" bash scripts/train_bundled.sh \
+    ../shared/data/lab3_dataset "$DEVICE" 0 "$2"
+}
 pipeline() {  # pipeline BUDGET_MINUTES (0: the recipe's own) [TIMEOUT_S]; TOKENIZER=FILE: pipeline.py --tokenizer FILE
   local budget=() stages=${STAGES:-tokenizer,tokens,transformer,inpaint} given=()
   # a stage's config overrides added to its `set` (TOKENIZER_SET="dec_channels=[64,128,256]", TRANSFORMER_SET=
@@ -303,20 +307,15 @@ case "$PART" in
           # the end come back for `score-decft`. Every token kept, so the bundled transformer (8 minutes) stays valid.
           # Checked on the CPU: DEVICE=cpu WORK=/tmp/w1 DECFT_ARGS="--steps 10 --batch-size 4 --limit 64 --warmup-steps 1"
           # bash bench/gpu_session.sh decft /tmp/o1 0   (0: no time budget, DECFT_ARGS' steps)
-    # shellcheck disable=SC2086
-    run decoder_ft timeout 560 env OUT_RUNS="$WORK" STEPS=decoder INIT="${DECFT_INIT:-checkpoints/vqgan_small_fp16.pt}" \
-      DEC_ARGS="--learning-rate 4e-4 --ssim-weight 3.0 --disc-start-frac 0.6 --snapshot-at 0.3,0.6,0.8 ${DECFT_ARGS:-}" \
-      bash scripts/train_bundled.sh ../shared/data/lab3_dataset "$DEVICE" 0 "${3:-8.5}"
+    decoder_ft "${DECFT_INIT:-checkpoints/vqgan_small_fp16.pt}" "${3:-8.5}" \
+      "--learning-rate 4e-4 --ssim-weight 3.0 --disc-start-frac 0.6 --snapshot-at 0.3,0.6,0.8 ${DECFT_ARGS:-}"
     ;;
   dec)  # the decoder fine-tune of scripts/train_bundled.sh (every token kept, so the transformer stays valid)
     INIT=$WORK/pipeline/tokenizer/vqgan.pt
     [ -f "$INIT" ] || INIT=.devdata/vqgan_init.pt
     [ -f "$INIT" ] || INIT=checkpoints/vqgan_small_fp16.pt
-    echo "decoder fine-tune of $INIT" | tee -a "$WORK/session.log"
     # the pipe call's tokenizer overrides hold for its decoder too (e.g. TOKENIZER_SET="dec_channels=[48,96,192]")
-    run decoder_ft timeout 560 env OUT_RUNS="$WORK" STEPS=decoder INIT="$INIT" \
-      DEC_ARGS="${DEC_ARGS:-}${TOKENIZER_SET:+ --set $TOKENIZER_SET}" bash scripts/train_bundled.sh \
-      ../shared/data/lab3_dataset "$DEVICE" 0 "${3:-2}"
+    decoder_ft "$INIT" "${3:-2}" "${DEC_ARGS:-}${TOKENIZER_SET:+ --set $TOKENIZER_SET}"
     ;;
   speed-abl)  # one call of S seconds (default 560): #14's figures incl. batch 512, then the ablation in the time left
     T0=$SECONDS; LIMIT=${3:-560}

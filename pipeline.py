@@ -1,5 +1,5 @@
 """The whole chain in one command: tokenizer training -> token cache -> transformer training ->
-inpainting of the lab's test images -> FID, into one folder (checkpoints, logs, loss curves, the
+(optionally) decoder training on the frozen tokens -> inpainting of the lab's test images -> FID, into one folder (checkpoints, logs, loss curves, the
 decoding report, summary.json and summary.md).
 
     python pipeline.py                                         # config/pipeline.yml: one H100, 25 minutes
@@ -7,6 +7,7 @@ decoding report, summary.json and summary.md).
     python pipeline.py --stages inpaint,fid --force inpaint     # redo the inpainting and the FID only
     python pipeline.py --tokenizer checkpoints/vqgan_small_fp16.pt   # a trained tokenizer: the transformer on it
     python pipeline.py --arg tokenizer.learning_rate=8e-4         # a recipe option changed without editing the YAML
+    python pipeline.py --minutes tokenizer=5 decoder=4            # the decoder stage too (0 minutes in the recipe)
 
 Rerun the same command after Ctrl-C: finished stages are skipped, an interrupted trainer resumes.
 The stages and the recipe format: ``utils/pipeline.py`` and ``config/pipeline.yml``.
@@ -19,7 +20,7 @@ from utils.pipeline import ARG_STAGES, STAGES, PipelineOptions, run_pipeline
 
 def parse_args(argv=None) -> PipelineOptions:
     p = ArgumentParser(description="MaskGIT, the whole chain: tokenizer -> token cache -> transformer -> "
-                                   "inpainting -> FID")
+                                   "(decoder on the frozen tokens) -> inpainting -> FID")
     p.add_argument("--recipe", default="config/pipeline.yml",
                    help="the recipe YAML: per stage its minutes and its script's options")
     p.add_argument("--out", default="runs/pipeline", help="the run's folder (one subfolder per stage)")

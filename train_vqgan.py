@@ -536,8 +536,10 @@ def main(argv=None) -> dict:
         metrics.flush()
 
     t0, seen, first_rec, rec_v, start_step, last_eval = time.time(), 0, None, math.nan, st.step, None
+    init_psnr = None
     if args.init and st.step == 0:  # the starting point of a fine-tune, for comparison (and vqgan_best.pt)
         last_eval = validate(st, val_images, args, device, metrics, val_fid)
+        init_psnr = last_eval[1]
         log.info("step 0 (--init %s)  val PSNR %.2f dB  codebook usage %.1f%%%s", args.init, last_eval[1],
                  100 * last_eval[2], f"  val FID {last_eval[3]:.2f}" if val_fid else "")
     pbar = tqdm(total=st.total_steps, initial=st.step, disable=args.no_progress, desc="vqgan")
@@ -585,7 +587,7 @@ def main(argv=None) -> dict:
     log.info("done: %d steps, %.1f images/s, val PSNR %.2f dB, codebook usage %.1f%%, weights %s", st.step,
              seen / max(1e-9, time.time() - t0), final_psnr, 100 * usage, os.path.join(args.out_dir, "vqgan.pt"))
     return {"step": st.step, "first_rec": first_rec, "last_rec": rec_v, "val_psnr": final_psnr, "code_usage": usage,
-            "best_val_fid": st.best_val_fid if args.val_fid else None}
+            "best_val_fid": st.best_val_fid if args.val_fid else None, "init_val_psnr": init_psnr}
 
 
 if __name__ == "__main__":

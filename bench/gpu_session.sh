@@ -25,7 +25,9 @@
 #   bash bench/gpu_session.sh pipe   $OUT [M]      # #13: pipeline.py --budget-minutes M (default 10: trainers 3.6 min each), up to inpainting;
 #                                                  # M 0 with MINUTES="tokenizer=5.5 transformer=2.5": those minutes exactly;
 #                                                  # TOKENIZER_SET="dec_channels=[64,128,256]": the tokenizer's config
-#                                                  # overridden so (pipeline.py --arg tokenizer.set=...)
+#                                                  # overridden so (pipeline.py --arg tokenizer.set=...);
+#                                                  # MINUTES="... decoder=2": the decoder stage too (its vqgan.pt
+#                                                  # comes back as vqgan_decoder.pt; score then scores with it)
 #   bash bench/gpu_session.sh tok    $OUT [M]      # #13: the tokenizer stage alone for M minutes (default 8.5; TOKENIZER_SET
 #                                                  # as for pipe; TOKENIZER_ARGS="learning_rate=8e-4": its options too);
 #                                                  # its vqgan.pt comes back for score-tok, then for trans. (The next call
@@ -126,6 +128,8 @@ case "$PART" in
     mkdir -p "$DIR"
     for f in results images_lab images_composited; do tar -xzf "$(fetched "$FILES" "$DIR" "$f.tgz")" -C "$DIR" || exit; done
     cp "$(fetched "$FILES" "$DIR" vqgan.pt)" "$DIR/pipeline/tokenizer/vqgan.pt" || exit
+    DEC=$(fetched "$FILES" "$DIR" vqgan_decoder.pt)  # the decoder stage's, when the call ran one (fid then uses it)
+    if [ -f "$DEC" ]; then cp "$DEC" "$DIR/pipeline/decoder/vqgan.pt" || exit; fi
     python pipeline.py --recipe "$RECIPE" --out "$DIR/pipeline" --stages fid --device "${DEVICE:-auto}" || exit
     cat "$DIR/pipeline/summary.md"
     exit ;;
@@ -189,21 +193,24 @@ pack() {  # what comes back
   # VQ_FP32_MAX bytes (20 MB): the wide tokenizer's 33 MB beside the transformer and the images would pass the
   # device tool's 64 MiB, so it comes back in fp16 under the same name (every loader takes either); decft's
   # snapshots (decoder_ft/vqgan_step*.pt) in fp16
-  python - "$run/transformer/transformer_best.pth" "$OUT/transformer_fp16.pth" \
-    "$run/tokenizer/vqgan.pt" "$OUT/vqgan.pt" "${VQ_FP32_MAX:-20000000}" "$WORK/decoder_ft" "$OUT" <<'PY'
+  # (the pipeline's decoder stage's tokenizer, when it ran, the same way as vqgan_decoder.pt)
+  python - "$run/transformer/transformer_best.pth" "$OUT/transformer_fp16.pth" "${VQ_FP32_MAX:-20000000}" \
+    "$WORK/decoder_ft" "$OUT" "$run/tokenizer/vqgan.pt" "$OUT/vqgan.pt" "$run/decoder/vqgan.pt" \
+    "$OUT/vqgan_decoder.pt" <<'PY'
 import glob, os, shutil, sys
 import torch
 from utils.checkpoint import half_state_dict
-trans, trans_out, vq, vq_out, vq_max, snap_dir, out = sys.argv[1:]
+trans, trans_out, vq_max, snap_dir, out, *tokenizers = sys.argv[1:]
 def save_half(src, dst):
     torch.save(half_state_dict(torch.load(src, map_location="cpu", weights_only=True)), dst)
 if os.path.isfile(trans):
     save_half(trans, trans_out)
-if os.path.isfile(vq) and os.path.getsize(vq) <= int(vq_max):
-    shutil.copyfile(vq, vq_out)
-elif os.path.isfile(vq):
-    save_half(vq, vq_out)
-    print(f"{vq}: {os.path.getsize(vq)} bytes in fp32, sent back in fp16 ({os.path.getsize(vq_out)} bytes)")
+for vq, vq_out in zip(tokenizers[::2], tokenizers[1::2]):
+    if os.path.isfile(vq) and os.path.getsize(vq) <= int(vq_max):
+        shutil.copyfile(vq, vq_out)
+    elif os.path.isfile(vq):
+        save_half(vq, vq_out)
+        print(f"{vq}: {os.path.getsize(vq)} bytes in fp32, sent back in fp16 ({os.path.getsize(vq_out)} bytes)")
 for snap in sorted(glob.glob(os.path.join(snap_dir, "vqgan_step*.pt"))):
     save_half(snap, os.path.join(out, os.path.basename(snap)))
 PY
@@ -266,7 +273,7 @@ decoder_ft() {  # decoder_ft INIT MINUTES DEC_ARGS: scripts/train_bundled.sh's d
     ../shared/data/lab3_dataset "$DEVICE" 0 "$2"
 }
 pipeline() {  # pipeline BUDGET_MINUTES (0: the recipe's own) [TIMEOUT_S]; TOKENIZER=FILE: pipeline.py --tokenizer FILE
-  local budget=() stages=${STAGES:-tokenizer,tokens,transformer,inpaint} given=()
+  local budget=() stages=${STAGES:-tokenizer,tokens,transformer,decoder,inpaint} given=()
   # a stage's config overrides added to its `set` (TOKENIZER_SET="dec_channels=[64,128,256]", TRANSFORMER_SET=
   # "model_param.Transformer_param.dim=320") and options to its args (TOKENIZER_ARGS="learning_rate=8e-4",
   # TRANSFORMER_ARGS="warmup_steps=500"; values read as YAML), each several KEY=VALUE words: pipeline.py --arg

@@ -143,6 +143,13 @@ VARIANTS.update({
     "dec1.5x_ft_s17": ["--train-part", "decoder", "--ssim-weight", "1.0", "--disc-start", "0", "--disc-weight", "0.1",
                        "--fm-weight", "1.0", "--learning-rate", "1e-4", "--set", "dec_channels=*1.5"],
 })
+# session 28, which of session 17's settings cost dec1.5x_ft_s17 its 3.4 FID: the learning rate alone (1e-4 instead of
+# the stage's 4e-4), and whether the GAN helps a decoder trained on (no discriminator at all: L1 + SSIM only)
+VARIANTS.update({
+    "dec1.5x_ft_lr1e-4": DECODER_RECIPE + ["--learning-rate", "1e-4", "--set", "dec_channels=*1.5"],
+    "dec1.5x_ft_nogan": ["--train-part", "decoder", "--ssim-weight", "3.0", "--disc-start", "-1",
+                         "--set", "dec_channels=*1.5"],
+})
 
 
 def scale_sets(sets: list, base: dict) -> list:

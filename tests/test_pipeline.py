@@ -96,7 +96,8 @@ def test_smoke_chain_writes_everything(chain):
     out, summary = chain["out"], chain["summary"]
     expected = ["summary.json", "summary.md", "pipeline.log",
                 "tokenizer/vqgan.pt", "tokenizer/last.pt", "tokenizer/loss.png", "tokenizer/metrics.csv",
-                "tokenizer/train_vqgan.log", "tokens/tokens.log",
+                "tokenizer/train_vqgan.log", "tokens/tokens.log", "decoder/vqgan.pt", "decoder/last.pt",
+                "decoder/loss.png",
                 "transformer/transformer_best.pth", "transformer/last.pt", "transformer/loss.png",
                 "transformer/metrics.csv", "transformer/train.log", "inpaint/lab/report.png",
                 "inpaint/lab/test_results/inpainting_summary.json", "inpaint/lab/imga/test_0.png",
@@ -110,7 +111,7 @@ def test_smoke_chain_writes_everything(chain):
     assert {s: r["status"] for s, r in summary["stages"].items()} == dict.fromkeys(STAGES, "done")
     assert finite_figures(summary) == {}
     figs = {s: r["figures"] for s, r in summary["stages"].items()}
-    assert figs["tokenizer"]["steps"] == 20 and figs["transformer"]["steps"] == 10
+    assert figs["tokenizer"]["steps"] == 20 and figs["transformer"]["steps"] == 10 and figs["decoder"]["steps"] == 10
     assert figs["tokens"]["train_sequences"] == 40 and figs["tokens"]["val_sequences"] == 12
     assert figs["inpaint"]["images"] == 6 and figs["fid"]["images"] == len(GT_IDS)
     assert {"recon_psnr", "recon_fid", "fid_lab", "fid_composited", "val_loss", "val_acc"} <= \
@@ -136,6 +137,72 @@ def test_smoke_recipe_as_shipped_on_the_lab_dataset(lab3, tmp_path):
     assert summary["stages"]["tokens"]["figures"]["val_sequences"] == 3000
 
 
+def test_decoder_stage_keeps_the_tokens_and_the_later_stages_use_its_tokenizer(chain, tmp_path):
+    """The decoder stage trains the tokenizer's post_quant_conv + decoder only: every other tensor of its
+    vqgan.pt is the tokenizer stage's, bit for bit (so the transformer's tokens stay valid), its step-0 val
+    PSNR is the tokenizer's final one (the same weights on the same images), and the inpaint and fid stages
+    used its file: the fid stage's reconstructions are its encode -> decode, not the tokenizer stage's."""
+    from models import VQGAN
+    from utils.build import load_vqgan_weights
+    from utils.checkpoint import stored_config
+    from utils.pipeline import reconstruct_images
+    out, figs = chain["out"], {s: r["figures"] for s, r in chain["summary"]["stages"].items()}
+    tok, dec = (torch.load(os.path.join(out, s, "vqgan.pt"), weights_only=True) for s in ("tokenizer", "decoder"))
+    assert tok.keys() == dec.keys() and stored_config(tok) == stored_config(dec)
+    trained = {k for k, v in tok.items() if isinstance(v, torch.Tensor) and not torch.equal(v, dec[k])}
+    assert trained and all(k.startswith(("decoder.", "post_quant_conv.")) for k in trained)
+    assert len(trained) == len([k for k in tok if k.startswith(("decoder.", "post_quant_conv."))])  # all of them moved
+    assert figs["decoder"]["init_val_psnr"] == pytest.approx(figs["tokenizer"]["val_psnr"], abs=1e-4)
+    assert figs["decoder"]["val_psnr"] != figs["decoder"]["init_val_psnr"]
+    inpaint = chain["summary"]["stages"]["inpaint"]["commands"]
+    assert len(inpaint) == 2 and all(f"--vqgan-ckpt {os.path.join(out, 'decoder', 'vqgan.pt')}" in c for c in inpaint)
+    names = sorted(os.listdir(os.path.join(out, "fid", "recon")))
+    psnrs = {}
+    for stage, sd in (("tokenizer", tok), ("decoder", dec)):
+        vq = VQGAN(stored_config(sd))
+        load_vqgan_weights(vq, os.path.join(out, stage, "vqgan.pt"))
+        psnrs[stage] = reconstruct_images(vq.eval(), chain["world"]["gt"], names, str(tmp_path / stage), "cpu")
+    assert figs["fid"]["recon_psnr"] == pytest.approx(psnrs["decoder"], abs=1e-9) != psnrs["tokenizer"]
+    assert all(stamp(tmp_path / "decoder" / n)[0] == stamp(os.path.join(out, "fid", "recon", n))[0] for n in names)
+
+
+def test_decoder_stage_reruns_only_what_was_made_from_it(chain, tmp_path, capsys):
+    """The decoder depends on the tokenizer alone: a rerun of the transformer keeps it, a rerun of the decoder
+    keeps the transformer and clears inpaint and fid; an unfinished decoder resumes from its last.pt. A recipe
+    without decoder minutes or steps skips the stage, and inpaint and fid then use the tokenizer's vqgan.pt."""
+    out = tmp_path / "out"
+    shutil.copytree(chain["out"], out)
+    world, recipe = chain["world"], chain["recipe"]
+    before = {s: stamp(out / s / "done.json") for s in STAGES}
+    code, err = run(args_for(world, recipe, out, "--stages", "transformer,decoder", "--force", "transformer"), capsys)
+    assert code == 0, err
+    assert stamp(out / "decoder" / "done.json") == before["decoder"] and stamp(out / "tokens" / "done.json") == \
+        before["tokens"]
+    assert not os.path.exists(out / "inpaint") and not os.path.exists(out / "fid")
+
+    os.remove(out / "decoder" / "done.json")  # as if it had been cut off after its last checkpoint
+    trans = stamp(out / "transformer" / "done.json")
+    code, err = run(args_for(world, recipe, out, "--stages", "decoder"), capsys)
+    assert code == 0, err
+    done = yaml.safe_load(open(out / "decoder" / "done.json"))
+    assert "--resume" in done["commands"][0] and done["figures"]["steps"] == 10
+    assert stamp(out / "transformer" / "done.json") == trans
+
+    off = smoke_recipe(tmp_path / "off.yml", **{"decoder.steps": None})
+    shown = pipeline.main(args_for(world, off, tmp_path / "fresh", "--dry-run"))["commands"]
+    assert shown["decoder"][0].startswith("# not run")
+    assert all(f"--vqgan-ckpt {tmp_path / 'fresh' / 'tokenizer' / 'vqgan.pt'}" in c for c in shown["inpaint"])
+    out = tmp_path / "off"  # the whole chain again, its inpaint and fid made with the decoder: forced, it clears them
+    shutil.copytree(chain["out"], out)
+    code, err = run(args_for(world, off, out, "--stages", "decoder,inpaint,fid", "--force", "decoder"), capsys)
+    assert code == 0, err
+    summary = yaml.safe_load(open(out / "summary.json"))
+    assert summary["stages"]["decoder"]["status"] == "not run" and "no minutes" in summary["stages"]["decoder"]["note"]
+    assert not os.path.exists(out / "decoder")
+    assert all(f"--vqgan-ckpt {out / 'tokenizer' / 'vqgan.pt'}" in c for c in summary["stages"]["inpaint"]["commands"])
+    assert summary["stages"]["fid"]["figures"]["recon_psnr"] != chain["summary"]["stages"]["fid"]["figures"]["recon_psnr"]
+
+
 def test_composited_run_pastes_and_lab_run_does_not(chain):
     """The lab-protocol images are the plain decode; only the composited run got --paste-known."""
     out, world = chain["out"], chain["world"]
@@ -157,11 +224,12 @@ def test_fid_stage_without_the_training_checkpoints(chain, tmp_path, capsys):
     shutil.copytree(chain["out"], out, ignore=shutil.ignore_patterns("last.pt", "cache", "fid"))
     assert not os.path.exists(out / "tokenizer" / "last.pt")
     want = chain["summary"]["stages"]["fid"]["figures"]
-    vq = torch.load(out / "tokenizer" / "vqgan.pt", weights_only=True)
-    assert stored_config(vq)["latent_dim"] == 16  # config/VQGAN_smoke.yml
+    vq = {s: torch.load(out / s / "vqgan.pt", weights_only=True) for s in ("tokenizer", "decoder")}
+    assert stored_config(vq["decoder"])["latent_dim"] == 16  # config/VQGAN_smoke.yml
     for plain in (False, True):
         if plain:  # the layout of an older vqgan.pt: the recipe names the config
-            torch.save({k: v for k, v in vq.items()}, out / "tokenizer" / "vqgan.pt")
+            for s, sd in vq.items():
+                torch.save({k: v for k, v in sd.items()}, out / s / "vqgan.pt")
         code, _ = run(args_for(chain["world"], chain["recipe"], out, "--stages", "fid", "--force", "fid"), capsys)
         assert code == 0
         got = yaml.safe_load(open(out / "summary.json"))["stages"]["fid"]["figures"]
@@ -173,15 +241,16 @@ def test_gpu_session_sends_a_large_tokenizer_back_in_fp16(chain, tmp_path):
     """bench/gpu_session.sh sends back what its WORK folder holds, whatever happened (here: an unknown
     part). The tokenizer comes back as trained while its fp32 file is at most VQ_FP32_MAX bytes, else
     in fp16 under the same name (the wide tokenizer's 33 MB would pass the device tool's 64 MiB), with
-    its stored config kept, and loads into the tokenizer that config describes; the transformer always
-    comes back in fp16."""
+    its stored config kept, and loads into the tokenizer that config describes; so does the decoder
+    stage's (as vqgan_decoder.pt); the transformer always comes back in fp16."""
     from models import VQGAN
     from utils.build import load_vqgan_weights
     from utils.checkpoint import stored_config
     work = tmp_path / "work"
     shutil.copytree(chain["out"], work / "pipeline", ignore=shutil.ignore_patterns("cache", "test_results", "fid"))
     src = work / "pipeline" / "tokenizer" / "vqgan.pt"
-    vq = torch.load(src, weights_only=True)
+    dec_src = work / "pipeline" / "decoder" / "vqgan.pt"
+    assert os.path.getsize(dec_src) == os.path.getsize(src)
     for limit in (None, os.path.getsize(src) - 1):
         out = tmp_path / f"out_{limit}"
         env = {**os.environ, "WORK": str(work), "DEVICE": "cpu"}
@@ -190,17 +259,18 @@ def test_gpu_session_sends_a_large_tokenizer_back_in_fp16(chain, tmp_path):
         proc = subprocess.run(["bash", "bench/gpu_session.sh", "no_such_part", str(out)], cwd=REPO_ROOT, env=env,
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 2 and "unknown part no_such_part" in proc.stderr
-        got = torch.load(out / "vqgan.pt", weights_only=True)
         trans = torch.load(out / "transformer_fp16.pth", weights_only=True)
         assert {v.dtype for v in trans.values() if v.is_floating_point()} == {torch.float16}
-        if limit is None:  # as trained, byte for byte
-            assert (out / "vqgan.pt").read_bytes() == src.read_bytes()
-            continue
-        assert f"{src}: {os.path.getsize(src)} bytes in fp32, sent back in fp16" in proc.stdout
-        assert list(got) == list(vq) and stored_config(got) == stored_config(vq)
-        for k, v in vq.items():
-            assert torch.equal(got[k], v.half() if v.is_floating_point() else v), k
-        load_vqgan_weights(VQGAN(stored_config(got)), str(out / "vqgan.pt"))  # strict
+        for sent, name in ((src, "vqgan.pt"), (dec_src, "vqgan_decoder.pt")):
+            if limit is None:  # as trained, byte for byte
+                assert (out / name).read_bytes() == sent.read_bytes()
+                continue
+            vq, got = torch.load(sent, weights_only=True), torch.load(out / name, weights_only=True)
+            assert f"{sent}: {os.path.getsize(sent)} bytes in fp32, sent back in fp16" in proc.stdout
+            assert list(got) == list(vq) and stored_config(got) == stored_config(vq)
+            for k, v in vq.items():
+                assert torch.equal(got[k], v.half() if v.is_floating_point() else v), k
+            load_vqgan_weights(VQGAN(stored_config(got)), str(out / name))  # strict
 
 
 def test_a_given_tokenizer_is_copied_and_the_chain_runs_on_it(chain, tmp_path, capsys):
@@ -338,7 +408,7 @@ def test_stages_and_force_select_what_runs(chain, tmp_path, capsys):
     code, err = run(args_for(world, recipe, out, "--stages", "fid,bogus"), capsys)
     assert code == 2 and "--stages" in err
     code, err = run(args_for(world, recipe, tmp_path / "fresh", "--stages", "inpaint"), capsys)
-    assert code == 1 and "the inpaint stage needs the tokenizer and transformer stage finished" in err
+    assert code == 1 and "the inpaint stage needs the tokenizer, transformer and decoder stages finished" in err
     assert not os.path.exists(tmp_path / "fresh" / "inpaint")
 
 
@@ -398,6 +468,9 @@ def test_resume_skips_finished_stages_and_continues_the_interrupted_one(tmp_path
      "tokenizer.args.frobnicate: train_vqgan.py has no option --frobnicate (see python train_vqgan.py --help)"),
     ({"transformer": {"args": {"out_d_path": "x"}}},
      "transformer.args.out_d_path: --out_d_path is set by the pipeline"),
+    ({"decoder": {"args": {"init": "x.pt"}}},
+     "decoder.args.init: --init is set by the pipeline (from the tokenizer stage's vqgan.pt)"),
+    ({"decoder": {"args": {"train_part": "all"}}}, "decoder.args.train_part: --train-part is set by the pipeline"),
     ({"inpaint": {"args": {"total_iter": "x"}}}, "inpaint: argument --total-iter: invalid int value"),
     ({"transformer": {"args": {"MaskGitConfig": "config/MaskGit_small.yml"}}},
      "the tokenizer (config/VQGAN_smoke.yml) makes 16 tokens of 64 codes per image but the transformer's "
@@ -594,7 +667,7 @@ def test_arg_runs_what_the_edited_recipe_runs(tmp_path):
 
 @pytest.mark.parametrize("arg, code, expected", [
     ("tokens.minutes=1", 2, "--arg tokens.minutes=1: expected STAGE.KEY=VALUE with STAGE one of "
-                            "tokenizer,transformer,inpaint,fid"),
+                            "tokenizer,transformer,decoder,inpaint,fid"),
     ("tokenizer.learning_rate", 2, "expected STAGE.KEY=VALUE"),
     ("learning_rate=1e-3", 2, "expected STAGE.KEY=VALUE"),
     ("tokenizer.frobnicate=3", 1, "pipeline.py: error: --arg tokenizer.frobnicate: train_vqgan.py has no option "

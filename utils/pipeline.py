@@ -1,5 +1,6 @@
 """The whole chain in one command (``pipeline.py``): tokenizer training -> token cache ->
-transformer training -> inpainting of the test images -> FID, into one folder.
+transformer training -> (optionally) decoder training on the frozen tokens -> inpainting of the test
+images -> FID, into one folder.
 
 Every stage calls its script's ``main(argv)`` in-process with an argument list built from a recipe
 YAML (``config/pipeline.yml``), so the pipeline trains and decodes nothing itself:
@@ -7,6 +8,9 @@ YAML (``config/pipeline.yml``), so the pipeline trains and decodes nothing itsel
     tokenizer    train_vqgan.py                              <out>/tokenizer/   vqgan.pt, last.pt, loss.png
     tokens       training_transformer.py's token cache       <out>/tokens/cache/
     transformer  training_transformer.py                     <out>/transformer/ transformer_best.pth, loss.png
+    decoder      train_vqgan.py --init <out>/tokenizer/vqgan.pt <out>/decoder/  vqgan.pt, loss.png
+                 --train-part decoder: the tokenizer's decoder trained on, its tokens unchanged (so the
+                 transformer stays valid); skipped while the recipe gives it no minutes and no steps
     inpaint      inpainting.py twice: as the lab scores it    <out>/inpaint/lab/, report.png
                  (no pasting) and with --paste-known          <out>/inpaint/composited/
     fid          the tokenizer's reconstructions of the       <out>/fid/recon/
@@ -15,10 +19,14 @@ YAML (``config/pipeline.yml``), so the pipeline trains and decodes nothing itsel
 With ``--tokenizer FILE`` the tokenizer stage trains nothing: it copies a trained tokenizer (one of
 ours, or the lab's ``VQGAN.pt``) to ``<out>/tokenizer/vqgan.pt`` and the chain goes on from there.
 
+The inpaint and fid stages use the decoder stage's ``vqgan.pt`` when that stage trains (or has trained)
+one, else the tokenizer's.
+
 A finished stage writes ``<stage>/done.json`` (figures, wall time, the commands it ran); a rerun
 skips it, resumes an unfinished trainer from its ``last.pt`` (``--resume``) and redoes any other
-unfinished stage. A stage that runs makes the folders of the stages after it stale: they are
-removed. ``summary.json`` and ``summary.md`` are rewritten after every stage.
+unfinished stage. A stage that runs makes the folders of the later stages made from it stale: they
+are removed (every later stage, except that the decoder is not made from the token cache or the
+transformer). ``summary.json`` and ``summary.md`` are rewritten after every stage.
 """
 from __future__ import annotations
 
@@ -55,14 +63,18 @@ from .data import (TEST_MEAN, TEST_STD, LabLayout, default_data_root, denormaliz
 from .metrics import psnr
 from .runtime import create_logger, get_device
 
-STAGES = ("tokenizer", "tokens", "transformer", "inpaint", "fid")
+STAGES = ("tokenizer", "tokens", "transformer", "decoder", "inpaint", "fid")
 ARG_STAGES = tuple(s for s in STAGES if s != "tokens")  # the stages with args (the token cache uses the transformer's)
-TRAINERS = ("tokenizer", "transformer")  # resumable from <stage>/last.pt
-NEEDS = {"tokens": ("tokenizer",), "transformer": ("tokenizer",), "inpaint": ("tokenizer", "transformer"),
-         "fid": ("tokenizer", "inpaint")}  # the finished stages whose outputs a stage reads
+TRAINERS = ("tokenizer", "transformer", "decoder")  # resumable from <stage>/last.pt
+NEEDS = {"tokens": ("tokenizer",), "transformer": ("tokenizer",), "decoder": ("tokenizer",),
+         "inpaint": ("tokenizer", "transformer"), "fid": ("tokenizer", "inpaint")}  # the finished stages whose outputs
+# a stage reads (inpaint and fid also read the decoder stage's when it trains one: needs())
+MADE_FROM = {**NEEDS, "transformer": ("tokenizer", "tokens"), "inpaint": ("tokenizer", "transformer", "decoder"),
+             "fid": ("tokenizer", "decoder", "inpaint")}  # what a stage's outputs depend on: stale when one reruns
 FID_SCRIPT = "faster-pytorch-fid/fid_score_gpu.py"
 SCRIPTS = {"tokenizer": "train_vqgan.py", "tokens": "training_transformer.py",
-           "transformer": "training_transformer.py", "inpaint": "inpainting.py", "fid": FID_SCRIPT}
+           "transformer": "training_transformer.py", "decoder": "train_vqgan.py", "inpaint": "inpainting.py",
+           "fid": FID_SCRIPT}
 # options the pipeline sets itself (each option by its first spelling in the script's --help)
 OWNED = {"train_vqgan.py": {"--data", "--val-data", "--out-dir", "--device", "--resume", "--time-budget-min"},
          "training_transformer.py": {"--train_d_path", "--val_d_path", "--out_d_path", "--vqgan-ckpt", "--cache-dir",
@@ -70,6 +82,7 @@ OWNED = {"train_vqgan.py": {"--data", "--val-data", "--out-dir", "--device", "--
          "inpainting.py": {"--load-transformer-ckpt-path", "--vqgan-ckpt", "--data", "--test-maskedimage-path",
                            "--test-mask-path", "--out-dir", "--paste-known", "--gt-path", "--device", "--bundled"},
          FID_SCRIPT: {"--predicted-path", "--gtcsv-path", "--match-names", "--save-stats", "--device"}}
+STAGE_OWNED = {"decoder": {"--init", "--train-part"}}  # and these per stage (the decoder stage starts from the tokenizer's)
 LAB_ONLY = ("--report-ids", "--gif", "--unconditional")  # inpainting's extras: made by the lab-protocol run only
 DEFAULT_GT = os.path.normpath(os.path.join(REPO_ROOT, "..", "shared", "data", "lab3_test_gt"))
 RERUN_HINT = "rerun the same command to continue"
@@ -208,8 +221,9 @@ def recipe_argv(recipe: Recipe, stage: str, leave_out: tuple = ()) -> list:
             hint = f"did you mean {close[0].lstrip('-').replace('-', '_')}? " if close else ""
             raise UserError(f"{where}: {script} has no option --{str(key).replace('_', '-')} ({hint}see python {script} "
                             f"--help)")
-        if flag.option in OWNED[script]:
-            what = f"{stage}.minutes" if flag.option == "--time-budget-min" else "--out, --data, --gt, --device"
+        if flag.option in OWNED[script] | STAGE_OWNED.get(stage, set()):
+            what = {"--time-budget-min": f"{stage}.minutes", "--init": "the tokenizer stage's vqgan.pt",
+                    "--train-part": "the stage: decoder"}.get(flag.option, "--out, --data, --gt, --device")
             raise UserError(f"{where}: {flag.name} is set by the pipeline (from {what})")
         if flag.option not in leave_out:
             argv += flag_values(flag, value, where)
@@ -308,7 +322,7 @@ def make_context(opts: PipelineOptions) -> Context:
 def cpu_warning(ctx: Context) -> str | None:
     """One line when a recipe whose trainers are timed (made for a GPU) is about to train on the CPU:
     they stop after the same minutes, having seen hundreds of times fewer images."""
-    timed = ctx.minutes("tokenizer") + ctx.minutes("transformer")
+    timed = sum(ctx.minutes(s) for s in TRAINERS)
     if timed <= 0 or get_device(ctx.device).type != "cpu":
         return None
     return (f"warning: training on the CPU with {ctx.recipe.path}, whose trainers get {timed:.3g} minutes timed for "
@@ -358,11 +372,46 @@ def tokens_commands(ctx: Context, resume: bool = False) -> list:
     return transformer_commands(ctx, budget=False)  # the transformer's options, so the same cache keys
 
 
+def decoder_trains(ctx: Context) -> bool:
+    """Whether the recipe trains a decoder: the decoder stage has minutes, or its args fix the steps."""
+    return ctx.minutes("decoder") > 0 or ctx.recipe.args["decoder"].get("steps") is not None
+
+
+def decoder_commands(ctx: Context, resume: bool = False) -> list:
+    if not decoder_trains(ctx):
+        return []
+    return [("train_vqgan.py", ["--data", ctx.layout.train, "--val-data", ctx.layout.val, "--out-dir", ctx.dir("decoder"),
+                                "--device", ctx.device, "--init", ctx.dir("tokenizer", "vqgan.pt"), "--train-part",
+                                "decoder", *ctx.budget("decoder"), *(["--resume"] if resume else []),
+                                *recipe_argv(ctx.recipe, "decoder")])]
+
+
+def tokenizer_stage(ctx: Context) -> str:
+    """The stage whose vqgan.pt the inpaint and fid stages use: the decoder's when the recipe trains one or
+    that stage has finished, else the tokenizer's."""
+    return "decoder" if decoder_trains(ctx) or os.path.isfile(ctx.dir("decoder", "done.json")) else "tokenizer"
+
+
+def needs(ctx: Context, stage: str) -> tuple:
+    """The finished stages a stage reads (NEEDS), with the decoder for the stages that use its vqgan.pt."""
+    extra = ("decoder",) if stage in ("inpaint", "fid") and tokenizer_stage(ctx) == "decoder" else ()
+    return NEEDS.get(stage, ()) + extra
+
+
+def made_from(stage: str) -> list:
+    """The later stages whose outputs depend on ``stage``'s, directly or through another (MADE_FROM)."""
+    out = []
+    for later in STAGES[STAGES.index(stage) + 1:]:
+        if any(s == stage or s in out for s in MADE_FROM.get(later, ())):
+            out.append(later)
+    return out
+
+
 def inpaint_commands(ctx: Context, resume: bool = False) -> list:
     args = recipe_argv(ctx.recipe, "inpaint")
     paired = ctx.gt and "--resize" not in args  # inpainting.py compares with originals of the model's size only
     base = ["--load-transformer-ckpt-path", ctx.dir("transformer", "transformer_best.pth"),
-            "--vqgan-ckpt", ctx.dir("tokenizer", "vqgan.pt"), "--data", ctx.data, "--device", ctx.device,
+            "--vqgan-ckpt", ctx.dir(tokenizer_stage(ctx), "vqgan.pt"), "--data", ctx.data, "--device", ctx.device,
             *(["--gt-path", ctx.gt] if paired else [])]
     return [("inpainting.py", [*base, "--out-dir", ctx.dir("inpaint", "lab"), *args]),
             ("inpainting.py", [*base, "--out-dir", ctx.dir("inpaint", "composited"),
@@ -377,7 +426,7 @@ def fid_commands(ctx: Context, resume: bool = False) -> list:
 
 
 COMMANDS = {"tokenizer": tokenizer_commands, "tokens": tokens_commands, "transformer": transformer_commands,
-            "inpaint": inpaint_commands, "fid": fid_commands}
+            "decoder": decoder_commands, "inpaint": inpaint_commands, "fid": fid_commands}
 
 
 def check_context(ctx: Context, stages: tuple, force: str | None = None) -> None:
@@ -464,6 +513,8 @@ def shown_commands(ctx: Context, stage: str, commands: list) -> list:
     if stage == "tokenizer" and ctx.tokenizer:
         return [shlex.join(["cp", ctx.tokenizer, ctx.dir("tokenizer", "vqgan.pt")])
                 + "  # pipeline.py --tokenizer: a trained tokenizer, not trained here"]
+    if stage == "decoder" and not commands:
+        return ["# not run: the recipe gives the decoder stage no minutes and no steps (e.g. --minutes decoder=5)"]
     if stage == "tokens":  # no script of its own: the transformer's command makes the cache on its start
         given = ["--arg", *ctx.recipe.given] if ctx.recipe.given else []
         return [command_line("pipeline.py", ["--recipe", ctx.recipe.path, *given, "--out", ctx.out, "--data",
@@ -506,6 +557,11 @@ def run_transformer(ctx: Context, commands: list) -> dict:
     return figures
 
 
+def run_decoder(ctx: Context, commands: list) -> dict:
+    r = script_module("train_vqgan.py").main(commands[0][1])
+    return {"steps": r["step"], "init_val_psnr": r["init_val_psnr"], "val_psnr": r["val_psnr"]}
+
+
 def run_inpaint(ctx: Context, commands: list) -> dict:
     if not os.path.isfile(ctx.dir("transformer", "transformer_best.pth")):
         raise UserError(f"no {ctx.dir('transformer', 'transformer_best.pth')}: the transformer stage ended before "
@@ -533,26 +589,30 @@ def run_fid(ctx: Context, commands: list) -> dict:
             "fid_composited": fid_comp}
 
 
-def tokenizer_config(ctx: Context) -> dict:
-    """The trained tokenizer's config: the one its vqgan.pt stores (train_vqgan.py writes it there), else
-    (a file of an older version) from its last.pt, else (only vqgan.pt came back from a run on another
+def tokenizer_config(ctx: Context, stage: str = "tokenizer") -> dict:
+    """The config of the tokenizer a stage trained (tokenizer or decoder): the one its vqgan.pt stores
+    (train_vqgan.py writes it there), else (a file of an older version) from its last.pt; for the
+    decoder stage then the tokenizer stage's; else (only vqgan.pt came back from a run on another
     machine) the recipe's config with its overrides."""
-    own = tokenizer_file_config(ctx.dir("tokenizer", "vqgan.pt"))
+    own = tokenizer_file_config(ctx.dir(stage, "vqgan.pt"))
     if own is not None:
         return own
-    last = ctx.dir("tokenizer", "last.pt")
+    last = ctx.dir(stage, "last.pt")
     if os.path.isfile(last):
         return load_checkpoint(last, "VQGAN training checkpoint")["config"]
+    if stage != "tokenizer":
+        return tokenizer_config(ctx)
     if adopted_source(ctx):  # the lab's VQGAN.pt, given with --tokenizer
         return adopted_config(ctx, ctx.dir("tokenizer", "vqgan.pt"))
     return recipe_tokenizer(ctx)[1]
 
 
 def reconstruct(ctx: Context, names: list) -> float:
-    """The trained tokenizer's encode -> decode of the originals ``names`` of --gt into <out>/fid/recon/."""
-    device = get_device(ctx.device)
-    vq = VQGAN(tokenizer_config(ctx))
-    load_vqgan_weights(vq, ctx.dir("tokenizer", "vqgan.pt"))
+    """The trained tokenizer's encode -> decode of the originals ``names`` of --gt into <out>/fid/recon/
+    (the decoder stage's tokenizer when it trains one: the one the inpaint stage used)."""
+    device, stage = get_device(ctx.device), tokenizer_stage(ctx)
+    vq = VQGAN(tokenizer_config(ctx, stage))
+    load_vqgan_weights(vq, ctx.dir(stage, "vqgan.pt"))
     return reconstruct_images(vq.to(device).eval(), ctx.gt, names, ctx.dir("fid", "recon"), device)
 
 
@@ -576,7 +636,7 @@ def reconstruct_images(vq: VQGAN, src: str, names: list, dst: str, device, batch
 
 
 RUNNERS = {"tokenizer": run_tokenizer, "tokens": run_tokens, "transformer": run_transformer,
-           "inpaint": run_inpaint, "fid": run_fid}
+           "decoder": run_decoder, "inpaint": run_inpaint, "fid": run_fid}
 
 
 # ---------------------------------------------------------------------------------------------- bookkeeping
@@ -611,6 +671,8 @@ FIGURES = {  # stage -> (key, label, format) shown in summary.md
     "transformer": [("steps", "steps", "{:,.0f}"), ("val_loss", "val loss", "{:.3f}"),
                     ("val_acc", "masked-token accuracy", "{:.1%}"), ("val_unseen_loss", "unseen val loss", "{:.3f}"),
                     ("best_val_loss", "best val loss", "{:.3f}"), ("images_per_s", "images/s", "{:,.0f}")],
+    "decoder": [("steps", "steps", "{:,.0f}"), ("init_val_psnr", "val PSNR before", "{:.2f} dB"),
+                ("val_psnr", "after", "{:.2f} dB")],
     "inpaint": [("images", "images", "{:,.0f}"), ("lab_psnr_hole", "hole PSNR", "{:.2f} dB"),
                 ("composited_psnr_hole", "composited", "{:.2f} dB")],
     "fid": [("images", "originals", "{:,.0f}"), ("recon_psnr", "tokenizer recon PSNR", "{:.2f} dB"),
@@ -713,16 +775,20 @@ def detach_stage_logs() -> None:
 # ---------------------------------------------------------------------------------------------- the run
 
 
+def remove_made_from(ctx: Context, stage: str, log, why: str) -> None:
+    for later in made_from(stage):
+        if os.path.isdir(ctx.dir(later)):
+            log.info("removing %s: it was made from the %s stage, which %s", ctx.dir(later), stage, why)
+            shutil.rmtree(ctx.dir(later))
+
+
 def run_stage(ctx: Context, opts: PipelineOptions, stage: str, log, t_start: float, notes: dict) -> None:
     """Run one stage (resumed when it is a trainer with a last.pt), record it, write the summary."""
     folder = ctx.dir(stage)
     resume = stage in TRAINERS and os.path.isfile(os.path.join(folder, "last.pt"))
     if not resume:
         shutil.rmtree(folder, ignore_errors=True)
-    for later in STAGES[STAGES.index(stage) + 1:]:
-        if os.path.isdir(ctx.dir(later)):
-            log.info("removing %s: it was made from the %s stage, which runs again", ctx.dir(later), stage)
-            shutil.rmtree(ctx.dir(later))
+    remove_made_from(ctx, stage, log, "runs again")
     os.makedirs(folder, exist_ok=True)
     commands = COMMANDS[stage](ctx, resume)
     shown = shown_commands(ctx, stage, commands)
@@ -783,17 +849,23 @@ def run_pipeline(opts: PipelineOptions) -> dict:
                 if stage == opts.force and os.path.isdir(ctx.dir(stage)):
                     log.info("%s: --force: removing %s", stage, ctx.dir(stage))
                     shutil.rmtree(ctx.dir(stage))
+                    remove_made_from(ctx, stage, log, "was forced")  # also when it is skipped below (a decoder)
                 done = read_json(ctx.dir(stage, "done.json"))
                 if done is not None:
                     log.info("%s: skipped: done at %s (%s)", stage, done["done_at"], ctx.dir(stage, "done.json"))
                 elif stage == "fid" and ctx.gt is None:
                     notes[stage] = "skipped: no originals; pass --gt ROOT (the lab's lab3_test_gt)"
                     log.info("fid: %s", notes[stage])
+                elif stage == "decoder" and not decoder_trains(ctx):
+                    notes[stage] = "skipped: no minutes and no steps in the recipe; the tokenizer's decoder is used"
+                    log.info("decoder: %s", notes[stage])
                 else:
-                    missing = [d for d in NEEDS.get(stage, ()) if not os.path.isfile(ctx.dir(d, "done.json"))]
+                    missing = [d for d in needs(ctx, stage) if not os.path.isfile(ctx.dir(d, "done.json"))]
                     if missing:
-                        raise UserError(f"the {stage} stage needs the {' and '.join(missing)} stage finished "
-                                        f"(no {ctx.dir(missing[0], 'done.json')}): run it first, e.g. --stages "
+                        names = " and ".join([", ".join(missing[:-1]), missing[-1]] if len(missing) > 1 else missing)
+                        raise UserError(f"the {stage} stage needs the {names} stage{'s' if len(missing) > 1 else ''} "
+                                        f"finished (no {ctx.dir(missing[0], 'done.json')}): run "
+                                        f"{'them' if len(missing) > 1 else 'it'} first, e.g. --stages "
                                         f"{','.join(missing + [stage])}")
                     run_stage(ctx, opts, stage, log, t_start, notes)
         log.info("pipeline: finished in %s -> %s", duration(time.time() - t_start),

@@ -51,7 +51,8 @@
 #                                                  # TRANSFORMER_ARGS="warmup_steps=500": the transformer's config and options
 #   bash bench/gpu_session.sh decft  $OUT [M]      # #13: the bundled tokenizer's decoder trained on for M minutes (default
 #                                                  # 8.5) on its frozen tokens (SSIM 3.0, GAN + feature matching from 60%,
-#                                                  # lr 4e-4), snapshots at 30/60/80% back in fp16 with the end (~45 MB)
+#                                                  # lr 4e-4; pipeline.py's decoder stage), snapshots at 30/60/80% back
+#                                                  # in fp16 with the end, vqgan_decoder.pt (~45 MB)
 #   bash bench/gpu_session.sh dec    $OUT [M]      # #13: decoder fine-tune of M minutes (default 2) of the pipe call's
 #                                                  # tokenizer if this machine still has it, else of .devdata/vqgan_init.pt
 #                                                  # (copy a returned vqgan.pt there to carry it), else of the bundled one
@@ -145,7 +146,8 @@ case "$PART" in
                 # PSNR on the 1,118 unseen val images (the bundled tokenizer's: 18.12 / 27.45 dB), ~5 min each -> DIR/decft/
     FILES=${2:?$USAGE}; DIR=${3:-runs/gpu_session}
     mkdir -p "$DIR/decft"
-    for f in "$FILES"/vqgan_step*.pt "$(fetched "$FILES" "$DIR" vqgan_decoder_ft.pt)"; do
+    for f in "$FILES"/vqgan_step*.pt "$(fetched "$FILES" "$DIR" vqgan_decoder.pt)" \
+      "$(fetched "$FILES" "$DIR" vqgan_decoder_ft.pt)"; do
       [ -f "$f" ] || continue
       name=$(basename "${f%.pt}")
       # shellcheck disable=SC2086
@@ -192,15 +194,15 @@ pack() {  # what comes back
   # the transformer in fp16 (the bundled files' format); the tokenizer in fp32, unless its fp32 file is over
   # VQ_FP32_MAX bytes (20 MB): the wide tokenizer's 33 MB beside the transformer and the images would pass the
   # device tool's 64 MiB, so it comes back in fp16 under the same name (every loader takes either); decft's
-  # snapshots (decoder_ft/vqgan_step*.pt) in fp16
+  # snapshots (decoder_ft/ or the pipeline's decoder/vqgan_step*.pt) in fp16
   # (the pipeline's decoder stage's tokenizer, when it ran, the same way as vqgan_decoder.pt)
   python - "$run/transformer/transformer_best.pth" "$OUT/transformer_fp16.pth" "${VQ_FP32_MAX:-20000000}" \
-    "$WORK/decoder_ft" "$OUT" "$run/tokenizer/vqgan.pt" "$OUT/vqgan.pt" "$run/decoder/vqgan.pt" \
+    "$WORK/decoder_ft $run/decoder" "$OUT" "$run/tokenizer/vqgan.pt${SEND_TOKENIZER:-}" "$OUT/vqgan.pt" "$run/decoder/vqgan.pt" \
     "$OUT/vqgan_decoder.pt" <<'PY'
 import glob, os, shutil, sys
 import torch
 from utils.checkpoint import half_state_dict
-trans, trans_out, vq_max, snap_dir, out, *tokenizers = sys.argv[1:]
+trans, trans_out, vq_max, snap_dirs, out, *tokenizers = sys.argv[1:]
 def save_half(src, dst):
     torch.save(half_state_dict(torch.load(src, map_location="cpu", weights_only=True)), dst)
 if os.path.isfile(trans):
@@ -211,7 +213,7 @@ for vq, vq_out in zip(tokenizers[::2], tokenizers[1::2]):
     elif os.path.isfile(vq):
         save_half(vq, vq_out)
         print(f"{vq}: {os.path.getsize(vq)} bytes in fp32, sent back in fp16 ({os.path.getsize(vq_out)} bytes)")
-for snap in sorted(glob.glob(os.path.join(snap_dir, "vqgan_step*.pt"))):
+for snap in sorted(p for d in snap_dirs.split() for p in glob.glob(os.path.join(d, "vqgan_step*.pt"))):
     save_half(snap, os.path.join(out, os.path.basename(snap)))
 PY
   for rec in "$WORK"/ablation/*/recon; do
@@ -276,9 +278,10 @@ pipeline() {  # pipeline BUDGET_MINUTES (0: the recipe's own) [TIMEOUT_S]; TOKEN
   local budget=() stages=${STAGES:-tokenizer,tokens,transformer,decoder,inpaint} given=()
   # a stage's config overrides added to its `set` (TOKENIZER_SET="dec_channels=[64,128,256]", TRANSFORMER_SET=
   # "model_param.Transformer_param.dim=320") and options to its args (TOKENIZER_ARGS="learning_rate=8e-4",
-  # TRANSFORMER_ARGS="warmup_steps=500"; values read as YAML), each several KEY=VALUE words: pipeline.py --arg
+  # TRANSFORMER_ARGS="warmup_steps=500"; DECODER_SET, DECODER_ARGS alike; values read as YAML), each several KEY=VALUE
+  # words: pipeline.py --arg
   local recipe_args=() words word stage kind var
-  for stage in tokenizer transformer; do
+  for stage in tokenizer transformer decoder; do
     for kind in SET ARGS; do
       var=${stage^^}_$kind
       read -ra words <<<"${!var:-}"
@@ -312,10 +315,12 @@ case "$PART" in
           # 8.5) on its frozen tokens with the stage-1 ablation's loss (SSIM 3.0; the GAN and its feature matching from 60%
           # of the run, as the tokenizer stage's), the recipe's step size; snapshots at 30, 60 (the GAN's start) and 80% beside
           # the end come back for `score-decft`. Every token kept, so the bundled transformer (8 minutes) stays valid.
-          # Checked on the CPU: DEVICE=cpu WORK=/tmp/w1 DECFT_ARGS="--steps 10 --batch-size 4 --limit 64 --warmup-steps 1"
-          # bash bench/gpu_session.sh decft /tmp/o1 0   (0: no time budget, DECFT_ARGS' steps)
-    decoder_ft "${DECFT_INIT:-checkpoints/vqgan_small_fp16.pt}" "${3:-8.5}" \
-      "--learning-rate 4e-4 --ssim-weight 3.0 --disc-start-frac 0.6 --snapshot-at 0.3,0.6,0.8 ${DECFT_ARGS:-}"
+          # It is pipeline.py's decoder stage on the bundled tokenizer (--tokenizer), with the recipe's decoder args; DECFT_ARGS:
+          # more of them as KEY=VALUE words. Checked on the CPU: DEVICE=cpu WORK=/tmp/w1 DECFT_ARGS="steps=10 batch_size=4
+          # limit=64 warmup_steps=1" bash bench/gpu_session.sh decft /tmp/o1 0   (0: no time budget, DECFT_ARGS' steps)
+    SEND_TOKENIZER=.not_sent  # its copy of the bundled tokenizer stays there (the 8 files back: 7 without it)
+    TOKENIZER=${DECFT_INIT:-checkpoints/vqgan_small_fp16.pt} STAGES=tokenizer,decoder MINUTES="decoder=${3:-8.5}" \
+      DECODER_ARGS="snapshot_at=0.3,0.6,0.8 ${DECFT_ARGS:-}" pipeline 0
     ;;
   dec)  # the decoder fine-tune of scripts/train_bundled.sh (every token kept, so the transformer stays valid)
     INIT=$WORK/pipeline/tokenizer/vqgan.pt

@@ -319,10 +319,11 @@ def make_context(opts: PipelineOptions) -> Context:
                    os.path.abspath(gt) if gt else None, device, scale, tokenizer)
 
 
-def cpu_warning(ctx: Context) -> str | None:
+def cpu_warning(ctx: Context, stages: tuple = STAGES) -> str | None:
     """One line when a recipe whose trainers are timed (made for a GPU) is about to train on the CPU:
-    they stop after the same minutes, having seen hundreds of times fewer images."""
-    timed = sum(ctx.minutes(s) for s in TRAINERS)
+    they stop after the same minutes, having seen hundreds of times fewer images (the trainers among
+    ``stages``, the selected ones)."""
+    timed = sum(ctx.minutes(s) for s in TRAINERS if s in stages)
     if timed <= 0 or get_device(ctx.device).type != "cpu":
         return None
     return (f"warning: training on the CPU with {ctx.recipe.path}, whose trainers get {timed:.3g} minutes timed for "
@@ -826,7 +827,7 @@ def run_pipeline(opts: PipelineOptions) -> dict:
     if opts.force != "tokenizer":
         check_adopted(ctx)
     check_context(ctx, selected, opts.force)
-    warning = cpu_warning(ctx) if {"tokenizer", "transformer"} & set(selected) else None
+    warning = cpu_warning(ctx, selected)
     if opts.dry_run:
         if warning:
             print(f"# {warning}")

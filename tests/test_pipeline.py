@@ -203,6 +203,26 @@ def test_decoder_stage_reruns_only_what_was_made_from_it(chain, tmp_path, capsys
     assert summary["stages"]["fid"]["figures"]["recon_psnr"] != chain["summary"]["stages"]["fid"]["figures"]["recon_psnr"]
 
 
+def test_a_wider_new_decoder_goes_through_inpainting_and_fid(chain, tmp_path, capsys):
+    """decoder.new_decoder with a wider dec_channels: the decoder stage's file stores the wider config, and the
+    inpaint and fid stages build that tokenizer under the transformer's stored config (which names the
+    tokenizer stage's narrower one) and score with it."""
+    from utils.checkpoint import stored_config
+    out = tmp_path / "out"
+    shutil.copytree(chain["out"], out)
+    code, err = run(args_for(chain["world"], chain["recipe"], out, "--stages", "decoder,inpaint,fid", "--force",
+                             "decoder", "--arg", "decoder.new_decoder=true", "decoder.set=dec_channels=[24,48,48]"),
+                    capsys)
+    assert code == 0, err
+    dec = torch.load(out / "decoder" / "vqgan.pt", weights_only=True)
+    assert stored_config(dec)["dec_channels"] == [24, 48, 48]
+    assert stored_config(torch.load(out / "tokenizer" / "vqgan.pt", weights_only=True))["dec_channels"] == [16, 32, 32]
+    summary = yaml.safe_load(open(out / "summary.json"))
+    assert [summary["stages"][s]["status"] for s in ("decoder", "inpaint", "fid")] == ["done"] * 3
+    assert finite_figures(summary) == {}
+    assert summary["stages"]["fid"]["figures"]["recon_psnr"] != chain["summary"]["stages"]["fid"]["figures"]["recon_psnr"]
+
+
 def test_composited_run_pastes_and_lab_run_does_not(chain):
     """The lab-protocol images are the plain decode; only the composited run got --paste-known."""
     out, world = chain["out"], chain["world"]

@@ -149,6 +149,9 @@ VARIANTS.update({
     "dec1.5x_ft_lr1e-4": DECODER_RECIPE + ["--learning-rate", "1e-4", "--set", "dec_channels=*1.5"],
     "dec1.5x_ft_nogan": ["--train-part", "decoder", "--ssim-weight", "3.0", "--disc-start", "-1",
                          "--set", "dec_channels=*1.5"],
+    # the GAN and feature matching from the first decoder step (as session 17's), the stage's learning rate and SSIM
+    "dec1.5x_ft_gan0": ["--train-part", "decoder", "--ssim-weight", "3.0", "--disc-start", "0", "--disc-weight", "0.1",
+                        "--fm-weight", "1.0", "--set", "dec_channels=*1.5"],
 })
 
 

@@ -186,6 +186,7 @@ def test_decoder_stage_reruns_only_what_was_made_from_it(chain, tmp_path, capsys
     assert code == 0, err
     done = yaml.safe_load(open(out / "decoder" / "done.json"))
     assert "--resume" in done["commands"][0] and done["figures"]["steps"] == 10
+    assert "init_val_psnr" not in done["figures"] and math.isfinite(done["figures"]["val_psnr"])  # no step 0 this time
     assert stamp(out / "transformer" / "done.json") == trans
 
     off = smoke_recipe(tmp_path / "off.yml", **{"decoder.steps": None})

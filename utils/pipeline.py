@@ -560,7 +560,8 @@ def run_transformer(ctx: Context, commands: list) -> dict:
 
 def run_decoder(ctx: Context, commands: list) -> dict:
     r = script_module("train_vqgan.py").main(commands[0][1])
-    return {"steps": r["step"], "init_val_psnr": r["init_val_psnr"], "val_psnr": r["val_psnr"]}
+    figures = {"steps": r["step"], "init_val_psnr": r["init_val_psnr"], "val_psnr": r["val_psnr"]}
+    return {k: v for k, v in figures.items() if v is not None}  # a resumed run measured no step 0 (its log has it)
 
 
 def run_inpaint(ctx: Context, commands: list) -> dict:

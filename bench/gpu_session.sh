@@ -146,8 +146,7 @@ case "$PART" in
                 # PSNR on the 1,118 unseen val images (the bundled tokenizer's: 18.12 / 27.45 dB), ~5 min each -> DIR/decft/
     FILES=${2:?$USAGE}; DIR=${3:-runs/gpu_session}
     mkdir -p "$DIR/decft"
-    for f in "$FILES"/vqgan_step*.pt "$(fetched "$FILES" "$DIR" vqgan_decoder.pt)" \
-      "$(fetched "$FILES" "$DIR" vqgan_decoder_ft.pt)"; do
+    for f in "$FILES"/vqgan_step*.pt "$(fetched "$FILES" "$DIR" vqgan_decoder.pt)"; do
       [ -f "$f" ] || continue
       name=$(basename "${f%.pt}")
       # shellcheck disable=SC2086
@@ -194,15 +193,16 @@ pack() {  # what comes back
   # the transformer in fp16 (the bundled files' format); the tokenizer in fp32, unless its fp32 file is over
   # VQ_FP32_MAX bytes (20 MB): the wide tokenizer's 33 MB beside the transformer and the images would pass the
   # device tool's 64 MiB, so it comes back in fp16 under the same name (every loader takes either); decft's
-  # snapshots (decoder_ft/ or the pipeline's decoder/vqgan_step*.pt) in fp16
-  # (the pipeline's decoder stage's tokenizer, when it ran, the same way as vqgan_decoder.pt)
+  # snapshots (the pipeline's decoder/vqgan_step*.pt) in fp16; the pipeline's decoder stage's tokenizer, when it
+  # ran, the same way as the tokenizer's, as vqgan_decoder.pt; the tokenizer not at all with SEND_TOKENIZER=0
+  local tok="$run/tokenizer/vqgan.pt"
+  [ "${SEND_TOKENIZER:-1}" = 0 ] && tok=""
   python - "$run/transformer/transformer_best.pth" "$OUT/transformer_fp16.pth" "${VQ_FP32_MAX:-20000000}" \
-    "$WORK/decoder_ft $run/decoder" "$OUT" "$run/tokenizer/vqgan.pt${SEND_TOKENIZER:-}" "$OUT/vqgan.pt" "$run/decoder/vqgan.pt" \
-    "$OUT/vqgan_decoder.pt" <<'PY'
+    "$run/decoder" "$OUT" "$tok" "$OUT/vqgan.pt" "$run/decoder/vqgan.pt" "$OUT/vqgan_decoder.pt" <<'PY'
 import glob, os, shutil, sys
 import torch
 from utils.checkpoint import half_state_dict
-trans, trans_out, vq_max, snap_dirs, out, *tokenizers = sys.argv[1:]
+trans, trans_out, vq_max, snap_dir, out, *tokenizers = sys.argv[1:]
 def save_half(src, dst):
     torch.save(half_state_dict(torch.load(src, map_location="cpu", weights_only=True)), dst)
 if os.path.isfile(trans):
@@ -213,7 +213,7 @@ for vq, vq_out in zip(tokenizers[::2], tokenizers[1::2]):
     elif os.path.isfile(vq):
         save_half(vq, vq_out)
         print(f"{vq}: {os.path.getsize(vq)} bytes in fp32, sent back in fp16 ({os.path.getsize(vq_out)} bytes)")
-for snap in sorted(p for d in snap_dirs.split() for p in glob.glob(os.path.join(d, "vqgan_step*.pt"))):
+for snap in sorted(glob.glob(os.path.join(snap_dir, "vqgan_step*.pt"))):
     save_half(snap, os.path.join(out, os.path.basename(snap)))
 PY
   for rec in "$WORK"/ablation/*/recon; do
@@ -269,11 +269,6 @@ speed_steps() {  # speed_steps TESTS_S TRAIN_S DECODE_S FID_S [quick]: #14's fig
     "${decode[@]}" --csv "$WORK/decode.csv"
   fid_time "$4"
 }
-decoder_ft() {  # decoder_ft INIT MINUTES DEC_ARGS: scripts/train_bundled.sh's decoder step on INIT (every token kept)
-  echo "decoder fine-tune of $1" | tee -a "$WORK/session.log"
-  run decoder_ft timeout 560 env OUT_RUNS="$WORK" STEPS=decoder INIT="$1" DEC_ARGS="$3" bash scripts/train_bundled.sh \
-    ../shared/data/lab3_dataset "$DEVICE" 0 "$2"
-}
 pipeline() {  # pipeline BUDGET_MINUTES (0: the recipe's own) [TIMEOUT_S]; TOKENIZER=FILE: pipeline.py --tokenizer FILE
   local budget=() stages=${STAGES:-tokenizer,tokens,transformer,decoder,inpaint} given=()
   # a stage's config overrides added to its `set` (TOKENIZER_SET="dec_channels=[64,128,256]", TRANSFORMER_SET=
@@ -318,7 +313,7 @@ case "$PART" in
           # It is pipeline.py's decoder stage on the bundled tokenizer (--tokenizer), with the recipe's decoder args; DECFT_ARGS:
           # more of them as KEY=VALUE words. Checked on the CPU: DEVICE=cpu WORK=/tmp/w1 DECFT_ARGS="steps=10 batch_size=4
           # limit=64 warmup_steps=1" bash bench/gpu_session.sh decft /tmp/o1 0   (0: no time budget, DECFT_ARGS' steps)
-    SEND_TOKENIZER=.not_sent  # its copy of the bundled tokenizer stays there (the 8 files back: 7 without it)
+    SEND_TOKENIZER=0  # its copy of the bundled tokenizer stays there (the 8 files back: 7 without it)
     TOKENIZER=${DECFT_INIT:-checkpoints/vqgan_small_fp16.pt} STAGES=tokenizer,decoder MINUTES="decoder=${3:-8.5}" \
       DECODER_ARGS="snapshot_at=0.3,0.6,0.8 ${DECFT_ARGS:-}" pipeline 0
     ;;
@@ -327,7 +322,10 @@ case "$PART" in
     [ -f "$INIT" ] || INIT=.devdata/vqgan_init.pt
     [ -f "$INIT" ] || INIT=checkpoints/vqgan_small_fp16.pt
     # the pipe call's tokenizer overrides hold for its decoder too (e.g. TOKENIZER_SET="dec_channels=[48,96,192]")
-    decoder_ft "$INIT" "${3:-2}" "${DEC_ARGS:-}${TOKENIZER_SET:+ --set $TOKENIZER_SET}"
+    echo "decoder fine-tune of $INIT" | tee -a "$WORK/session.log"
+    run decoder_ft timeout 560 env OUT_RUNS="$WORK" STEPS=decoder INIT="$INIT" \
+      DEC_ARGS="${DEC_ARGS:-}${TOKENIZER_SET:+ --set $TOKENIZER_SET}" bash scripts/train_bundled.sh \
+      ../shared/data/lab3_dataset "$DEVICE" 0 "${3:-2}"
     ;;
   speed-abl)  # one call of S seconds (default 560): #14's figures incl. batch 512, then the ablation in the time left
     T0=$SECONDS; LIMIT=${3:-560}

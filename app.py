@@ -44,7 +44,7 @@ from utils.build import BUNDLED_CONFIG, BUNDLED_TRANSFORMER, checkpoint_config, 
 from utils.config import REPO_ROOT, resolve_path
 from utils.data import (HOLE_GRAY, TEST_MEAN, TEST_STD, DataError, default_data_root, find_lab_layout, list_images,
                         load_mask, normalize, pil_to_tensor01, pixel_to_token_mask, read_image, to_uint8)
-from utils.inpaint import InpaintOptions, generate_images, inpaint_batch, latent_mask_images
+from utils.inpaint import InpaintOptions, generate_images, inpaint_batch, latent_mask_images, token_choice_options
 from utils.runtime import create_logger, get_device, keep_freed_memory, resolve_precision
 
 WEB_DIR = REPO_ROOT / "web"
@@ -68,17 +68,19 @@ class DecodeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     mask_func: str = "cosine"
     total_iter: int = Field(10, ge=1, le=64)
-    token_choice: str = "argmax"
+    token_choice: str | None = None  # None: the model config's (inpainting.py's default too)
     confidence: str = "prob"
     order: str = "confidence"
     choice_temperature: float | None = Field(None, ge=0, le=100)
-    sample_temperature: float = Field(1.0, gt=0, le=100)
+    sample_temperature: float | None = Field(None, gt=0, le=100)  # None: the model config's (with sample)
     paste_known: bool = False
     seed: int = Field(0, ge=0, le=2**31 - 1)
 
     @field_validator("mask_func", "token_choice", "confidence", "order")
     @classmethod
     def _one_of(cls, v, info):
+        if v is None and info.field_name == "token_choice":
+            return v
         choices = {"mask_func": SCHEDULES, "token_choice": TOKEN_CHOICES, "confidence": CONFIDENCES,
                    "order": ORDERS}[info.field_name]
         if v not in choices:
@@ -202,8 +204,8 @@ class Engine:
                 "image_size": self.size, "latent_resolution": self.res, "schedules": list(SCHEDULES),
                 "token_choices": list(TOKEN_CHOICES), "confidences": list(CONFIDENCES), "orders": list(ORDERS),
                 "examples": self.examples,
-                "defaults": {"mask_func": self.model.gamma_type, "total_iter": 10, "token_choice": "argmax",
-                             "sample_temperature": 1.0, "confidence": "prob", "order": "confidence",
+                "defaults": {"mask_func": self.model.gamma_type, "total_iter": 10, **self.model.decoding,
+                             "confidence": "prob", "order": "confidence",
                              "choice_temperature": self.model.choice_temperature, "paste_known": False, "seed": 0},
                 "lab": None if self.lab is None else {"count": len(self.lab.images),
                                                       "with_originals": self.lab.with_originals},
@@ -261,8 +263,10 @@ class Engine:
         return png_data_url(to_uint8(latent_mask_images(token_mask.cpu(), self.res)[0]))
 
     def options(self, req: DecodeRequest) -> InpaintOptions:
-        chosen = {"total_iter": req.total_iter, "mask_func": req.mask_func, "seed": req.seed,
-                  "token_choice": req.token_choice, "sample_temperature": req.sample_temperature,
+        # the page sends its temperature field with argmax too, where it changes nothing
+        sampled = (req.token_choice or self.model.decoding["token_choice"]) == "sample"
+        choice = token_choice_options(self.model.decoding, req.token_choice, req.sample_temperature if sampled else None)
+        chosen = {"total_iter": req.total_iter, "mask_func": req.mask_func, "seed": req.seed, **choice,
                   "confidence": req.confidence, "order": req.order,
                   "paste_known": req.paste_known, "visualize": True,
                   "precision": self.precision}

@@ -25,7 +25,7 @@ from utils.build import BUNDLED_CONFIG, BUNDLED_TRANSFORMER, build_maskgit, load
 from utils.cli import ArgumentParser, run_cli
 from utils.config import REPO_ROOT, load_maskgit_config
 from utils.data import MaskedImageSet, find_lab_layout, to_uint8
-from utils.inpaint import InpaintOptions, generate_images, sampling_options
+from utils.inpaint import InpaintOptions, generate_images, sampling_options, token_choice_options
 from utils.outputs import run_inpainting, schedule_report
 from utils.masks import generate_mask
 from utils.runtime import create_logger, get_device, resolve_precision
@@ -57,6 +57,11 @@ def parse_args(argv=None):
 # the lowest FID of unconditional samples: 45.5, against 47.5 at 0.7 and 168.5 argmax (docs/generation_study.csv)
 GEN_TEMPERATURE = 0.5
 DARK = 0.15  # mean brightness below which a sample counts as near-black in the report
+
+
+def choice_label(opts: InpaintOptions) -> str:
+    """How ``opts`` chooses tokens, in words: "argmax" or "sample, temperature T"."""
+    return f"sample, temperature {opts.sample_temperature:g}" if opts.token_choice == "sample" else "argmax"
 
 
 def generation_options(opts: InpaintOptions, temperature: float) -> InpaintOptions:
@@ -130,7 +135,9 @@ most confident tokens of a blank canvas are flat dark or white fur: it gives mos
 from the model's softmax at temperature 1 gives varied but noisy ones; at 0.5 they look like cats
 (<code>bench/generation_study.py</code>, README). {n_dark} of these {summary['images']} have a mean brightness
 below {DARK} (of the lab's training images 3.0% are that dark). The inpainting below uses
-<code>inpainting.py</code>'s defaults (argmax): there the known tokens anchor the colours.</p>"""
+<code>inpainting.py</code>'s default for this model ({html.escape(summary["holes filled with"])}, set in
+<code>config/MaskGit_small.yml</code>): there the known tokens anchor the colours, and a low temperature only
+keeps the filled tokens from always being the single most probable one.</p>"""
     rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v))}</td></tr>" for k, v in summary.items())
     body = f"""<!doctype html><html><head><meta charset="utf-8"><title>MaskGIT demo</title>
 <style>body{{font-family:sans-serif;margin:24px}} img{{image-rendering:pixelated}} td{{padding:2px 10px}}</style>
@@ -159,7 +166,8 @@ def main(argv=None) -> dict:
     n_dark = None
     load_transformer_checkpoint(model, str(REPO_ROOT / BUNDLED_TRANSFORMER))
     model = model.to(device).eval()
-    opts = InpaintOptions(total_iter=args.total_iter, seed=args.seed, precision=precision, visualize=True)
+    opts = InpaintOptions(total_iter=args.total_iter, seed=args.seed, precision=precision, visualize=True,
+                          **token_choice_options(model.decoding))  # inpainting.py's default for this model
     root = os.path.abspath(args.out_dir)
     os.makedirs(root, exist_ok=True)
     if args.data:
@@ -175,8 +183,8 @@ def main(argv=None) -> dict:
     ds = MaskedImageSet(img_dir, mask_dir, model.vqgan.cfg.img_resolution, limit=args.limit)
     summary = {"images": len(ds), "device": str(device), "T": args.total_iter}
     if not args.data:
-        summary["cats generated with"] = (f"sample, temperature {args.gen_temperature:g}" if args.gen_temperature
-                                          else "argmax")
+        summary["cats generated with"] = choice_label(generation_options(opts, args.gen_temperature))
+    summary["holes filled with"] = choice_label(opts)
     report_ids = [i for i in (0, 1) if i < len(ds)]
     done = {}  # schedule -> {id: Decoded}: the schedule report draws these runs' decodes of its images
     for s in SCHEDULES:

@@ -14,13 +14,13 @@ import time
 
 from torchvision.utils import save_image
 
-from models import CONFIDENCES, ORDERS, SCHEDULES
+from models import CONFIDENCES, ORDERS, SCHEDULES, decoding_defaults
 from utils.build import BUNDLED_CONFIG, BUNDLED_TRANSFORMER, checkpoint_config, load_inference_model
 from utils.cli import ArgumentParser, UserError, run_cli
 from utils.config import REPO_ROOT, resolve_path
 from utils.composite import BLENDS, PREFILLS
 from utils.data import MaskedImageSet, default_data_root, find_lab_layout
-from utils.inpaint import InpaintOptions, generate_images
+from utils.inpaint import InpaintOptions, generate_images, token_choice_options
 from utils.outputs import ImageWriter, run_inpainting, schedule_report
 from utils.runtime import create_logger, get_device, resolve_precision
 
@@ -57,13 +57,14 @@ def parse_args(argv=None):
     p.add_argument("--vqgan-ckpt", default=None, help="tokenizer weights (default: VQ_CKPT_path of the config)")
     p.add_argument("--bundled", action="store_true", help="use the bundled small tokenizer + transformer")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--token-choice", choices=["sample", "argmax"], default="argmax",
-                   help="argmax: most probable token (default; FID 94.5 vs 143.0 for sample on 94 lab test "
-                        "images with the bundled model); sample: draw from the softmax as in the MaskGIT paper")
-    p.add_argument("--sample-temperature", type=float, default=1.0,
-                   help="with --token-choice sample: draw from softmax(logits / this); 1 = the model's "
-                        "distribution, lower = sharper (towards argmax). Unconditional samples of the bundled "
-                        "model look like cats at 0.5-0.7 (README)")
+    p.add_argument("--token-choice", choices=["sample", "argmax"], default=None,
+                   help="argmax: the most probable token (the lab's); sample: draw from the softmax, as in the MaskGIT "
+                        "paper. Default: the model config's token_choice (the bundled model's: sample at 0.5, "
+                        "measured better under the lab protocol, README), argmax when it names none (the lab's)")
+    p.add_argument("--sample-temperature", type=float, default=None,
+                   help="with token choice sample: draw from softmax(logits / this); 1 = the model's "
+                        "distribution, lower = sharper (towards argmax). Default: the model config's "
+                        "sample_temperature, else 1")
     p.add_argument("--confidence", choices=CONFIDENCES, default="prob",
                    help="confidence of a decoded token: prob = p(token) + noise (the lab's, default); logprob = "
                         "log p(token) + noise (the official MaskGIT code's); noise = temperature * (1 - r) * Gumbel")
@@ -92,11 +93,12 @@ def parse_args(argv=None):
     p.add_argument("--precision", default="auto", help="fp32 | bf16 | fp16 | auto (bf16 on CUDA)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    if not 0 < args.sample_temperature < math.inf:
-        p.error(f"--sample-temperature must be a number > 0, got {args.sample_temperature}")
-    if args.sample_temperature != 1.0 and args.token_choice != "sample":
-        p.error("--sample-temperature only changes --token-choice sample (argmax takes the most probable token "
-                "at any temperature): add --token-choice sample")
+    if args.sample_temperature is not None:
+        if not 0 < args.sample_temperature < math.inf:
+            p.error(f"--sample-temperature must be a number > 0, got {args.sample_temperature}")
+        if args.token_choice == "argmax":
+            p.error("--sample-temperature only changes --token-choice sample (argmax takes the most probable token "
+                    "at any temperature): leave out one of them")
     return args
 
 
@@ -128,6 +130,19 @@ def test_set(args, image_size: int) -> MaskedImageSet:
     return ds
 
 
+def token_choice(args, cfg: dict, ckpt_path: str) -> dict:
+    """--token-choice / --sample-temperature, the rest from the model's config (before any model work)."""
+    try:
+        defaults = decoding_defaults(cfg["model_param"])
+    except ValueError as e:
+        raise UserError(f"the config of {ckpt_path}: {e}") from e
+    try:
+        return token_choice_options(defaults, args.token_choice, args.sample_temperature)
+    except ValueError as e:
+        raise UserError(f"--sample-temperature only changes --token-choice sample, and the config of {ckpt_path} "
+                        f"chooses {defaults['token_choice']}: add --token-choice sample") from e
+
+
 def report_ids(args, n: int) -> list:
     ids = [int(i) for i in args.report_ids.split(",") if i.strip()]
     bad = [i for i in ids if not 0 <= i < n]
@@ -142,15 +157,15 @@ def main(argv=None) -> dict:
     device = get_device(args.device)
     precision = resolve_precision(args.precision, device)
     cfg, obj, ckpt_path = load_config(args)
+    choice = token_choice(args, cfg, ckpt_path)
     ds = test_set(args, cfg["vqgan"]["img_resolution"])  # every input checked before the model is built
     ids = report_ids(args, len(ds)) if args.report_ids else []
     model = load_inference_model(cfg, obj, ckpt_path, args.vqgan_ckpt).to(device)
     if args.choice_temperature is not None:
         model.choice_temperature = args.choice_temperature
     opts = InpaintOptions(total_iter=args.total_iter, mask_func=args.mask_func or model.gamma_type,
-                          sweet_spot=args.sweet_spot, seed=args.seed, token_choice=args.token_choice,
-                          sample_temperature=args.sample_temperature, confidence=args.confidence, order=args.order,
-                          mask_rule=args.mask_rule, prefill=args.prefill, paste_known=args.paste_known,
+                          sweet_spot=args.sweet_spot, seed=args.seed, **choice, confidence=args.confidence,
+                          order=args.order, mask_rule=args.mask_rule, prefill=args.prefill, paste_known=args.paste_known,
                           blend=args.blend, visualize=not args.no_vis, gif=args.gif, precision=precision)
     log.info("inpainting %d images from %s (masks %s) on %s/%s: %s schedule, T=%d, %s, %s order%s%s", len(ds),
              os.path.dirname(ds.images[0]), os.path.dirname(ds.masks[0]), device, precision, opts.mask_func,
@@ -162,6 +177,7 @@ def main(argv=None) -> dict:
     summary = run_inpainting(model, ds, args.out_dir, opts, device, args.batch_size, args.gt_path,
                              not args.no_progress)
     summary["seconds"] = time.time() - t0
+    summary.update(token_choice=opts.token_choice, sample_temperature=opts.sample_temperature)
     log.info("%d images in %.1f s (%.1f images/s) -> %s", summary["images"], summary["seconds"],
              summary["images"] / summary["seconds"], os.path.join(args.out_dir, "test_results"))
     if args.gt_path and summary.get("gt_matched"):

@@ -7,16 +7,31 @@ loads the checkpoints.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 
-from .decoding import iterative_decode
+from .decoding import TOKEN_CHOICES, iterative_decode
 from .schedules import gamma_func
 from .Transformer import BidirectionalTransformer, TransformerConfig
 from .VQGAN import VQGAN, VQGANConfig
 
 MODEL_PARAM_KEYS = {"VQ_Configs", "num_image_tokens", "num_codebook_vectors", "choice_temperature", "gamma_type",
-                    "Transformer_param", "training_param"}
+                    "token_choice", "sample_temperature", "Transformer_param", "training_param"}
+
+
+def decoding_defaults(configs: dict) -> dict:
+    """The token choice a ``model_param`` section names for decoding, checked: ``token_choice`` (argmax |
+    sample) and ``sample_temperature`` (of sample; 1 = the model's softmax). Ours; the lab's config names
+    neither, which means argmax (the lab's choice) and 1."""
+    choice = configs.get("token_choice", "argmax")
+    if choice not in TOKEN_CHOICES:
+        raise ValueError(f"model_param.token_choice must be one of {', '.join(TOKEN_CHOICES)}, got {choice!r}")
+    temperature = configs.get("sample_temperature", 1.0)
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
+        raise ValueError(f"model_param.sample_temperature must be a number > 0, got {temperature!r}")
+    return {"token_choice": choice, "sample_temperature": float(temperature)}
 
 
 class MaskGit(nn.Module):
@@ -33,6 +48,7 @@ class MaskGit(nn.Module):
         self.choice_temperature = float(configs.get("choice_temperature", 4.5))
         self.gamma_type = configs.get("gamma_type", "cosine")
         self.gamma = self.gamma_func(self.gamma_type)
+        self.decoding = decoding_defaults(configs)  # how inpainting.py, the app and the demo decode unless told
         vq = self.vqgan.cfg
         checks = [("Transformer_param.num_image_tokens", tcfg.num_image_tokens, "num_image_tokens", self.num_image_tokens),
                   ("Transformer_param.num_image_tokens", tcfg.num_image_tokens, "VQGAN latent_resolution^2",

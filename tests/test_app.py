@@ -194,6 +194,33 @@ def _run_cli(tmp_path, masked: np.ndarray, hole: np.ndarray, extra: list) -> dic
             "generated": np.asarray(Image.open(out / "generated" / "image_000.png").convert("RGB"))}
 
 
+def _post(url: str, path: str, body: dict) -> dict:
+    req = urllib.request.Request(url + path, data=json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as resp:
+        return json.load(resp)
+
+
+def test_the_page_and_the_api_decode_as_the_model_config_says(page):
+    """The bundled config (read here from its YAML) names a token choice: the page starts with it, and a
+    request that leaves the choice out is decoded with it, as inpainting.py does (runs before the test
+    below changes the page's fields)."""
+    import yaml
+    from selenium.webdriver.support.ui import Select
+    driver, url = page
+    with open(os.path.join(ROOT, "config", "MaskGit_small.yml")) as f:
+        mp = yaml.safe_load(f)["model_param"]
+    assert Select(_by_id(driver, "token-choice")).first_selected_option.get_attribute("value") == mp["token_choice"]
+    assert float(_by_id(driver, "sample-temperature").get_attribute("value")) == mp["sample_temperature"]
+    hole = np.zeros((SIZE, SIZE), bool)
+    hole[20:44, 16:48] = True
+    body = {"source": "example:cat_1", "hole": "".join("1" if v else "0" for v in hole.ravel())}
+    results = {name: _post(url, "api/inpaint", {**body, **extra})["result"] for name, extra in (
+        ("default", {}), ("config's", {"token_choice": mp["token_choice"], "sample_temperature": mp["sample_temperature"]}),
+        ("argmax", {"token_choice": "argmax", "sample_temperature": mp["sample_temperature"]}))}
+    assert results["default"] == results["config's"] != results["argmax"]
+
+
 def test_paint_inpaint_and_generate_match_the_cli(page, tmp_path):
     driver, url = page
     if os.path.isdir(LAB3):

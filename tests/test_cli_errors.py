@@ -12,7 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT
+from conftest import ROOT, TINY_T
+from models import BidirectionalTransformer
 from utils.cli import run_cli
 
 import inpainting  # noqa: E402
@@ -251,7 +252,9 @@ def test_bad_option_is_one_line_exit_2(capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--sample-temperature", "0.5"], "--sample-temperature only changes --token-choice sample"),
+    (["--token-choice", "argmax", "--sample-temperature", "0.5"], "--sample-temperature only changes --token-choice "
+                                                                  "sample"),
+    (["--sample-temperature", "0"], "--sample-temperature must be a number > 0"),
     (["--token-choice", "sample", "--sample-temperature", "0"], "--sample-temperature must be a number > 0"),
     (["--token-choice", "sample", "--sample-temperature", "inf"], "--sample-temperature must be a number > 0"),
 ])
@@ -261,6 +264,23 @@ def test_sample_temperature_is_checked_in_one_line(capsys, argv, message):
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and message in err[0]
     assert inpainting.parse_args(["--token-choice", "sample", "--sample-temperature", "0.6"]).sample_temperature == 0.6
+    assert inpainting.parse_args(["--sample-temperature", "0.6"]).sample_temperature == 0.6  # the config's choice may sample
+
+
+def test_a_temperature_for_a_config_that_chooses_argmax_is_one_line_before_any_work(tiny_world, tmp_path, capsys):
+    """The tiny config names no token choice (the lab's argmax): a temperature alone is refused, naming the
+    checkpoint and the way out, before a model is built or a file written; so is a bad token_choice."""
+    torch.save(BidirectionalTransformer(TINY_T).state_dict(), tmp_path / "t.pth")
+    out = tmp_path / "o"
+    code, err = run(inpainting.main, inpaint_args(tiny_world, str(tmp_path / "t.pth"), out, "--sample-temperature",
+                                                  "0.5"), capsys)
+    line = one_line_error(err)
+    assert code == 1 and "t.pth chooses argmax: add --token-choice sample" in line and not out.exists()
+    code, err = run(inpainting.main, inpaint_args(tiny_world, str(tmp_path / "t.pth"), out, "--set",
+                                                  "model_param.token_choice=greedy"), capsys)
+    line = one_line_error(err)
+    assert code == 1 and "t.pth" in line and "token_choice must be one of argmax, sample" in line
+    assert not out.exists()
 
 
 def test_debug_shows_the_traceback(tiny_world, tmp_path):

@@ -299,6 +299,9 @@ def test_inpainting_script_writes_lab_outputs(tiny_world, tmp_path):
     assert not np.array_equal(outs["seamless"][~known], outs["biharmonic"][~known])
 
 
+SAMPLED = ["model_param.token_choice=sample", "model_param.sample_temperature=0.7"]
+
+
 def test_order_and_confidence_reach_the_decoder_from_the_cli_and_the_bench(tiny_world, tmp_path, monkeypatch):
     import inspect
     seen, orig = set(), decoding.decode_step
@@ -318,7 +321,12 @@ def test_order_and_confidence_reach_the_decoder_from_the_cli_and_the_bench(tiny_
                         (["--order", "halton"], ("halton", "prob", "argmax", 1.0)),
                         (["--confidence", "logprob"], ("confidence", "logprob", "argmax", 1.0)),
                         (["--token-choice", "sample", "--sample-temperature", "0.6"],
-                         ("confidence", "prob", "sample", 0.6))):
+                         ("confidence", "prob", "sample", 0.6)),
+                        (["--token-choice", "sample"], ("confidence", "prob", "sample", 1.0)),  # the config names none
+                        # a config that names a token choice: the default, each flag still overrides its part
+                        (["--set", *SAMPLED], ("confidence", "prob", "sample", 0.7)),
+                        (["--set", *SAMPLED, "--token-choice", "argmax"], ("confidence", "prob", "argmax", 1.0)),
+                        (["--set", *SAMPLED, "--sample-temperature", "0.3"], ("confidence", "prob", "sample", 0.3))):
         seen.clear()
         inpainting.main(base + ["--out-dir", str(tmp_path / "_".join(map(str, want)))] + extra)
         assert seen == {want}, extra

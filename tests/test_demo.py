@@ -39,6 +39,22 @@ def test_demo_generates_with_its_temperature_then_inpaints_and_reports(tmp_path,
     page = (out / "report.html").read_text()
     assert "How the cats were generated" in page
     assert "--sample-temperature 0.5" in page
+    # the holes are filled as inpainting.py fills them by default with the bundled model (its config's token
+    # choice, read here from the YAML): the same images from the CLI on the demo's own test set
+    import yaml
+    import inpainting
+    with open(REPO_ROOT / BUNDLED_CONFIG) as f:
+        mp = yaml.safe_load(f)["model_param"]
+    assert summary["holes filled with"] == (f"sample, temperature {mp['sample_temperature']:g}"
+                                            if mp.get("token_choice") == "sample" else "argmax")
+    assert summary["holes filled with"] in page
+    inpainting.main(["--bundled", "--test-maskedimage-path", str(out / "masked_image"), "--test-mask-path",
+                     str(out / "mask64"), "--total-iter", "2", "--mask-func", "cosine", "--no-vis", "--no-progress",
+                     "--device", "cpu", "--out-dir", str(tmp_path / "cli")])
+    for i in range(2):
+        name = f"image_{i:03d}.png"
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "cli" / "test_results" / name)),
+                              np.asarray(Image.open(out / "inpaint_cosine" / "test_results" / name))), i
 
 
 def test_gen_temperature_zero_is_argmax_and_keeps_the_other_options():

@@ -117,3 +117,36 @@ def test_lab_config_loads_and_checks_consistency(tmp_path):
     with pytest.raises(FileNotFoundError, match="VQGAN checkpoint not found"):
         build_maskgit(load_maskgit_config("config/MaskGit.yml", ["model_param.Transformer_param.n_layers=1"]),
                       vqgan_ckpt=str(tmp_path / "VQGAN.pt"))
+
+
+def test_decoding_defaults_come_from_model_param_and_are_checked():
+    from models import decoding_defaults
+    lab = load_maskgit_config("config/MaskGit.yml")["model_param"]  # names no token choice: the lab's argmax
+    assert decoding_defaults(lab) == {"token_choice": "argmax", "sample_temperature": 1.0}
+    assert decoding_defaults({"token_choice": "sample", "sample_temperature": 2}) == {
+        "token_choice": "sample", "sample_temperature": 2.0}
+    for bad, match in (({"token_choice": "greedy"}, "token_choice must be one of argmax, sample, got 'greedy'"),
+                       ({"sample_temperature": 0}, "sample_temperature must be a number > 0, got 0"),
+                       ({"sample_temperature": -1.5}, "got -1.5"), ({"sample_temperature": "hot"}, "got 'hot'"),
+                       ({"sample_temperature": True}, "got True"), ({"sample_temperature": math.inf}, "got inf")):
+        with pytest.raises(ValueError, match=match):
+            decoding_defaults(bad)
+    with pytest.raises(ConfigError, match="token_choice must be one of"):  # as every model_param error: one line
+        build_maskgit(load_maskgit_config("config/MaskGit.yml", ["model_param.token_choice=greedy"]), load_vqgan=False)
+
+
+def test_token_choice_options_take_what_is_given_and_the_rest_from_the_config():
+    from utils.inpaint import token_choice_options
+    sampled, greedy = {"token_choice": "sample", "sample_temperature": 0.5}, {"token_choice": "argmax",
+                                                                              "sample_temperature": 1.0}
+    assert token_choice_options(sampled) == sampled
+    assert token_choice_options(sampled, "argmax") == greedy  # the temperature of argmax is never used: 1
+    assert token_choice_options(sampled, None, 0.8) == {"token_choice": "sample", "sample_temperature": 0.8}
+    assert token_choice_options(sampled, "sample", 2.0) == {"token_choice": "sample", "sample_temperature": 2.0}
+    assert token_choice_options(greedy) == greedy
+    assert token_choice_options(greedy, "sample") == {"token_choice": "sample", "sample_temperature": 1.0}
+    assert token_choice_options(dict(greedy, sample_temperature=0.6), "sample")["sample_temperature"] == 0.6
+    with pytest.raises(ValueError, match=r"the choice is 'argmax' \(the model config's\)"):
+        token_choice_options(greedy, None, 0.8)
+    with pytest.raises(ValueError, match="the choice is 'argmax'$"):
+        token_choice_options(sampled, "argmax", 0.8)

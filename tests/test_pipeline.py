@@ -74,7 +74,7 @@ def stamp(path):
 
 def finite_figures(summary):
     return {(s, k): v for s, rec in summary["stages"].items() for k, v in rec["figures"].items()
-            if not (isinstance(v, (int, float)) and math.isfinite(v))}
+            if not (isinstance(v, str) or isinstance(v, (int, float)) and math.isfinite(v))}  # words: token choice
 
 
 @pytest.fixture(scope="module")
@@ -114,12 +114,14 @@ def test_smoke_chain_writes_everything(chain):
     assert figs["tokenizer"]["steps"] == 20 and figs["transformer"]["steps"] == 10 and figs["decoder"]["steps"] == 10
     assert figs["tokens"]["train_sequences"] == 40 and figs["tokens"]["val_sequences"] == 12
     assert figs["inpaint"]["images"] == 6 and figs["fid"]["images"] == len(GT_IDS)
+    assert figs["inpaint"]["tokens"] == "argmax"  # the smoke config names no token choice: the lab's
     assert {"recon_psnr", "recon_fid", "fid_lab", "fid_composited", "val_loss", "val_acc"} <= \
         set(figs["fid"]) | set(figs["transformer"])
     assert all(r["wall_s"] > 0 for r in summary["stages"].values())
     md = open(os.path.join(out, "summary.md")).read()
     assert all(f"| {s} | done |" in md for s in STAGES)
     assert "python train_vqgan.py" in md and "--paste-known" in md and "fid_score_gpu.py" in md
+    assert "token choice argmax" in md
 
 
 @pytest.mark.slow

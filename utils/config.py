@@ -15,6 +15,7 @@ import yaml
 from models.config_base import check_type
 from models.Transformer import TransformerConfig
 from models.VQGAN import VQGANConfig
+from models.VQGAN_Transformer import decoding_defaults
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TOP_LEVEL_KEYS = {"MODEL_NAME", "model_param", "training_param"}
@@ -118,9 +119,12 @@ def load_maskgit_config(path: str, overrides: list[str] | None = None) -> dict:
 
 def complete_config(cfg: dict) -> dict:
     """Fill ``model_param.Transformer_param`` with the defaults of the keys the YAML leaves out
-    (the lab's MaskGit.yml names 5 of them), so that ``--set`` reaches every key and the stored
-    config says everything: defaults < YAML < CLI."""
+    (the lab's MaskGit.yml names 5 of them), and ``model_param`` with the decoding defaults (argmax,
+    the lab's, when the YAML names no token choice), so that ``--set`` reaches every key and the
+    stored config says everything: defaults < YAML < CLI."""
     cfg = copy.deepcopy(cfg)
     mp = cfg["model_param"]
     mp["Transformer_param"] = {**TransformerConfig().to_dict(), **(mp.get("Transformer_param") or {})}
+    for key, value in decoding_defaults({}).items():
+        mp.setdefault(key, value)
     return cfg

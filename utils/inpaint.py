@@ -52,6 +52,22 @@ def sampling_options(temperature: float | None) -> dict:
     return {"token_choice": "sample", "sample_temperature": temperature}
 
 
+def token_choice_options(defaults: dict, token_choice: str | None = None,
+                         sample_temperature: float | None = None) -> dict:
+    """The token-choice fields of :class:`InpaintOptions`: those given, the rest from ``defaults`` (a
+    model's ``decoding``: what its config names, ``models.VQGAN_Transformer.decoding_defaults``). A
+    temperature given with a choice that comes out argmax is an error (argmax takes the most probable
+    token at any temperature)."""
+    choice = token_choice or defaults["token_choice"]
+    if choice != "sample":
+        if sample_temperature is not None:
+            raise ValueError(f"a sample temperature only changes token choice 'sample', and the choice is {choice!r}"
+                             + ("" if token_choice else " (the model config's)"))
+        return {"token_choice": choice, "sample_temperature": 1.0}
+    return {"token_choice": "sample",
+            "sample_temperature": defaults["sample_temperature"] if sample_temperature is None else sample_temperature}
+
+
 def latent_mask_images(mask: torch.Tensor, res: int) -> torch.Tensor:
     """Token masks (S, N) True = masked -> (S, 3, res, res) images, white = known, black = masked."""
     return (~mask).float().view(-1, 1, res, res).expand(-1, 3, -1, -1)  # (S, 3, h, w)

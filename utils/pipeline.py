@@ -570,7 +570,9 @@ def run_inpaint(ctx: Context, commands: list) -> dict:
                         "its first epoch (raise its minutes or --stop-after-steps)")
     main = script_module("inpainting.py").main
     lab, comp = (main(argv) for _, argv in commands)
-    figures = {"images": lab["images"], "seconds": lab["seconds"] + comp["seconds"]}
+    figures = {"images": lab["images"], "seconds": lab["seconds"] + comp["seconds"],
+               "tokens": (f"sample at {lab['sample_temperature']:g}" if lab["token_choice"] == "sample"
+                          else lab["token_choice"])}  # the transformer config's choice, unless the recipe sets one
     for name, r in (("lab", lab), ("composited", comp)):
         figures.update({f"{name}_{k}": r[k] for k in ("psnr_hole", "ssim_hole") if k in r})
     return figures
@@ -675,7 +677,8 @@ FIGURES = {  # stage -> (key, label, format) shown in summary.md
                     ("best_val_loss", "best val loss", "{:.3f}"), ("images_per_s", "images/s", "{:,.0f}")],
     "decoder": [("steps", "steps", "{:,.0f}"), ("init_val_psnr", "val PSNR before", "{:.2f} dB"),
                 ("val_psnr", "after", "{:.2f} dB")],
-    "inpaint": [("images", "images", "{:,.0f}"), ("lab_psnr_hole", "hole PSNR", "{:.2f} dB"),
+    "inpaint": [("images", "images", "{:,.0f}"), ("tokens", "token choice", "{}"),
+                ("lab_psnr_hole", "hole PSNR", "{:.2f} dB"),
                 ("composited_psnr_hole", "composited", "{:.2f} dB")],
     "fid": [("images", "originals", "{:,.0f}"), ("recon_psnr", "tokenizer recon PSNR", "{:.2f} dB"),
             ("recon_fid", "recon FID", "{:.2f}"), ("fid_lab", "FID lab protocol (no paste)", "{:.2f}"),

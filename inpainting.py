@@ -59,7 +59,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--token-choice", choices=["sample", "argmax"], default=None,
                    help="argmax: the most probable token (the lab's); sample: draw from the softmax, as in the MaskGIT "
-                        "paper. Default: the model config's token_choice (the bundled model's: sample at 0.5, "
+                        "paper. Default: the model config's token_choice (the bundled model's: sample at 0.4, "
                         "measured better under the lab protocol, README), argmax when it names none (the lab's)")
     p.add_argument("--sample-temperature", type=float, default=None,
                    help="with token choice sample: draw from softmax(logits / this); 1 = the model's "

@@ -153,6 +153,9 @@ VARIANTS.update({
     "dec1.5x_ft_gan0": ["--train-part", "decoder", "--ssim-weight", "3.0", "--disc-start", "0", "--disc-weight", "0.1",
                         "--fm-weight", "1.0", "--set", "dec_channels=*1.5"],
 })
+# session 29, where between those the GAN's start pays most: from 30% and from 80% of the decoder steps (the stage: 60%)
+VARIANTS.update({f"dec1.5x_ft_disc{f}": DECODER_RECIPE + ["--disc-start-frac", f, "--set", "dec_channels=*1.5"]
+                 for f in ("0.3", "0.8")})
 
 
 def scale_sets(sets: list, base: dict) -> list:

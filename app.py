@@ -265,7 +265,8 @@ class Engine:
     def options(self, req: DecodeRequest) -> InpaintOptions:
         # the page sends its temperature field with argmax too, where it changes nothing
         sampled = (req.token_choice or self.model.decoding["token_choice"]) == "sample"
-        choice = token_choice_options(self.model.decoding, req.token_choice, req.sample_temperature if sampled else None)
+        choice = token_choice_options(self.model.decoding, req.token_choice,
+                                      req.sample_temperature if sampled else None)
         chosen = {"total_iter": req.total_iter, "mask_func": req.mask_func, "seed": req.seed, **choice,
                   "confidence": req.confidence, "order": req.order,
                   "paste_known": req.paste_known, "visualize": True,

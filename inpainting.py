@@ -135,12 +135,12 @@ def token_choice(args, cfg: dict, ckpt_path: str) -> dict:
     try:
         defaults = decoding_defaults(cfg["model_param"])
     except ValueError as e:
-        raise UserError(f"the config of {ckpt_path}: {e}") from e
+        raise UserError(f"the config {ckpt_path} is used with: {e}") from e
     try:
         return token_choice_options(defaults, args.token_choice, args.sample_temperature)
     except ValueError as e:
-        raise UserError(f"--sample-temperature only changes --token-choice sample, and the config of {ckpt_path} "
-                        f"chooses {defaults['token_choice']}: add --token-choice sample") from e
+        raise UserError(f"--sample-temperature only changes --token-choice sample, and the config {ckpt_path} is "
+                        f"used with chooses {defaults['token_choice']}: add --token-choice sample") from e
 
 
 def report_ids(args, n: int) -> list:
@@ -165,8 +165,9 @@ def main(argv=None) -> dict:
         model.choice_temperature = args.choice_temperature
     opts = InpaintOptions(total_iter=args.total_iter, mask_func=args.mask_func or model.gamma_type,
                           sweet_spot=args.sweet_spot, seed=args.seed, **choice, confidence=args.confidence,
-                          order=args.order, mask_rule=args.mask_rule, prefill=args.prefill, paste_known=args.paste_known,
-                          blend=args.blend, visualize=not args.no_vis, gif=args.gif, precision=precision)
+                          order=args.order, mask_rule=args.mask_rule, prefill=args.prefill,
+                          paste_known=args.paste_known, blend=args.blend, visualize=not args.no_vis, gif=args.gif,
+                          precision=precision)
     log.info("inpainting %d images from %s (masks %s) on %s/%s: %s schedule, T=%d, %s, %s order%s%s", len(ds),
              os.path.dirname(ds.images[0]), os.path.dirname(ds.masks[0]), device, precision, opts.mask_func,
              opts.total_iter, opts.token_choice + (f" at temperature {opts.sample_temperature:g}"

@@ -216,7 +216,8 @@ def test_the_page_and_the_api_decode_as_the_model_config_says(page):
     hole[20:44, 16:48] = True
     body = {"source": "example:cat_1", "hole": "".join("1" if v else "0" for v in hole.ravel())}
     results = {name: _post(url, "api/inpaint", {**body, **extra})["result"] for name, extra in (
-        ("default", {}), ("config's", {"token_choice": mp["token_choice"], "sample_temperature": mp["sample_temperature"]}),
+        ("default", {}),
+        ("config's", {"token_choice": mp["token_choice"], "sample_temperature": mp["sample_temperature"]}),
         ("argmax", {"token_choice": "argmax", "sample_temperature": mp["sample_temperature"]}))}
     assert results["default"] == results["config's"] != results["argmax"]
 

@@ -264,7 +264,8 @@ def test_sample_temperature_is_checked_in_one_line(capsys, argv, message):
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and message in err[0]
     assert inpainting.parse_args(["--token-choice", "sample", "--sample-temperature", "0.6"]).sample_temperature == 0.6
-    assert inpainting.parse_args(["--sample-temperature", "0.6"]).sample_temperature == 0.6  # the config's choice may sample
+    # alone: the model's config may choose sample (checked against it in main)
+    assert inpainting.parse_args(["--sample-temperature", "0.6"]).sample_temperature == 0.6
 
 
 def test_a_temperature_for_a_config_that_chooses_argmax_is_one_line_before_any_work(tiny_world, tmp_path, capsys):
@@ -275,7 +276,7 @@ def test_a_temperature_for_a_config_that_chooses_argmax_is_one_line_before_any_w
     code, err = run(inpainting.main, inpaint_args(tiny_world, str(tmp_path / "t.pth"), out, "--sample-temperature",
                                                   "0.5"), capsys)
     line = one_line_error(err)
-    assert code == 1 and "t.pth chooses argmax: add --token-choice sample" in line and not out.exists()
+    assert code == 1 and "t.pth is used with chooses argmax: add --token-choice sample" in line and not out.exists()
     code, err = run(inpainting.main, inpaint_args(tiny_world, str(tmp_path / "t.pth"), out, "--set",
                                                   "model_param.token_choice=greedy"), capsys)
     line = one_line_error(err)

@@ -25,7 +25,8 @@ from utils.build import BUNDLED_CONFIG, BUNDLED_TRANSFORMER, build_maskgit, load
 from utils.cli import ArgumentParser, run_cli
 from utils.config import REPO_ROOT, load_maskgit_config
 from utils.data import MaskedImageSet, find_lab_layout, to_uint8
-from utils.inpaint import InpaintOptions, generate_images, sampling_options, token_choice_options
+from utils.inpaint import (InpaintOptions, generate_images, sampling_options, token_choice_label,
+                           token_choice_options)
 from utils.outputs import run_inpainting, schedule_report
 from utils.masks import generate_mask
 from utils.runtime import create_logger, get_device, resolve_precision
@@ -57,11 +58,6 @@ def parse_args(argv=None):
 # the lowest FID of unconditional samples: 45.5, against 47.5 at 0.7 and 168.5 argmax (docs/generation_study.csv)
 GEN_TEMPERATURE = 0.5
 DARK = 0.15  # mean brightness below which a sample counts as near-black in the report
-
-
-def choice_label(opts: InpaintOptions) -> str:
-    """How ``opts`` chooses tokens, in words: "argmax" or "sample, temperature T"."""
-    return f"sample, temperature {opts.sample_temperature:g}" if opts.token_choice == "sample" else "argmax"
 
 
 def generation_options(opts: InpaintOptions, temperature: float) -> InpaintOptions:
@@ -183,8 +179,8 @@ def main(argv=None) -> dict:
     ds = MaskedImageSet(img_dir, mask_dir, model.vqgan.cfg.img_resolution, limit=args.limit)
     summary = {"images": len(ds), "device": str(device), "T": args.total_iter}
     if not args.data:
-        summary["cats generated with"] = choice_label(generation_options(opts, args.gen_temperature))
-    summary["holes filled with"] = choice_label(opts)
+        summary["cats generated with"] = token_choice_label(**sampling_options(args.gen_temperature or None))
+    summary["holes filled with"] = token_choice_label(opts.token_choice, opts.sample_temperature)
     report_ids = [i for i in (0, 1) if i < len(ds)]
     done = {}  # schedule -> {id: Decoded}: the schedule report draws these runs' decodes of its images
     for s in SCHEDULES:

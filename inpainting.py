@@ -20,7 +20,7 @@ from utils.cli import ArgumentParser, UserError, run_cli
 from utils.config import REPO_ROOT, resolve_path
 from utils.composite import BLENDS, PREFILLS
 from utils.data import MaskedImageSet, default_data_root, find_lab_layout
-from utils.inpaint import InpaintOptions, generate_images, token_choice_options
+from utils.inpaint import InpaintOptions, generate_images, token_choice_label, token_choice_options
 from utils.outputs import ImageWriter, run_inpainting, schedule_report
 from utils.runtime import create_logger, get_device, resolve_precision
 
@@ -170,8 +170,7 @@ def main(argv=None) -> dict:
                           precision=precision)
     log.info("inpainting %d images from %s (masks %s) on %s/%s: %s schedule, T=%d, %s, %s order%s%s", len(ds),
              os.path.dirname(ds.images[0]), os.path.dirname(ds.masks[0]), device, precision, opts.mask_func,
-             opts.total_iter, opts.token_choice + (f" at temperature {opts.sample_temperature:g}"
-                                                   if opts.token_choice == "sample" else ""),
+             opts.total_iter, token_choice_label(opts.token_choice, opts.sample_temperature),
              opts.order, f" ({opts.confidence})" if opts.order == "confidence" else "",
              f", sweet spot {opts.sweet_spot}" if opts.sweet_spot else "")
     t0 = time.time()

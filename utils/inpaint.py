@@ -63,9 +63,13 @@ def token_choice_options(defaults: dict, token_choice: str | None = None,
         if sample_temperature is not None:
             raise ValueError(f"a sample temperature only changes token choice 'sample', and the choice is {choice!r}"
                              + ("" if token_choice else " (the model config's)"))
-        return {"token_choice": choice, "sample_temperature": 1.0}
-    return {"token_choice": "sample",
-            "sample_temperature": defaults["sample_temperature"] if sample_temperature is None else sample_temperature}
+        return sampling_options(None)
+    return sampling_options(defaults["sample_temperature"] if sample_temperature is None else sample_temperature)
+
+
+def token_choice_label(token_choice: str, sample_temperature: float) -> str:
+    """The token-choice fields in words, as reports and logs show them: "argmax" or "sample, temperature T"."""
+    return f"sample, temperature {sample_temperature:g}" if token_choice == "sample" else token_choice
 
 
 def latent_mask_images(mask: torch.Tensor, res: int) -> torch.Tensor:

@@ -60,6 +60,7 @@ from .cli import Interrupted, ParserCaptured, UserError, capture_parser, one_lin
 from .config import REPO_ROOT, ConfigError, load_maskgit_config, load_yaml, resolve_path
 from .data import (TEST_MEAN, TEST_STD, LabLayout, default_data_root, denormalize, find_lab_layout, list_images,
                    normalize, pil_to_tensor01, read_image, to_uint8)
+from .inpaint import token_choice_label
 from .metrics import psnr
 from .runtime import create_logger, get_device
 
@@ -571,8 +572,8 @@ def run_inpaint(ctx: Context, commands: list) -> dict:
     main = script_module("inpainting.py").main
     lab, comp = (main(argv) for _, argv in commands)
     figures = {"images": lab["images"], "seconds": lab["seconds"] + comp["seconds"],
-               "tokens": (f"sample at {lab['sample_temperature']:g}" if lab["token_choice"] == "sample"
-                          else lab["token_choice"])}  # the transformer config's choice, unless the recipe sets one
+               # the transformer config's choice, unless the recipe sets one
+               "tokens": token_choice_label(lab["token_choice"], lab["sample_temperature"])}
     for name, r in (("lab", lab), ("composited", comp)):
         figures.update({f"{name}_{k}": r[k] for k in ("psnr_hole", "ssim_hole") if k in r})
     return figures

@@ -111,13 +111,23 @@ def _temperature(tag: str) -> float | None:
     return t if t is not None and 0 < t < float("inf") else None
 
 
+def _choice(tag: str) -> float | None:
+    """'choice=1.5' -> 1.5 (the confidence noise's choice temperature, >= 0), anything else -> None."""
+    try:
+        t = float(tag[len("choice="):]) if tag.startswith("choice=") else None
+    except ValueError:
+        return None
+    return t if t is not None and 0 <= t < float("inf") else None
+
+
 def parse_combos(parser, text: str) -> list:
-    """'cosine:10,linear:8:halton,cosine:10:logprob,cosine:10:prefill=gray,cosine:10:sample=0.7' ->
+    """'cosine:10,linear:8:halton,cosine:10:logprob,cosine:10:prefill=gray,cosine:10:sample=0.7,cosine:10:choice=2' ->
     [Combo("cosine", 10), Combo("linear", 8, "halton"), Combo("cosine", 10, confidence="logprob"),
-    Combo("cosine", 10, prefill="gray"), Combo("cosine", 10, temperature=0.7)]: schedule:T, then
-    optionally an order, a confidence, prefill=NAME and / or sample[=TEMPERATURE] (--token-choice
-    sample at that --sample-temperature, default 1; without it argmax). 'none' -> []: no inpainting,
-    the tokenizer's reconstruction only (a tokenizer scored alone)."""
+    Combo("cosine", 10, prefill="gray"), Combo("cosine", 10, temperature=0.7), Combo("cosine", 10, choice=2.0)]:
+    schedule:T, then optionally an order, a confidence, prefill=NAME, sample[=TEMPERATURE] (--token-choice
+    sample at that --sample-temperature, default 1; without it argmax) and / or choice=C (the confidence noise's
+    choice temperature, inpainting.py --choice-temperature; without it the model config's). 'none' -> []: no
+    inpainting, the tokenizer's reconstruction only (a tokenizer scored alone)."""
     from models import CONFIDENCES, ORDERS, SCHEDULES
     if text.strip() == "none":
         return []
@@ -127,13 +137,15 @@ def parse_combos(parser, text: str) -> list:
         orders, confs = [e for e in extra if e in ORDERS], [e for e in extra if e in CONFIDENCES]
         fills = [e[len("prefill="):] for e in extra if e.startswith("prefill=") and e[len("prefill="):] in PREFILLS]
         temps = [t for t in map(_temperature, extra) if t is not None]
-        if (name not in SCHEDULES or not t.isdigit() or int(t) < 1 or len(orders) > 1 or len(confs) > 1
-                or len(fills) > 1 or len(temps) > 1 or len(orders) + len(confs) + len(fills) + len(temps) != len(extra)):
-            parser.error(f"--combos: {item!r} is not schedule:T[:order][:confidence][:prefill=NAME][:sample[=TEMP]] "
-                         f"with schedule in {list(SCHEDULES)}, T >= 1, order in {list(ORDERS)}, confidence in "
-                         f"{list(CONFIDENCES)}, prefill in {list(PREFILLS)}, TEMP > 0")
+        choices = [c for c in map(_choice, extra) if c is not None]
+        tags = (orders, confs, fills, temps, choices)
+        if (name not in SCHEDULES or not t.isdigit() or int(t) < 1 or any(len(g) > 1 for g in tags)
+                or sum(map(len, tags)) != len(extra)):
+            parser.error(f"--combos: {item!r} is not schedule:T[:order][:confidence][:prefill=NAME][:sample[=TEMP]]"
+                         f"[:choice=C] with schedule in {list(SCHEDULES)}, T >= 1, order in {list(ORDERS)}, "
+                         f"confidence in {list(CONFIDENCES)}, prefill in {list(PREFILLS)}, TEMP > 0, C >= 0")
         combos.append(Combo(name, int(t), (orders or ["confidence"])[0], (confs or ["prob"])[0],
-                            (fills or ["smooth"])[0], (temps or [None])[0]))
+                            (fills or ["smooth"])[0], (temps or [None])[0], (choices or [None])[0]))
     return combos
 
 
@@ -146,13 +158,17 @@ class Combo:
     confidence: str = "prob"
     prefill: str = "smooth"
     temperature: float | None = None  # None: argmax; else --token-choice sample at this temperature
+    choice: float | None = None  # the confidence noise's choice temperature; None: the model config's
 
     def label(self) -> str:
-        """'cosine T=10', plus the order / confidence / prefill / sampling where they are not the defaults."""
+        """'cosine T=10', plus the order / confidence / prefill / sampling / choice temperature where they are
+        not the defaults."""
         extra = [e for e, default in ((self.order, "confidence"), (self.confidence, "prob"),
                                       (f"prefill={self.prefill}", "prefill=smooth")) if e != default]
         if self.temperature is not None:
             extra.append(f"sample={self.temperature:g}")
+        if self.choice is not None:
+            extra.append(f"choice={self.choice:g}")
         return " ".join([f"{self.schedule} T={self.steps}", *extra])
 
     def dirname(self) -> str:
@@ -294,14 +310,21 @@ def main(argv=None):
                         "of the bundled models' architecture: config/MaskGit_small.yml)")
     p.add_argument("--sets", default="test,val-unseen", help="comma-separated subset of: test, val-unseen")
     p.add_argument("--combos", default=None,
-                   help="our settings as schedule:T[:order][:confidence][:prefill=NAME], e.g. cosine:10,linear:8,"
-                        "cosine:10:halton,cosine:10:logprob,cosine:10:prefill=biharmonic (default: the grid, "
-                        "confidence order, prob confidence, smooth prefill)")
+                   help="our settings as schedule:T[:order][:confidence][:prefill=NAME][:sample[=TEMP]][:choice=C], "
+                        "e.g. cosine:10,linear:8,cosine:10:halton,cosine:10:logprob,cosine:10:prefill=biharmonic,"
+                        "cosine:10:sample=0.4:choice=2 (default: the grid, confidence order, prob confidence, smooth "
+                        "prefill, argmax, the config's choice temperature)")
+    p.add_argument("--blends", default=",".join(b for b, _ in BLEND_PROTOCOLS),
+                   help="comma-separated blends whose --paste-known composites are scored (default: all; "
+                        "e.g. biharmonic, the default of --paste-known, for a third of the FID time)")
     p.add_argument("--seeds", default="0",
                    help="comma-separated decoding seeds (the confidence noise); with more than one, each of our "
                         "settings runs once per seed and a mean +- std table over the seeds follows")
     args = p.parse_args(argv)
     seeds = parse_seeds(p, args.seeds)
+    blends = [b.strip() for b in args.blends.split(",") if b.strip()]
+    if not blends or set(blends) - {b for b, _ in BLEND_PROTOCOLS}:
+        p.error(f"--blends: {args.blends!r}: choose from {', '.join(b for b, _ in BLEND_PROTOCOLS)}")
     wanted = [s.strip() for s in args.sets.split(",") if s.strip()]
     unknown = sorted(set(wanted) - {"test", "val-unseen"})
     if unknown or not wanted:
@@ -316,6 +339,7 @@ def main(argv=None):
     out = str(REPO_ROOT / args.out) if not os.path.isabs(args.out) else args.out
     work = os.path.join(out, "work")
     model = load_model(args).to(device)
+    config_choice = model.choice_temperature
     sets = build_sets(work, n, args.data, args.gt, wanted)
     rows = []
 
@@ -340,10 +364,13 @@ def main(argv=None):
             for seed in seeds:
                 d = os.path.join(work, set_name, c.dirname() + (f"_seed{seed}" if seed else ""))
                 t0 = time.time()
+                model.choice_temperature = config_choice if c.choice is None else c.choice
                 run_inpainting(model, ds, d, c.options(seed), device, 8, progress=False)
                 sec, tag = time.time() - t0, seed if len(seeds) > 1 else None
                 score(set_name, root, f"ours {c.label()}", os.path.join(d, "test_results"), "lab (no paste)", sec, tag)
                 for blend, protocol in BLEND_PROTOCOLS:
+                    if blend not in blends:
+                        continue
                     comp = composite(os.path.join(d, "test_results"), root, os.path.join(d, f"composited_{blend}"),
                                      blend)
                     score(set_name, root, f"ours {c.label()}", comp, protocol, seed=tag)

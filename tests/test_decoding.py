@@ -333,7 +333,8 @@ def test_order_and_confidence_reach_the_decoder_from_the_cli_and_the_bench(tiny_
     sys.path.insert(0, os.path.join(ROOT, "bench"))
     from run import parse_combos
     combos = parse_combos(None, "cosine:10,exp:4:halton,cosine:10:logprob,linear:8:logprob:halton,"
-                                "cosine:10:prefill=biharmonic,cosine:10:sample=0.7,linear:8:sample:halton")
+                                "cosine:10:prefill=biharmonic,cosine:10:sample=0.7,linear:8:sample:halton,"
+                                "cosine:10:choice=2:sample=0.4,cosine:10:choice=0")
     assert [(c.options().mask_func, c.options().total_iter, c.options().order, c.options().confidence,
              c.options().prefill, c.options().token_choice, c.options().sample_temperature) for c in combos] == [
         ("cosine", 10, "confidence", "prob", "smooth", "argmax", 1.0),
@@ -342,18 +343,46 @@ def test_order_and_confidence_reach_the_decoder_from_the_cli_and_the_bench(tiny_
         ("linear", 8, "halton", "logprob", "smooth", "argmax", 1.0),
         ("cosine", 10, "confidence", "prob", "biharmonic", "argmax", 1.0),
         ("cosine", 10, "confidence", "prob", "smooth", "sample", 0.7),
-        ("linear", 8, "halton", "prob", "smooth", "sample", 1.0)]
+        ("linear", 8, "halton", "prob", "smooth", "sample", 1.0),
+        ("cosine", 10, "confidence", "prob", "smooth", "sample", 0.4),
+        ("cosine", 10, "confidence", "prob", "smooth", "argmax", 1.0)]
+    assert [c.choice for c in combos] == [None] * 7 + [2.0, 0.0]
     assert combos[4].dirname() == "ours_cosine_T10_prefill-biharmonic"
     assert combos[5].label() == "cosine T=10 sample=0.7" and combos[6].label() == "linear T=8 halton sample=1"
+    assert combos[7].label() == "cosine T=10 sample=0.4 choice=2" and combos[8].dirname() == "ours_cosine_T10_choice-0"
 
     class Parser:
         def error(self, msg):
             raise SystemExit(msg)
     assert parse_combos(None, "none") == []  # the tokenizer's reconstruction only
     for bad in ("cosine:10:prefill=blur", "cosine:10:prefill=gray:prefill=smooth", "cosine:10:biharmonic",
-                "cosine:10:sample=0", "cosine:10:sample=x", "cosine:10:sample:sample=0.5", "cosine:10:sample=inf"):
+                "cosine:10:sample=0", "cosine:10:sample=x", "cosine:10:sample:sample=0.5", "cosine:10:sample=inf",
+                "cosine:10:choice=-1", "cosine:10:choice=x", "cosine:10:choice=1:choice=2", "cosine:10:choice=nan"):
         with pytest.raises(SystemExit, match="--combos"):
             parse_combos(Parser(), bad)
+
+
+def test_bench_choice_temperature_and_blends_reach_the_run(lab3, tmp_path, monkeypatch):
+    """bench/run.py on two real val images: a combo's choice=C is the model's choice temperature while that
+    combo decodes, a combo without one decodes at the config's (4.5, restored after another's), and --blends
+    scores only the named composites (the FID itself stubbed: this is about what is run)."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import run
+    seen, real = [], run.run_inpainting
+
+    def spy(model, ds, d, opts, *a, **k):
+        seen.append((model.choice_temperature, opts.token_choice, opts.sample_temperature))
+        return real(model, ds, d, opts, *a, **k)
+    monkeypatch.setattr(run, "run_inpainting", spy)
+    monkeypatch.setattr(run, "compute_fid", lambda *a, **k: 0.0)
+    rows = run.main(["--sets", "val-unseen", "--n", "2", "--combos", "cosine:2:choice=0,cosine:2:sample=0.4,"
+                     "cosine:2:choice=9", "--blends", "biharmonic", "--skip-speed", "--only-ours", "--device", "cpu",
+                     "--data", lab3, "--out", str(tmp_path)])
+    assert seen == [(0.0, "argmax", 1.0), (4.5, "sample", 0.4), (9.0, "argmax", 1.0)]
+    assert [r["protocol"] for r in rows] == ["no holes"] + ["lab (no paste)", "composited, biharmonic"] * 3
+    assert all(r["images"] == 2 for r in rows)
+    with pytest.raises(SystemExit):
+        run.main(["--blends", "poisson"])
 
 
 def test_bench_seeds_spread():

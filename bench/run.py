@@ -100,24 +100,18 @@ def seed_summary(rows: list) -> list:
     return out
 
 
+def _tag_number(tag: str, prefix: str, zero_ok: bool = False) -> float | None:
+    """'PREFIX1.5' -> 1.5 when finite and > 0 (>= 0 with zero_ok), anything else -> None."""
+    try:
+        t = float(tag[len(prefix):]) if tag.startswith(prefix) else None
+    except ValueError:
+        return None
+    return t if t is not None and (t >= 0 if zero_ok else t > 0) and t < float("inf") else None
+
+
 def _temperature(tag: str) -> float | None:
     """'sample' -> 1.0, 'sample=0.7' -> 0.7, anything else (or a temperature <= 0) -> None."""
-    if tag == "sample":
-        return 1.0
-    try:
-        t = float(tag[len("sample="):]) if tag.startswith("sample=") else None
-    except ValueError:
-        return None
-    return t if t is not None and 0 < t < float("inf") else None
-
-
-def _choice(tag: str) -> float | None:
-    """'choice=1.5' -> 1.5 (the confidence noise's choice temperature, >= 0), anything else -> None."""
-    try:
-        t = float(tag[len("choice="):]) if tag.startswith("choice=") else None
-    except ValueError:
-        return None
-    return t if t is not None and 0 <= t < float("inf") else None
+    return 1.0 if tag == "sample" else _tag_number(tag, "sample=")
 
 
 def parse_combos(parser, text: str) -> list:
@@ -137,7 +131,7 @@ def parse_combos(parser, text: str) -> list:
         orders, confs = [e for e in extra if e in ORDERS], [e for e in extra if e in CONFIDENCES]
         fills = [e[len("prefill="):] for e in extra if e.startswith("prefill=") and e[len("prefill="):] in PREFILLS]
         temps = [t for t in map(_temperature, extra) if t is not None]
-        choices = [c for c in map(_choice, extra) if c is not None]
+        choices = [c for c in (_tag_number(e, "choice=", zero_ok=True) for e in extra) if c is not None]
         tags = (orders, confs, fills, temps, choices)
         if (name not in SCHEDULES or not t.isdigit() or int(t) < 1 or any(len(g) > 1 for g in tags)
                 or sum(map(len, tags)) != len(extra)):

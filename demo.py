@@ -172,14 +172,14 @@ def main(argv=None) -> dict:
         log.info("inpainting the lab test images of %s", args.data)
     else:
         log.info("generating %d cat faces unconditionally, then punching holes", args.n)
-        n_dark = synthetic_testset(model, args.n, generation_options(opts, args.gen_temperature), device, root,
-                                   args.seed)
+        gen = generation_options(opts, args.gen_temperature)
+        n_dark = synthetic_testset(model, args.n, gen, device, root, args.seed)
         img_dir, mask_dir, gt_dir = os.path.join(root, "masked_image"), os.path.join(root, "mask64"), \
             os.path.join(root, "originals")
     ds = MaskedImageSet(img_dir, mask_dir, model.vqgan.cfg.img_resolution, limit=args.limit)
     summary = {"images": len(ds), "device": str(device), "T": args.total_iter}
     if not args.data:
-        summary["cats generated with"] = token_choice_label(**sampling_options(args.gen_temperature or None))
+        summary["cats generated with"] = token_choice_label(gen.token_choice, gen.sample_temperature)
     summary["holes filled with"] = token_choice_label(opts.token_choice, opts.sample_temperature)
     report_ids = [i for i in (0, 1) if i < len(ds)]
     done = {}  # schedule -> {id: Decoded}: the schedule report draws these runs' decodes of its images

@@ -268,23 +268,20 @@ class Engine:
         choice = token_choice_options(self.model.decoding, req.token_choice,
                                       req.sample_temperature if sampled else None)
         chosen = {"total_iter": req.total_iter, "mask_func": req.mask_func, "seed": req.seed, **choice,
-                  "confidence": req.confidence, "order": req.order,
+                  "choice_temperature": req.choice_temperature, "confidence": req.confidence, "order": req.order,
                   "paste_known": req.paste_known, "visualize": True,
                   "precision": self.precision}
         return InpaintOptions(**chosen)  # every other option keeps inpainting.py's default
 
     @contextlib.contextmanager
-    def model_turn(self, choice_temperature: float | None, wait_s: float = 120.0):
-        """Hold the model for one request, with the request's choice temperature."""
+    def model_turn(self, wait_s: float = 120.0):
+        """Hold the model for one request: requests decode one at a time (memory stays that of one), and one
+        that waits longer than ``wait_s`` is refused."""
         if not self.model_lock.acquire(timeout=wait_s):
             raise AppError("the model is busy with other requests; try again in a moment", 503)
-        default = self.model.choice_temperature
         try:
-            if choice_temperature is not None:
-                self.model.choice_temperature = float(choice_temperature)
             yield
         finally:
-            self.model.choice_temperature = default
             self.model_lock.release()
 
     def steps_payload(self, result, steps: torch.Tensor) -> dict:
@@ -303,7 +300,7 @@ class Engine:
         x = normalize(pil_to_tensor01(Image.fromarray(masked)), TEST_MEAN, TEST_STD)[None]  # (1, 3, H, W)
         pm = torch.from_numpy((~hole).astype(np.float32))[None, None]  # (1, 1, H, W) 1 = known
         opts = self.options(req)
-        with self.model_turn(req.choice_temperature):
+        with self.model_turn():
             t0 = time.perf_counter()
             out, result, token_mask, steps = inpaint_batch(self.model, x.to(self.device), pm.to(self.device), [0],
                                                            opts, self.device, with_steps=True)
@@ -318,7 +315,7 @@ class Engine:
 
     def generate(self, req: DecodeRequest) -> dict:
         opts = self.options(req)
-        with self.model_turn(req.choice_temperature):
+        with self.model_turn():
             t0 = time.perf_counter()
             imgs, result, steps = generate_images(self.model, 1, opts, self.device, with_steps=True)
             seconds = time.perf_counter() - t0

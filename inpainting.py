@@ -71,7 +71,9 @@ def parse_args(argv=None):
     p.add_argument("--order", choices=ORDERS, default="confidence",
                    help="which hole tokens a step commits: confidence (the most confident, MaskGIT; default) or "
                         "halton (the next ones in a fixed 2-D Halton order of the grid, Besnier et al. 2025)")
-    p.add_argument("--choice-temperature", type=float, default=None, help="Gumbel noise scale (default: config's)")
+    p.add_argument("--choice-temperature", type=float, default=None,
+                   help="scale of the Gumbel noise on the confidences (annealed by 1 - r; 0: none). Default: the "
+                        "model config's choice_temperature (4.5, the lab's)")
     p.add_argument("--mask-rule", choices=["lab", "dilated"], default="lab",
                    help="pixel->token rule: lab (token known if all its pixels are) or dilated (+1 token ring)")
     p.add_argument("--prefill", choices=PREFILLS, default="smooth",
@@ -99,6 +101,8 @@ def parse_args(argv=None):
         if args.token_choice == "argmax":
             p.error("--sample-temperature only changes --token-choice sample (argmax takes the most probable token "
                     "at any temperature): leave out one of them")
+    if args.choice_temperature is not None and not 0 <= args.choice_temperature < math.inf:
+        p.error(f"--choice-temperature must be a number >= 0, got {args.choice_temperature}")
     return args
 
 
@@ -139,8 +143,8 @@ def token_choice(args, cfg: dict, ckpt_path: str) -> dict:
     try:
         return token_choice_options(defaults, args.token_choice, args.sample_temperature)
     except ValueError as e:
-        raise UserError(f"--sample-temperature only changes --token-choice sample, and the config {ckpt_path} is "
-                        f"used with chooses {defaults['token_choice']}: add --token-choice sample") from e
+        raise UserError(f"--sample-temperature only changes --token-choice sample, and the config used with "
+                        f"{ckpt_path} chooses {defaults['token_choice']}: add --token-choice sample") from e
 
 
 def report_ids(args, n: int) -> list:
@@ -161,10 +165,9 @@ def main(argv=None) -> dict:
     ds = test_set(args, cfg["vqgan"]["img_resolution"])  # every input checked before the model is built
     ids = report_ids(args, len(ds)) if args.report_ids else []
     model = load_inference_model(cfg, obj, ckpt_path, args.vqgan_ckpt).to(device)
-    if args.choice_temperature is not None:
-        model.choice_temperature = args.choice_temperature
     opts = InpaintOptions(total_iter=args.total_iter, mask_func=args.mask_func or model.gamma_type,
-                          sweet_spot=args.sweet_spot, seed=args.seed, **choice, confidence=args.confidence,
+                          sweet_spot=args.sweet_spot, seed=args.seed, **choice,
+                          choice_temperature=args.choice_temperature, confidence=args.confidence,
                           order=args.order, mask_rule=args.mask_rule, prefill=args.prefill,
                           paste_known=args.paste_known, blend=args.blend, visualize=not args.no_vis, gif=args.gif,
                           precision=precision)

@@ -171,7 +171,7 @@ class Combo:
     def options(self, seed: int = 0) -> InpaintOptions:
         return InpaintOptions(total_iter=self.steps, mask_func=self.schedule, order=self.order,
                               confidence=self.confidence, prefill=self.prefill, visualize=False, seed=seed,
-                              **sampling_options(self.temperature))
+                              choice_temperature=self.choice, **sampling_options(self.temperature))
 
 
 def build_sets(work: str, n: int | None, data: str, gt: str, wanted=("test", "val-unseen")) -> dict:
@@ -333,7 +333,6 @@ def main(argv=None):
     out = str(REPO_ROOT / args.out) if not os.path.isabs(args.out) else args.out
     work = os.path.join(out, "work")
     model = load_model(args).to(device)
-    config_choice = model.choice_temperature
     sets = build_sets(work, n, args.data, args.gt, wanted)
     rows = []
 
@@ -358,7 +357,6 @@ def main(argv=None):
             for seed in seeds:
                 d = os.path.join(work, set_name, c.dirname() + (f"_seed{seed}" if seed else ""))
                 t0 = time.time()
-                model.choice_temperature = config_choice if c.choice is None else c.choice
                 run_inpainting(model, ds, d, c.options(seed), device, 8, progress=False)
                 sec, tag = time.time() - t0, seed if len(seeds) > 1 else None
                 score(set_name, root, f"ours {c.label()}", os.path.join(d, "test_results"), "lab (no paste)", sec, tag)

@@ -131,11 +131,13 @@ class MaskGit(nn.Module):
     @torch.no_grad()
     def inpaint(self, ids: torch.Tensor, mask: torch.Tensor, total_iter: int, noise, mask_func: str | None = None,
                 sweet_spot: int = 0, token_choice: str = "argmax", autocast_ctx=None, confidence: str = "prob",
-                order: str = "confidence", sample_temperature: float = 1.0):
+                order: str = "confidence", sample_temperature: float = 1.0, choice_temperature: float | None = None):
         """Fill the masked tokens (True = masked) of ``ids`` (B, N) with the noise of ``noise`` (an
-        ``ImageNoise``); see ``models.decoding``."""
+        ``ImageNoise``); see ``models.decoding``. ``choice_temperature`` None: the config's
+        (``self.choice_temperature``), which a call never changes."""
         gamma = self.gamma if mask_func is None else self.gamma_func(mask_func)
+        choice = self.choice_temperature if choice_temperature is None else choice_temperature
         return iterative_decode(self.transformer, ids, mask, gamma, total_iter, noise, self.mask_token_id,
-                                self.choice_temperature, sweet_spot, token_choice, autocast_ctx, confidence, order,
+                                choice, sweet_spot, token_choice, autocast_ctx, confidence, order,
                                 sample_temperature)
 

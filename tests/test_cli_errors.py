@@ -257,8 +257,10 @@ def test_bad_option_is_one_line_exit_2(capsys):
     (["--sample-temperature", "0"], "--sample-temperature must be a number > 0"),
     (["--token-choice", "sample", "--sample-temperature", "0"], "--sample-temperature must be a number > 0"),
     (["--token-choice", "sample", "--sample-temperature", "inf"], "--sample-temperature must be a number > 0"),
+    (["--choice-temperature", "-1"], "--choice-temperature must be a number >= 0"),
+    (["--choice-temperature", "nan"], "--choice-temperature must be a number >= 0"),
 ])
-def test_sample_temperature_is_checked_in_one_line(capsys, argv, message):
+def test_temperatures_are_checked_in_one_line(capsys, argv, message):
     with pytest.raises(SystemExit) as e:
         inpainting.parse_args(argv)
     err = capsys.readouterr().err.strip().splitlines()
@@ -266,6 +268,7 @@ def test_sample_temperature_is_checked_in_one_line(capsys, argv, message):
     assert inpainting.parse_args(["--token-choice", "sample", "--sample-temperature", "0.6"]).sample_temperature == 0.6
     # alone: the model's config may choose sample (checked against it in main)
     assert inpainting.parse_args(["--sample-temperature", "0.6"]).sample_temperature == 0.6
+    assert inpainting.parse_args(["--choice-temperature", "0"]).choice_temperature == 0.0  # no noise: allowed
 
 
 def test_a_temperature_for_a_config_that_chooses_argmax_is_one_line_before_any_work(tiny_world, tmp_path, capsys):
@@ -276,7 +279,8 @@ def test_a_temperature_for_a_config_that_chooses_argmax_is_one_line_before_any_w
     code, err = run(inpainting.main, inpaint_args(tiny_world, str(tmp_path / "t.pth"), out, "--sample-temperature",
                                                   "0.5"), capsys)
     line = one_line_error(err)
-    assert code == 1 and "t.pth is used with chooses argmax: add --token-choice sample" in line and not out.exists()
+    assert code == 1 and not out.exists()
+    assert f"the config used with {tmp_path / 't.pth'} chooses argmax: add --token-choice sample" in line
     code, err = run(inpainting.main, inpaint_args(tiny_world, str(tmp_path / "t.pth"), out, "--set",
                                                   "model_param.token_choice=greedy"), capsys)
     line = one_line_error(err)

@@ -363,22 +363,31 @@ def test_order_and_confidence_reach_the_decoder_from_the_cli_and_the_bench(tiny_
 
 
 def test_bench_choice_temperature_and_blends_reach_the_run(lab3, tmp_path, monkeypatch):
-    """bench/run.py on two real val images: a combo's choice=C is the model's choice temperature while that
-    combo decodes, a combo without one decodes at the config's (4.5, restored after another's), and --blends
-    scores only the named composites (the FID itself stubbed: this is about what is run)."""
+    """bench/run.py on two real val images: a combo's choice=C is the choice temperature its decoding runs at,
+    a combo without one decodes at the config's (4.5, also after another combo's), and --blends scores only
+    the named composites (the FID itself stubbed: this is about what is run)."""
+    import models.VQGAN_Transformer as vt
     sys.path.insert(0, os.path.join(ROOT, "bench"))
     import run
-    seen, real = [], run.run_inpainting
+    seen, current, real_run, real_decode = [], {}, run.run_inpainting, vt.iterative_decode
 
     def spy(model, ds, d, opts, *a, **k):
-        seen.append((model.choice_temperature, opts.token_choice, opts.sample_temperature))
-        return real(model, ds, d, opts, *a, **k)
+        current.clear()
+        out = real_run(model, ds, d, opts, *a, **k)
+        seen.append((current["choice"], model.choice_temperature, opts.token_choice, opts.sample_temperature))
+        return out
+
+    def decode_spy(*a, **k):  # the choice temperature iterative_decode is called with (its 8th argument)
+        assert current.setdefault("choice", a[7]) == a[7]  # one value per combo
+        return real_decode(*a, **k)
     monkeypatch.setattr(run, "run_inpainting", spy)
+    monkeypatch.setattr(vt, "iterative_decode", decode_spy)
     monkeypatch.setattr(run, "compute_fid", lambda *a, **k: 0.0)
     rows = run.main(["--sets", "val-unseen", "--n", "2", "--combos", "cosine:2:choice=0,cosine:2:sample=0.4,"
                      "cosine:2:choice=9", "--blends", "biharmonic", "--skip-speed", "--only-ours", "--device", "cpu",
                      "--data", lab3, "--out", str(tmp_path)])
-    assert seen == [(0.0, "argmax", 1.0), (4.5, "sample", 0.4), (9.0, "argmax", 1.0)]
+    # decoded at 0 / the config's / 9; the model's own value (its config's) never changed
+    assert seen == [(0.0, 4.5, "argmax", 1.0), (4.5, 4.5, "sample", 0.4), (9.0, 4.5, "argmax", 1.0)]
     assert [r["protocol"] for r in rows] == ["no holes"] + ["lab (no paste)", "composited, biharmonic"] * 3
     assert all(r["images"] == 2 for r in rows)
     with pytest.raises(SystemExit):
@@ -475,6 +484,35 @@ def test_bench_seed_loop_does_the_same_work_as_ours(tiny_cfg):
     for b in range(4):
         seed_img = denormalize(seed_loop_image(model, x[b:b + 1], pm[b:b + 1], b, 6), TEST_MEAN, TEST_STD)
         torch.testing.assert_close(seed_img[0], out[b], atol=1e-5, rtol=0)
+
+
+def test_choice_temperature_option_decodes_as_the_config_would_and_changes_no_model(tiny_cfg):
+    """InpaintOptions.choice_temperature C decodes exactly as a model whose config says C (the independent
+    route), leaves the model's own value alone, and None means the config's; C must be a finite number >= 0."""
+    from utils.build import build_maskgit
+    from utils.inpaint import InpaintOptions, generate_images, inpaint_batch
+
+    torch.manual_seed(0)
+    model = build_maskgit(tiny_cfg, load_vqgan=False).eval()
+    x = torch.randn(4, 3, 16, 16)
+    pm = torch.ones(4, 1, 16, 16)
+    pm[:, :, 2:14, 2:14] = 0
+
+    def tokens(opts):
+        return inpaint_batch(model, x, pm, range(4), opts, "cpu")[1].ids, generate_images(model, 4, opts, "cpu")[1].ids
+
+    by_option = {c: tokens(InpaintOptions(total_iter=4, token_choice="sample", choice_temperature=c))
+                 for c in (0.0, 30.0)}
+    assert model.choice_temperature == 4.5
+    for c, (ids, gen) in by_option.items():
+        model.choice_temperature = c
+        want_ids, want_gen = tokens(InpaintOptions(total_iter=4, token_choice="sample"))
+        assert torch.equal(ids, want_ids) and torch.equal(gen, want_gen), c
+    for a, b in zip(by_option[0.0], by_option[30.0]):  # the option reaches both decodings at all
+        assert not torch.equal(a, b)
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="choice_temperature must be None or a finite number >= 0"):
+            InpaintOptions(choice_temperature=bad)
 
 
 @pytest.mark.parametrize("bad", [{"prefill": "blur"}, {"blend": "poisson"}, {"confidence": "logit"},

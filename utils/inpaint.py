@@ -23,6 +23,7 @@ class InpaintOptions:
     seed: int = 0
     token_choice: str = "argmax"
     sample_temperature: float = 1.0  # softmax temperature of token_choice "sample" (1: the model's distribution)
+    choice_temperature: float | None = None  # scale of the confidences' Gumbel noise; None: the model config's
     confidence: str = "prob"  # prob (the lab's) | logprob (the official MaskGIT code's)
     order: str = "confidence"  # confidence (MaskGIT) | halton (fixed Halton order over the hole)
     mask_rule: str = "lab"
@@ -39,6 +40,9 @@ class InpaintOptions:
                              f"{self.blend!r}")
         if not self.sample_temperature > 0:
             raise ValueError(f"sample_temperature must be > 0, got {self.sample_temperature!r}")
+        if self.choice_temperature is not None and not 0 <= self.choice_temperature < float("inf"):
+            raise ValueError(f"choice_temperature must be None or a finite number >= 0, got "
+                             f"{self.choice_temperature!r}")
         if self.confidence not in CONFIDENCES or self.order not in ORDERS:
             raise ValueError(f"confidence must be one of {CONFIDENCES} and order one of {ORDERS}, got "
                              f"{self.confidence!r}, {self.order!r}")
@@ -100,7 +104,8 @@ def inpaint_batch(model, x: torch.Tensor, pixel_mask: torch.Tensor, indices, opt
     noise = image_noise(opts.seed, indices, device)  # image i's draws depend on (seed, i), not on the batch
     result = model.inpaint(ids, token_mask, opts.total_iter, noise, opts.mask_func, opts.sweet_spot, opts.token_choice,
                            autocast_ctx=(lambda: autocast(device, opts.precision)), confidence=opts.confidence,
-                           order=opts.order, sample_temperature=opts.sample_temperature)
+                           order=opts.order, sample_temperature=opts.sample_temperature,
+                           choice_temperature=opts.choice_temperature)
     seq = result.ids_per_step if with_steps else [result.ids]  # S x (B, N)
     with autocast(device, opts.precision):  # one step at a time: memory and cache stay at batch scale
         imgs = torch.stack([model.decode_tokens(ids).float() for ids in seq], 1)  # (B, S, 3, H, W)
@@ -127,7 +132,8 @@ def generate_images(model, n: int, opts: InpaintOptions, device, seed_offset: in
     noise = image_noise(opts.seed + seed_offset, range(n), device)
     result = model.inpaint(ids, mask, opts.total_iter, noise, opts.mask_func, 0, opts.token_choice,
                            autocast_ctx=(lambda: autocast(device, opts.precision)), confidence=opts.confidence,
-                           order=opts.order, sample_temperature=opts.sample_temperature)
+                           order=opts.order, sample_temperature=opts.sample_temperature,
+                           choice_temperature=opts.choice_temperature)
     seq = result.ids_per_step if with_steps else [result.ids]  # S x (n, N)
     with autocast(device, opts.precision):
         imgs = torch.stack([model.decode_tokens(ids).float() for ids in seq], 1)  # (n, S, 3, H, W)

@@ -171,16 +171,19 @@ def main(argv=None) -> dict:
                           order=args.order, mask_rule=args.mask_rule, prefill=args.prefill,
                           paste_known=args.paste_known, blend=args.blend, visualize=not args.no_vis, gif=args.gif,
                           precision=precision)
+    choice_temperature = model.choice_temperature if opts.choice_temperature is None else opts.choice_temperature
     log.info("inpainting %d images from %s (masks %s) on %s/%s: %s schedule, T=%d, %s, %s order%s%s", len(ds),
              os.path.dirname(ds.images[0]), os.path.dirname(ds.masks[0]), device, precision, opts.mask_func,
              opts.total_iter, token_choice_label(opts.token_choice, opts.sample_temperature),
-             opts.order, f" ({opts.confidence})" if opts.order == "confidence" else "",
+             opts.order, f" ({opts.confidence}, choice temperature {choice_temperature:g})"
+             if opts.order == "confidence" else "",
              f", sweet spot {opts.sweet_spot}" if opts.sweet_spot else "")
     t0 = time.time()
     summary = run_inpainting(model, ds, args.out_dir, opts, device, args.batch_size, args.gt_path,
                              not args.no_progress)
     summary["seconds"] = time.time() - t0
-    summary.update(token_choice=opts.token_choice, sample_temperature=opts.sample_temperature)
+    summary.update(token_choice=opts.token_choice, sample_temperature=opts.sample_temperature,
+                   choice_temperature=choice_temperature)
     log.info("%d images in %.1f s (%.1f images/s) -> %s", summary["images"], summary["seconds"],
              summary["images"] / summary["seconds"], os.path.join(args.out_dir, "test_results"))
     if args.gt_path and summary.get("gt_matched"):

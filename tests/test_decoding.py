@@ -1,3 +1,4 @@
+import json
 import math
 import os
 import sys
@@ -311,25 +312,32 @@ def test_order_and_confidence_reach_the_decoder_from_the_cli_and_the_bench(tiny_
         b = sig.bind(*a, **k)
         b.apply_defaults()
         seen.add((b.arguments["order"], b.arguments["confidence"], b.arguments["token_choice"],
-                  b.arguments["sample_temperature"]))
+                  b.arguments["sample_temperature"], b.arguments["choice_temperature"]))
         return orig(*a, **k)
     monkeypatch.setattr(decoding, "decode_step", spy)
     torch.save(BidirectionalTransformer(TINY_T).state_dict(), tmp_path / "t.pth")
     base = ["--load-transformer-ckpt-path", str(tmp_path / "t.pth"), "--MaskGitConfig", tiny_world["config"],
             "--data", tiny_world["root"], "--device", "cpu", "--no-vis", "--total-iter", "2", "--no-progress"]
-    for extra, want in (([], ("confidence", "prob", "argmax", 1.0)),
-                        (["--order", "halton"], ("halton", "prob", "argmax", 1.0)),
-                        (["--confidence", "logprob"], ("confidence", "logprob", "argmax", 1.0)),
+    for extra, want in (([], ("confidence", "prob", "argmax", 1.0, 4.5)),  # the config's choice temperature
+                        (["--order", "halton"], ("halton", "prob", "argmax", 1.0, 4.5)),
+                        (["--confidence", "logprob"], ("confidence", "logprob", "argmax", 1.0, 4.5)),
                         (["--token-choice", "sample", "--sample-temperature", "0.6"],
-                         ("confidence", "prob", "sample", 0.6)),
-                        (["--token-choice", "sample"], ("confidence", "prob", "sample", 1.0)),  # the config names none
+                         ("confidence", "prob", "sample", 0.6, 4.5)),
+                        (["--token-choice", "sample"], ("confidence", "prob", "sample", 1.0, 4.5)),  # config: none
                         # a config that names a token choice: the default, each flag still overrides its part
-                        (["--set", *SAMPLED], ("confidence", "prob", "sample", 0.7)),
-                        (["--set", *SAMPLED, "--token-choice", "argmax"], ("confidence", "prob", "argmax", 1.0)),
-                        (["--set", *SAMPLED, "--sample-temperature", "0.3"], ("confidence", "prob", "sample", 0.3))):
+                        (["--set", *SAMPLED], ("confidence", "prob", "sample", 0.7, 4.5)),
+                        (["--set", *SAMPLED, "--token-choice", "argmax"], ("confidence", "prob", "argmax", 1.0, 4.5)),
+                        (["--set", *SAMPLED, "--sample-temperature", "0.3"],
+                         ("confidence", "prob", "sample", 0.3, 4.5)),
+                        (["--choice-temperature", "2"], ("confidence", "prob", "argmax", 1.0, 2.0)),
+                        (["--set", "model_param.choice_temperature=0"], ("confidence", "prob", "argmax", 1.0, 0.0))):
         seen.clear()
-        inpainting.main(base + ["--out-dir", str(tmp_path / "_".join(map(str, want)))] + extra)
+        out = tmp_path / "_".join(map(str, want))
+        inpainting.main(base + ["--out-dir", str(out)] + extra)
         assert seen == {want}, extra
+        with open(out / "test_results" / "inpainting_summary.json") as f:  # the run records what it decoded with
+            summary = json.load(f)
+        assert (summary["token_choice"], summary["sample_temperature"], summary["choice_temperature"]) == want[2:]
     sys.path.insert(0, os.path.join(ROOT, "bench"))
     from run import parse_combos
     combos = parse_combos(None, "cosine:10,exp:4:halton,cosine:10:logprob,linear:8:logprob:halton,"

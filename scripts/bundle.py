@@ -8,7 +8,8 @@ both files load strictly into the bundled config (config/MaskGit_small.yml and t
 names), the models `demo.py`, `app.py` and `inpainting.py --bundled` build; the files are stored as
 fp16 CPU tensors with their configs kept (the transformer's config then names the bundled tokenizer
 file as its VQ_CKPT_path, so a loader given only the transformer file finds its partner instead of
-the path it was trained with, and the config that tokenizer file stores as its tokenizer config); no
+the path it was trained with, and the config that tokenizer file stores as its tokenizer config; and
+the bundled config's decoding defaults, so the file passed by path decodes as ``--bundled`` does); no
 file over 24 MiB and both together at most 40 MB. Then
 ``checkpoints/vqgan_small_fp16.pt`` and ``checkpoints/transformer_small_fp16.pth`` are replaced
 (atomically; ``--out-dir`` writes elsewhere). Deciding *whether* to bundle is the scores' job
@@ -59,6 +60,18 @@ def point_at_tokenizer(sd: dict, vqgan_path: str, vqgan_cfg: dict | None = None)
             cfg["vqgan"] = dict(vqgan_cfg)
 
 
+DECODING_KEYS = ("token_choice", "sample_temperature", "choice_temperature")
+
+
+def adopt_decoding(sd: dict, model_param: dict) -> None:
+    """Give the config ``sd`` stores (if any) the decoding defaults the bundled config names (token choice,
+    sample and choice temperatures), so that the bundled file passed by path (``inpainting.py
+    --load-transformer-ckpt-path``, ``app.py --transformer``) decodes as ``--bundled`` does."""
+    cfg = stored_config(sd)  # the dict inside sd, changed in place
+    if cfg is not None and isinstance(cfg.get("model_param"), dict):
+        cfg["model_param"].update({k: model_param[k] for k in DECODING_KEYS if k in model_param})
+
+
 def check_sizes(sizes: dict, max_file_mib: float = MAX_FILE_MIB, max_total_mb: float = MAX_TOTAL_MB) -> None:
     """``sizes``: file name -> bytes; refuses a file over ``max_file_mib`` MiB or a sum over ``max_total_mb`` MB."""
     for name, n in sizes.items():
@@ -84,11 +97,12 @@ def main(argv=None) -> dict:
     # the repository's own checkpoints/ as a relative path (resolved against the repository from any directory)
     point_at_tokenizer(halves["transformer"], os.path.join("checkpoints", NAMES["vqgan"])
                        if out_dir == os.path.abspath(DEFAULT_OUT) else vq_dst, vqgan_file_config(halves["vqgan"]))
+    cfg = load_maskgit_config(str(REPO_ROOT / BUNDLED_CONFIG))
+    adopt_decoding(halves["transformer"], cfg["model_param"])
     with tempfile.TemporaryDirectory() as tmp:  # check the very bytes that would be bundled
         paths = {k: os.path.join(tmp, NAMES[k]) for k in halves}
         for k, obj in halves.items():
             torch.save(obj, paths[k])
-        cfg = load_maskgit_config(str(REPO_ROOT / BUNDLED_CONFIG))
         model = build_maskgit(cfg, load_vqgan=False)
         try:
             load_vqgan_weights(model.vqgan, paths["vqgan"])

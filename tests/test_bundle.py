@@ -11,6 +11,7 @@ from conftest import ROOT
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 import bundle  # noqa: E402
 from utils.cli import UserError  # noqa: E402
+from utils.config import load_maskgit_config  # noqa: E402
 
 VQ = os.path.join(ROOT, "checkpoints", "vqgan_small_fp16.pt")
 TR = os.path.join(ROOT, "checkpoints", "transformer_small_fp16.pth")
@@ -51,10 +52,31 @@ def test_bundling_an_fp32_pair_writes_fp16_copies_that_build_the_bundled_model(t
     cfg_t = stored_config(torch.load(out / bundle.NAMES["transformer"], map_location="cpu", weights_only=True))
     orig = stored_config(torch.load(TR, map_location="cpu", weights_only=True))
     orig["model_param"]["VQ_Configs"]["VQ_CKPT_path"] = str(out / bundle.NAMES["vqgan"])
-    assert cfg_t == orig  # that one key changed, nothing else (VQ_config_path kept)
+    bundled_mp = load_maskgit_config(os.path.join(ROOT, BUNDLED_CONFIG))["model_param"]
+    orig["model_param"].update({k: bundled_mp[k] for k in ("token_choice", "sample_temperature",
+                                                           "choice_temperature")})
+    assert cfg_t == orig  # those keys set, nothing else (VQ_config_path kept)
     alone = build_maskgit(cfg_t)
     for k, v in alone.vqgan.state_dict().items():
         torch.testing.assert_close(v, want[k].half().float(), atol=0, rtol=0)
+
+
+def test_the_bundled_transformer_by_path_decodes_as_bundled():
+    """The repository's bundled transformer file, loaded by its path alone (its stored config), decodes with
+    the same defaults as --bundled (config/MaskGit_small.yml): a stored config without them meant argmax."""
+    import inpainting
+    from utils.build import BUNDLED_CONFIG
+
+    def decoding(argv):  # what inpainting.py would decode with
+        args = inpainting.parse_args(argv)
+        cfg, _, path = inpainting.load_config(args)
+        return {**inpainting.token_choice(args, cfg, path),
+                "choice_temperature": cfg["model_param"]["choice_temperature"]}
+    by_path, bundled = decoding(["--load-transformer-ckpt-path", TR]), decoding(["--bundled"])
+    assert by_path == bundled
+    mp = load_maskgit_config(os.path.join(ROOT, BUNDLED_CONFIG))["model_param"]
+    assert bundled == {"token_choice": mp["token_choice"], "sample_temperature": mp["sample_temperature"],
+                       "choice_temperature": mp["choice_temperature"]}
 
 
 def test_into_the_repository_the_tokenizer_path_is_relative(tmp_path, monkeypatch):

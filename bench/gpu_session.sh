@@ -5,7 +5,7 @@
 # A session's device time is 15 minutes, the machine's start and the transfers included (~1.5-2 min per call),
 # and no machine starts with under 4 left: so ONE call of <= 600 s. A new tokenizer alone cannot be bundled (every
 # token changes, so its transformer must be retrained in the same call); a decoder trained on the bundled tokenizer's
-# frozen tokens can (the bundled transformer stays valid). The next call (session 27's plan; README › Pipeline ›
+# frozen tokens can (the bundled transformer stays valid). The next call (session 27's plan; README › The whole pipeline ›
 # The next H100 call says why):
 #   bash bench/gpu_session.sh decft $OUT          # the bundled decoder trained on for 8.5 min, snapshots at 30/60/80%
 # then here `score-decft FILES` (each tokenizer's floor on the unseen val images) and bench/run.py --sets val-unseen

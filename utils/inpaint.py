@@ -17,6 +17,9 @@ from .runtime import autocast
 
 @dataclass
 class InpaintOptions:
+    """How to decode. The token choice is explicit here (argmax unless set; a model config's default is
+    ``token_choice_options(model.decoding)``, as inpainting.py, the page and demo.py pass it); the choice
+    temperature, a number the lab's config always names, defaults to the model's own (None)."""
     total_iter: int = 10
     mask_func: str = "cosine"
     sweet_spot: int = 0

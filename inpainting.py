@@ -171,7 +171,7 @@ def main(argv=None) -> dict:
                           order=args.order, mask_rule=args.mask_rule, prefill=args.prefill,
                           paste_known=args.paste_known, blend=args.blend, visualize=not args.no_vis, gif=args.gif,
                           precision=precision)
-    choice_temperature = model.choice_temperature if opts.choice_temperature is None else opts.choice_temperature
+    choice_temperature = model.choice_temperature_for(opts.choice_temperature)
     log.info("inpainting %d images from %s (masks %s) on %s/%s: %s schedule, T=%d, %s, %s order%s%s", len(ds),
              os.path.dirname(ds.images[0]), os.path.dirname(ds.masks[0]), device, precision, opts.mask_func,
              opts.total_iter, token_choice_label(opts.token_choice, opts.sample_temperature),

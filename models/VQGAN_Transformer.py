@@ -128,6 +128,10 @@ class MaskGit(nn.Module):
         return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
                                            ignore_index=-100, label_smoothing=label_smoothing)
 
+    def choice_temperature_for(self, choice_temperature: float | None = None) -> float:
+        """The choice temperature a decode runs at: the one given, or the config's (None)."""
+        return self.choice_temperature if choice_temperature is None else choice_temperature
+
     @torch.no_grad()
     def inpaint(self, ids: torch.Tensor, mask: torch.Tensor, total_iter: int, noise, mask_func: str | None = None,
                 sweet_spot: int = 0, token_choice: str = "argmax", autocast_ctx=None, confidence: str = "prob",
@@ -136,8 +140,7 @@ class MaskGit(nn.Module):
         ``ImageNoise``); see ``models.decoding``. ``choice_temperature`` None: the config's
         (``self.choice_temperature``), which a call never changes."""
         gamma = self.gamma if mask_func is None else self.gamma_func(mask_func)
-        choice = self.choice_temperature if choice_temperature is None else choice_temperature
         return iterative_decode(self.transformer, ids, mask, gamma, total_iter, noise, self.mask_token_id,
-                                choice, sweet_spot, token_choice, autocast_ctx, confidence, order,
-                                sample_temperature)
+                                self.choice_temperature_for(choice_temperature), sweet_spot, token_choice,
+                                autocast_ctx, confidence, order, sample_temperature)
 

@@ -4,18 +4,19 @@
 #
 # A session's device time is 15 minutes, the machine's start and the transfers included (~1.5-2 min per call),
 # and no machine starts with under 4 left: so ONE call of <= 600 s. A new tokenizer alone cannot be bundled (every
-# token changes, so its transformer must be retrained in the same call); a decoder trained on the bundled tokenizer's
-# frozen tokens can (the bundled transformer stays valid). The next call (session 27's plan; README › The whole pipeline ›
-# The next H100 call says why):
-#   bash bench/gpu_session.sh decft $OUT          # the bundled decoder trained on for 8.5 min, snapshots at 30/60/80%
-# then here `score-decft FILES` (each tokenizer's floor on the unseen val images) and bench/run.py --sets val-unseen
-# --combos cosine:10 --vqgan-ckpt on the best; bundle only if it beats the bundled tokenizer there. The call after it
-# (session 26's plan, a whole new pair):
+# token changes, so its transformer must be retrained in the same call). The next call (session 26's plan, a whole new
+# pair; first since session 32, README › The whole pipeline › The next H100 call says why):
 #   TOKENIZER_ARGS="config=models/VQGAN/config/VQGAN_small_wide.yml ssim_weight=3.0" \
 #     MINUTES="tokenizer=5.5 transformer=2.6" bash bench/gpu_session.sh pipe $OUT 0
 # (8.1 trainer minutes + ~30 s of start-up, token cache and inpainting inside pipe's 560-s timeout; the wide
 # tokenizer at ~1,700 images/s by a FLOP estimate from session 17's two speeds, so ~4,400 steps of 128), then here
 # `score` and bench/run.py --sets val-unseen on the pair (below); bundle only if it beats the bundled pair there.
+# The decoder call after it (session 27's plan, second since session 32's CPU run of its recipe on the bundled
+# tokenizer lost 3.8 FID for +0.19 dB): a decoder trained on the bundled tokenizer's frozen tokens keeps the bundled
+# transformer valid:
+#   bash bench/gpu_session.sh decft $OUT          # the bundled decoder trained on for 8.5 min, snapshots at 30/60/80%
+# then here `score-decft FILES` (each tokenizer's floor on the unseen val images) and bench/run.py --sets val-unseen
+# --combos cosine:10 --vqgan-ckpt on the best; bundle only if it beats the bundled tokenizer there.
 #
 # Here, before the first device call (once per machine; .devdata is ignored by git):
 #   bash bench/gpu_session.sh pack                 # .devdata: the lab data as one .xz (30 MB), the pytorch-fid wheel
@@ -306,7 +307,7 @@ case "$PART" in
   pipe)
     pipeline "${3:-10}"  # ~8.7 min by estimate; the timeout leaves 40 s of the 600 for packing
     ;;
-  decft)  # #13, session 27's plan for the next call: the bundled tokenizer's own decoder trained on for M minutes (default
+  decft)  # #13, session 27's plan, now second: the bundled tokenizer's own decoder trained on for M minutes (default
           # 8.5) on its frozen tokens with the stage-1 ablation's loss (SSIM 3.0; the GAN and its feature matching from 60%
           # of the run, as the tokenizer stage's), the recipe's step size; snapshots at 30, 60 (the GAN's start) and 80% beside
           # the end come back for `score-decft`. Every token kept, so the bundled transformer (8 minutes) stays valid.

@@ -1,5 +1,4 @@
 """demo.py, the README's first command: the bundled models end to end on a tiny run (2 cats, T=2)."""
-import os
 
 import numpy as np
 import pytest

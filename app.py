@@ -74,6 +74,7 @@ class DecodeRequest(BaseModel):
     choice_temperature: float | None = Field(None, ge=0, le=100)
     sample_temperature: float | None = Field(None, gt=0, le=100)  # None: the model config's (with sample)
     paste_known: bool = False
+    refine: int = Field(0, ge=0, le=200)  # steps of fitting the final decode to the known pixels (--refine)
     seed: int = Field(0, ge=0, le=2**31 - 1)
 
     @field_validator("mask_func", "token_choice", "confidence", "order")
@@ -206,7 +207,8 @@ class Engine:
                 "examples": self.examples,
                 "defaults": {"mask_func": self.model.gamma_type, "total_iter": 10, **self.model.decoding,
                              "confidence": "prob", "order": "confidence",
-                             "choice_temperature": self.model.choice_temperature, "paste_known": False, "seed": 0},
+                             "choice_temperature": self.model.choice_temperature, "paste_known": False, "refine": 0,
+                             "seed": 0},
                 "lab": None if self.lab is None else {"count": len(self.lab.images),
                                                       "with_originals": self.lab.with_originals},
                 "max_upload_bytes": self.max_upload_bytes}
@@ -269,7 +271,7 @@ class Engine:
                                       req.sample_temperature if sampled else None)
         chosen = {"total_iter": req.total_iter, "mask_func": req.mask_func, "seed": req.seed, **choice,
                   "choice_temperature": req.choice_temperature, "confidence": req.confidence, "order": req.order,
-                  "paste_known": req.paste_known, "visualize": True,
+                  "paste_known": req.paste_known, "refine": req.refine, "visualize": True,
                   "precision": self.precision}
         return InpaintOptions(**chosen)  # every other option keeps inpainting.py's default
 

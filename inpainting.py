@@ -86,6 +86,12 @@ def parse_args(argv=None):
                    help="with --paste-known: biharmonic (the hole is corrected to meet the known pixels and their "
                         "slope, an exact thin-plate fill of the difference; default), seamless (the same with a "
                         "membrane, Poisson style, the default before) or hard (plain paste)")
+    p.add_argument("--refine", type=int, default=0, metavar="N",
+                   help="after decoding, fit the decoder's input to the known pixels in N Adam steps and decode the "
+                        "chosen tokens from it: the known region comes back closer to the input and the holes meet "
+                        "it; with --paste-known, a better composite (README: 10 steps, 2.2x the CPU time). 0 "
+                        "(default): the lab's plain decode. The output then uses the known pixels, as --paste-known "
+                        "does: score it apart from the lab's protocol")
     p.add_argument("--no-vis", action="store_true", help="skip mask_scheduling/ and imga/ (faster)")
     p.add_argument("--gif", action="store_true", help="write an animated GIF of the decoding per image")
     p.add_argument("--report-ids", default="", help="comma-separated image ids for report.png (cosine/linear/square)")
@@ -103,6 +109,8 @@ def parse_args(argv=None):
                     "at any temperature): leave out one of them")
     if args.choice_temperature is not None and not 0 <= args.choice_temperature < math.inf:
         p.error(f"--choice-temperature must be a number >= 0, got {args.choice_temperature}")
+    if args.refine < 0:
+        p.error(f"--refine must be a number of steps >= 0 (0: off), got {args.refine}")
     return args
 
 
@@ -169,15 +177,16 @@ def main(argv=None) -> dict:
                           sweet_spot=args.sweet_spot, seed=args.seed, **choice,
                           choice_temperature=args.choice_temperature, confidence=args.confidence,
                           order=args.order, mask_rule=args.mask_rule, prefill=args.prefill,
-                          paste_known=args.paste_known, blend=args.blend, visualize=not args.no_vis, gif=args.gif,
-                          precision=precision)
+                          paste_known=args.paste_known, blend=args.blend, refine=args.refine,
+                          visualize=not args.no_vis, gif=args.gif, precision=precision)
     choice_temperature = model.choice_temperature_for(opts.choice_temperature)
-    log.info("inpainting %d images from %s (masks %s) on %s/%s: %s schedule, T=%d, %s, %s order%s%s", len(ds),
+    log.info("inpainting %d images from %s (masks %s) on %s/%s: %s schedule, T=%d, %s, %s order%s%s%s", len(ds),
              os.path.dirname(ds.images[0]), os.path.dirname(ds.masks[0]), device, precision, opts.mask_func,
              opts.total_iter, token_choice_label(opts.token_choice, opts.sample_temperature),
              opts.order, f" ({opts.confidence}, choice temperature {choice_temperature:g})"
              if opts.order == "confidence" else "",
-             f", sweet spot {opts.sweet_spot}" if opts.sweet_spot else "")
+             f", sweet spot {opts.sweet_spot}" if opts.sweet_spot else "",
+             f", decode refined in {opts.refine} steps" if opts.refine else "")
     t0 = time.time()
     summary = run_inpainting(model, ds, args.out_dir, opts, device, args.batch_size, args.gt_path,
                              not args.no_progress)

@@ -119,8 +119,9 @@ def parse_combos(parser, text: str) -> list:
     [Combo("cosine", 10), Combo("linear", 8, "halton"), Combo("cosine", 10, confidence="logprob"),
     Combo("cosine", 10, prefill="gray"), Combo("cosine", 10, temperature=0.7), Combo("cosine", 10, choice=2.0)]:
     schedule:T, then optionally an order, a confidence, prefill=NAME, sample[=TEMPERATURE] (--token-choice
-    sample at that --sample-temperature, default 1; without it argmax) and / or choice=C (the confidence noise's
-    choice temperature, inpainting.py --choice-temperature; without it the model config's). 'none' -> []: no
+    sample at that --sample-temperature, default 1; without it argmax), choice=C (the confidence noise's
+    choice temperature, inpainting.py --choice-temperature; without it the model config's) and / or refine=N
+    (inpainting.py --refine N: the final decode fitted to the known pixels in N steps). 'none' -> []: no
     inpainting, the tokenizer's reconstruction only (a tokenizer scored alone)."""
     from models import CONFIDENCES, ORDERS, SCHEDULES
     if text.strip() == "none":
@@ -132,14 +133,16 @@ def parse_combos(parser, text: str) -> list:
         fills = [e[len("prefill="):] for e in extra if e.startswith("prefill=") and e[len("prefill="):] in PREFILLS]
         temps = [t for t in map(_temperature, extra) if t is not None]
         choices = [c for c in (_tag_number(e, "choice=", zero_ok=True) for e in extra) if c is not None]
-        tags = (orders, confs, fills, temps, choices)
+        refines = [int(e[len("refine="):]) for e in extra if e.startswith("refine=") and e[len("refine="):].isdigit()]
+        tags = (orders, confs, fills, temps, choices, refines)
         if (name not in SCHEDULES or not t.isdigit() or int(t) < 1 or any(len(g) > 1 for g in tags)
                 or sum(map(len, tags)) != len(extra)):
             parser.error(f"--combos: {item!r} is not schedule:T[:order][:confidence][:prefill=NAME][:sample[=TEMP]]"
-                         f"[:choice=C] with schedule in {list(SCHEDULES)}, T >= 1, order in {list(ORDERS)}, "
-                         f"confidence in {list(CONFIDENCES)}, prefill in {list(PREFILLS)}, TEMP > 0, C >= 0")
+                         f"[:choice=C][:refine=N] with schedule in {list(SCHEDULES)}, T >= 1, order in {list(ORDERS)}, "
+                         f"confidence in {list(CONFIDENCES)}, prefill in {list(PREFILLS)}, TEMP > 0, C >= 0, N >= 0")
         combos.append(Combo(name, int(t), (orders or ["confidence"])[0], (confs or ["prob"])[0],
-                            (fills or ["smooth"])[0], (temps or [None])[0], (choices or [None])[0]))
+                            (fills or ["smooth"])[0], (temps or [None])[0], (choices or [None])[0],
+                            (refines or [0])[0]))
     return combos
 
 
@@ -153,16 +156,19 @@ class Combo:
     prefill: str = "smooth"
     temperature: float | None = None  # None: argmax; else --token-choice sample at this temperature
     choice: float | None = None  # the confidence noise's choice temperature; None: the model config's
+    refine: int = 0  # steps of utils.inpaint.refine_decode (0: the plain decode)
 
     def label(self) -> str:
-        """'cosine T=10', plus the order / confidence / prefill / sampling / choice temperature where they are
-        not the defaults."""
+        """'cosine T=10', plus the order / confidence / prefill / sampling / choice temperature / refinement
+        where they are not the defaults."""
         extra = [e for e, default in ((self.order, "confidence"), (self.confidence, "prob"),
                                       (f"prefill={self.prefill}", "prefill=smooth")) if e != default]
         if self.temperature is not None:
             extra.append(f"sample={self.temperature:g}")
         if self.choice is not None:
             extra.append(f"choice={self.choice:g}")
+        if self.refine:
+            extra.append(f"refine={self.refine}")
         return " ".join([f"{self.schedule} T={self.steps}", *extra])
 
     def dirname(self) -> str:
@@ -171,7 +177,7 @@ class Combo:
     def options(self, seed: int = 0) -> InpaintOptions:
         return InpaintOptions(total_iter=self.steps, mask_func=self.schedule, order=self.order,
                               confidence=self.confidence, prefill=self.prefill, visualize=False, seed=seed,
-                              choice_temperature=self.choice, **sampling_options(self.temperature))
+                              choice_temperature=self.choice, refine=self.refine, **sampling_options(self.temperature))
 
 
 def build_sets(work: str, n: int | None, data: str, gt: str, wanted=("test", "val-unseen")) -> dict:
@@ -304,10 +310,11 @@ def main(argv=None):
                         "of the bundled models' architecture: config/MaskGit_small.yml)")
     p.add_argument("--sets", default="test,val-unseen", help="comma-separated subset of: test, val-unseen")
     p.add_argument("--combos", default=None,
-                   help="our settings as schedule:T[:order][:confidence][:prefill=NAME][:sample[=TEMP]][:choice=C], "
-                        "e.g. cosine:10,linear:8,cosine:10:halton,cosine:10:logprob,cosine:10:prefill=biharmonic,"
-                        "cosine:10:sample=0.4:choice=2 (default: the grid, confidence order, prob confidence, smooth "
-                        "prefill, argmax, the config's choice temperature)")
+                   help="our settings as schedule:T[:order][:confidence][:prefill=NAME][:sample[=TEMP]][:choice=C]"
+                        "[:refine=N], e.g. cosine:10,linear:8,cosine:10:halton,cosine:10:logprob,"
+                        "cosine:10:prefill=biharmonic,cosine:10:sample=0.4:choice=2,cosine:10:refine=10 (default: the "
+                        "grid, confidence order, prob confidence, smooth prefill, argmax, the config's choice "
+                        "temperature, no refinement)")
     p.add_argument("--blends", default=",".join(b for b, _ in BLEND_PROTOCOLS),
                    help="comma-separated blends whose --paste-known composites are scored (default: all; "
                         "e.g. biharmonic, the default of --paste-known, for a third of the FID time)")

@@ -204,7 +204,7 @@ def _post(url: str, path: str, body: dict) -> dict:
 def test_the_page_and_the_api_decode_as_the_model_config_says(page):
     """The bundled config (read here from its YAML) names a token choice: the page starts with it, and a
     request that leaves the choice out is decoded with it, as inpainting.py does (runs before the test
-    below changes the page's fields)."""
+    below changes the page's fields); a request's refine steps change the result."""
     import yaml
     from selenium.webdriver.support.ui import Select
     driver, url = page
@@ -218,8 +218,10 @@ def test_the_page_and_the_api_decode_as_the_model_config_says(page):
     results = {name: _post(url, "api/inpaint", {**body, **extra})["result"] for name, extra in (
         ("default", {}),
         ("config's", {"token_choice": mp["token_choice"], "sample_temperature": mp["sample_temperature"]}),
-        ("argmax", {"token_choice": "argmax", "sample_temperature": mp["sample_temperature"]}))}
+        ("argmax", {"token_choice": "argmax", "sample_temperature": mp["sample_temperature"]}),
+        ("refined", {"refine": 3}))}
     assert results["default"] == results["config's"] != results["argmax"]
+    assert results["refined"] != results["default"]  # the refine steps reach the decoding
 
 
 def test_paint_inpaint_and_generate_match_the_cli(page, tmp_path):
@@ -248,6 +250,7 @@ def test_paint_inpaint_and_generate_match_the_cli(page, tmp_path):
     _set(driver, "total-iter", 8)
     _set(driver, "choice-temperature", 2)
     _set(driver, "seed", 3)
+    _set(driver, "refine", 4)
     _by_id(driver, "paste-known").click()
     seconds, model_s, _ = _press(driver, "inpaint")
     print(f"\ninpainting one image on the page (T=8), button to result: {seconds:.2f} s, model {model_s:.2f} s "
@@ -275,8 +278,8 @@ def test_paint_inpaint_and_generate_match_the_cli(page, tmp_path):
 
     cli = _run_cli(tmp_path, masked, hole, ["--mask-func", "linear", "--total-iter", "8", "--choice-temperature",
                                             "2", "--seed", "3", "--paste-known", "--unconditional", "1",
-                                            "--confidence", "logprob", "--order", "halton", "--token-choice",
-                                            "sample", "--sample-temperature", "0.7"])
+                                            "--refine", "4", "--confidence", "logprob", "--order", "halton",
+                                            "--token-choice", "sample", "--sample-temperature", "0.7"])
     assert np.abs(result.astype(int) - cli["result"]).max() <= 1
 
     def ask_info():  # while the model works, the server still answers, and the page still waits

@@ -259,8 +259,9 @@ def test_bad_option_is_one_line_exit_2(capsys):
     (["--token-choice", "sample", "--sample-temperature", "inf"], "--sample-temperature must be a number > 0"),
     (["--choice-temperature", "-1"], "--choice-temperature must be a number >= 0"),
     (["--choice-temperature", "nan"], "--choice-temperature must be a number >= 0"),
+    (["--refine", "-1"], "--refine must be a number of steps >= 0"),
 ])
-def test_temperatures_are_checked_in_one_line(capsys, argv, message):
+def test_temperatures_and_refine_steps_are_checked_in_one_line(capsys, argv, message):
     with pytest.raises(SystemExit) as e:
         inpainting.parse_args(argv)
     err = capsys.readouterr().err.strip().splitlines()

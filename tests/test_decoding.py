@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 import inpainting
-from conftest import ROOT, TINY_T
+from conftest import ROOT, TINY_T, TINY_VQ
 from models import BidirectionalTransformer, gamma_func, halton_order, image_noise, iterative_decode
 from models import decoding
 from models.decoding import decode_step
@@ -342,7 +342,7 @@ def test_order_and_confidence_reach_the_decoder_from_the_cli_and_the_bench(tiny_
     from run import parse_combos
     combos = parse_combos(None, "cosine:10,exp:4:halton,cosine:10:logprob,linear:8:logprob:halton,"
                                 "cosine:10:prefill=biharmonic,cosine:10:sample=0.7,linear:8:sample:halton,"
-                                "cosine:10:choice=2:sample=0.4,cosine:10:choice=0")
+                                "cosine:10:choice=2:sample=0.4,cosine:10:choice=0,cosine:10:refine=10:sample=0.4")
     assert [(c.options().mask_func, c.options().total_iter, c.options().order, c.options().confidence,
              c.options().prefill, c.options().token_choice, c.options().sample_temperature) for c in combos] == [
         ("cosine", 10, "confidence", "prob", "smooth", "argmax", 1.0),
@@ -353,8 +353,11 @@ def test_order_and_confidence_reach_the_decoder_from_the_cli_and_the_bench(tiny_
         ("cosine", 10, "confidence", "prob", "smooth", "sample", 0.7),
         ("linear", 8, "halton", "prob", "smooth", "sample", 1.0),
         ("cosine", 10, "confidence", "prob", "smooth", "sample", 0.4),
-        ("cosine", 10, "confidence", "prob", "smooth", "argmax", 1.0)]
-    assert [c.choice for c in combos] == [None] * 7 + [2.0, 0.0]
+        ("cosine", 10, "confidence", "prob", "smooth", "argmax", 1.0),
+        ("cosine", 10, "confidence", "prob", "smooth", "sample", 0.4)]
+    assert [c.choice for c in combos] == [None] * 7 + [2.0, 0.0, None]
+    assert [c.options().refine for c in combos] == [0] * 9 + [10]
+    assert combos[9].label() == "cosine T=10 sample=0.4 refine=10" and combos[9].dirname().endswith("_refine-10")
     assert combos[4].dirname() == "ours_cosine_T10_prefill-biharmonic"
     assert combos[5].label() == "cosine T=10 sample=0.7" and combos[6].label() == "linear T=8 halton sample=1"
     assert combos[7].label() == "cosine T=10 sample=0.4 choice=2" and combos[8].dirname() == "ours_cosine_T10_choice-0"
@@ -365,7 +368,8 @@ def test_order_and_confidence_reach_the_decoder_from_the_cli_and_the_bench(tiny_
     assert parse_combos(None, "none") == []  # the tokenizer's reconstruction only
     for bad in ("cosine:10:prefill=blur", "cosine:10:prefill=gray:prefill=smooth", "cosine:10:biharmonic",
                 "cosine:10:sample=0", "cosine:10:sample=x", "cosine:10:sample:sample=0.5", "cosine:10:sample=inf",
-                "cosine:10:choice=-1", "cosine:10:choice=x", "cosine:10:choice=1:choice=2", "cosine:10:choice=nan"):
+                "cosine:10:choice=-1", "cosine:10:choice=x", "cosine:10:choice=1:choice=2", "cosine:10:choice=nan",
+                "cosine:10:refine=-1", "cosine:10:refine=x", "cosine:10:refine=1.5", "cosine:10:refine=2:refine=3"):
         with pytest.raises(SystemExit, match="--combos"):
             parse_combos(Parser(), bad)
 
@@ -593,3 +597,75 @@ def test_bench_scores_a_tokenizer_of_another_architecture(tmp_path):
     torch.save(dict(vq.state_dict()), bare)  # no _metadata: the bundled config is assumed, and does not fit
     with pytest.raises(CheckpointLayoutError, match="VQGAN.pt does not fit"):
         load_model(types.SimpleNamespace(transformer_ckpt=None, config=None, vqgan_ckpt=bare))
+
+
+def _refine_case(B=3, seed=0, **vq):
+    """A tiny tokenizer (4x4 tokens of 16x16 images), B images, their pixel masks (1 = known) and random tokens."""
+    from models import VQGAN
+    torch.manual_seed(seed)
+    model = VQGAN(dict(TINY_VQ, **vq)).eval()
+    x, ids = torch.randn(B, 3, 16, 16), torch.randint(0, 32, (B, 16))
+    pm = (torch.rand(B, 1, 16, 16) > 0.4).float()
+    return model, x, pm, ids
+
+
+def test_refine_decode_reaches_the_least_squares_latent_of_a_linear_decoder(monkeypatch):
+    """With a decoder that copies each latent cell to its 4x4 pixel block (3 latent channels), the known-pixel MSE
+    is minimised by the mean of each block's known pixels, in closed form: the fit reaches it, a block with no
+    known pixel keeps its code exactly, and so does every block of an image with no known pixel."""
+    from utils.inpaint import refine_decode
+    vq, x, pm, ids = _refine_case(B=3, latent_dim=3)
+    pm[:, :, :4, :4] = 0  # block (0, 0) fully in the hole
+    pm[2] = 0  # image 2: nothing known
+    monkeypatch.setattr(vq, "decode", lambda z: torch.nn.functional.interpolate(z, scale_factor=4, mode="nearest"))
+    code = vq.codebook.lookup(ids, 4, 4).detach()
+    block_known = torch.nn.functional.avg_pool2d(pm, 4)  # (B, 1, 4, 4) share of known pixels per block
+    want = torch.where(block_known > 0, torch.nn.functional.avg_pool2d(x * pm, 4) / block_known.clamp_min(1e-8), code)
+    got = refine_decode(vq, ids, x, pm, 400)[:, :, ::4, ::4]  # one pixel per block
+    assert torch.allclose(got[:2], want[:2], atol=2e-3)
+    assert torch.equal(got[:, :, 0, 0], code[:, :, 0, 0]) and torch.equal(got[2], code[2])
+
+
+def test_refine_decode_fits_the_known_pixels_and_leaves_the_model_alone():
+    """On a real (tiny) tokenizer: the known pixels' error falls well below the plain decode of the same tokens;
+    0 steps is the plain decode; the weights, their requires_grad and their (absent) gradients are as before; an
+    image's result does not depend on the batch around it."""
+    from utils.inpaint import refine_decode
+    vq, x, pm, ids = _refine_case(B=4)
+    before = {k: v.clone() for k, v in vq.state_dict().items()}
+    with torch.no_grad():
+        plain = vq.decode_indices(ids)
+
+    def err(y):
+        return ((y - x).pow(2) * pm).flatten(1).sum(1) / pm.flatten(1).sum(1)
+    fitted = refine_decode(vq, ids, x, pm, 30)
+    assert (err(fitted) < 0.7 * err(plain)).all() and not fitted.requires_grad
+    assert torch.equal(refine_decode(vq, ids, x, pm, 0), plain)
+    assert all(torch.equal(v, before[k]) for k, v in vq.state_dict().items())
+    assert all(p.requires_grad and p.grad is None for p in vq.parameters())
+    for i in (0, 3):
+        alone = refine_decode(vq, ids[i:i + 1], x[i:i + 1], pm[i:i + 1], 30)
+        assert torch.allclose(alone, fitted[i:i + 1], atol=1e-4)
+
+
+def test_refine_option_keeps_the_tokens_and_refits_only_the_final_image(tiny_cfg):
+    """inpaint_batch with refine: the same tokens as without, the final image (also the last step's) is
+    refine_decode's of them, the earlier steps' images are the plain decodes; a bad step count is an error."""
+    from utils.build import build_maskgit
+    from utils.data import TEST_MEAN, TEST_STD, denormalize
+    from utils.inpaint import inpaint_batch, refine_decode
+
+    torch.manual_seed(0)
+    model = build_maskgit(tiny_cfg, load_vqgan=False).eval()
+    x = torch.randn(2, 3, 16, 16)
+    pm = torch.ones(2, 1, 16, 16)
+    pm[:, :, 4:12, 2:14] = 0
+    plain = inpaint_batch(model, x, pm, range(2), InpaintOptions(total_iter=3), "cpu", with_steps=True)
+    fit = inpaint_batch(model, x, pm, range(2), InpaintOptions(total_iter=3, refine=5), "cpu", with_steps=True)
+    assert torch.equal(plain[1].ids, fit[1].ids)
+    want = denormalize(refine_decode(model.vqgan, fit[1].ids, x, pm, 5), TEST_MEAN, TEST_STD)
+    assert torch.allclose(fit[0], want, atol=1e-6) and torch.allclose(fit[3][:, -1], want, atol=1e-6)
+    assert torch.equal(fit[3][:, :-1], plain[3][:, :-1]) and not torch.allclose(fit[0], plain[0], atol=1e-3)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="refine must be a whole number of steps >= 0"):
+            InpaintOptions(refine=bad)

@@ -122,6 +122,8 @@ def test_smoke_chain_writes_everything(chain):
     assert all(f"| {s} | done |" in md for s in STAGES)
     assert "python train_vqgan.py" in md and "--paste-known" in md and "fid_score_gpu.py" in md
     assert "token choice argmax" in md
+    lab_cmd, comp_cmd = summary["stages"]["inpaint"]["commands"]  # the lab's protocol scores the plain decode
+    assert "--refine" not in lab_cmd and "--refine 2" in comp_cmd and "--report-ids" not in comp_cmd
 
 
 @pytest.mark.slow

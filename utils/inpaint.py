@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +34,7 @@ class InpaintOptions:
     prefill: str = "smooth"
     paste_known: bool = False
     blend: str = "biharmonic"
+    refine: int = 0  # steps of :func:`refine_decode` after decoding (0: the plain decode of the tokens, the lab's)
     visualize: bool = True
     gif: bool = False
     precision: str = "fp32"
@@ -41,6 +43,8 @@ class InpaintOptions:
         if self.prefill not in PREFILLS or self.blend not in BLENDS:
             raise ValueError(f"prefill must be one of {PREFILLS} and blend one of {BLENDS}, got {self.prefill!r}, "
                              f"{self.blend!r}")
+        if isinstance(self.refine, bool) or not isinstance(self.refine, int) or self.refine < 0:
+            raise ValueError(f"refine must be a whole number of steps >= 0, got {self.refine!r}")
         if not self.sample_temperature > 0:
             raise ValueError(f"sample_temperature must be > 0, got {self.sample_temperature!r}")
         if self.choice_temperature is not None and not 0 <= self.choice_temperature < float("inf"):
@@ -92,6 +96,49 @@ def prefill(x: torch.Tensor, pixel_mask: torch.Tensor, how: str) -> torch.Tensor
     return smooth_fill(x, pixel_mask, order=2) if how == "biharmonic" else x
 
 
+REFINE_LR = 0.1  # Adam's step size in refine_decode (chosen on 64 unseen val images: docs/HISTORY.md, session 33)
+
+
+def refine_decode(vqgan, ids: torch.Tensor, x: torch.Tensor, pixel_mask: torch.Tensor, steps: int,
+                  lr: float = REFINE_LR, autocast_ctx=None) -> torch.Tensor:
+    """Decode the tokens ``ids`` (B, N) from latents fitted to the known pixels.
+
+    The tokens stay as the transformer chose them; their code vectors z_q (B, D, h, w), the decoder's
+    input, get an offset that ``steps`` Adam steps fit to minimise each image's mean squared error on its
+    known pixels (x (B,3,H,W) in the tokenizer's normalized space, pixel_mask (B,1,H,W), 1 = known); the
+    decoder's weights are not touched. What it buys: the decode of the known region approaches the
+    input (the quantisation's loss of detail and colour there is won back), and the hole pixels, decoded
+    from the same latents, meet their surroundings (GAN-inversion style, on the VQGAN decoder). Each
+    image's loss is its own mean and Adam's update is elementwise, so an image's result does not depend
+    on the batch around it; an image without known pixels keeps its plain decode.
+    Returns the decoded images (B,3,H,W) in the normalized space, without gradients."""
+    r = vqgan.cfg.latent_resolution
+    known = pixel_mask.to(x.dtype)
+    per_image = known.flatten(1).sum(1).mul(x.shape[1]).clamp_min(1)  # (B,) known values per image
+    with torch.no_grad():
+        z = vqgan.codebook.lookup(ids, r, r).float()  # (B, D, h, w)
+    offset = torch.zeros_like(z, requires_grad=True)
+    opt = torch.optim.Adam([offset], lr=lr)
+    ctx = autocast_ctx or contextlib.nullcontext
+    params = [p for p in vqgan.parameters() if p.requires_grad]
+    try:
+        for p in params:  # gradients only for the offset
+            p.requires_grad_(False)
+        with torch.enable_grad():
+            for _ in range(steps):
+                with ctx():
+                    y = vqgan.decode(z + offset).float()  # (B, 3, H, W)
+                loss = ((y - x).pow(2) * known).flatten(1).sum(1).div(per_image).sum()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+    with torch.no_grad(), ctx():
+        return vqgan.decode(z + offset.detach()).float()
+
+
 @torch.no_grad()
 def inpaint_batch(model, x: torch.Tensor, pixel_mask: torch.Tensor, indices, opts: InpaintOptions, device,
                   with_steps: bool = False):
@@ -99,7 +146,8 @@ def inpaint_batch(model, x: torch.Tensor, pixel_mask: torch.Tensor, indices, opt
 
     Returns (final images in [0,1] (B,3,H,W), DecodeResult, token mask at the start (B, N),
     decoded image after every step (B, S, 3, H, W) in [0,1] or None). With ``with_steps`` the
-    final image is the last step's decode, so the final tokens are decoded once, not twice.
+    final image is the last step's decode, so the final tokens are decoded once, not twice; with
+    ``opts.refine`` the final image (and the last step's) is :func:`refine_decode`'s.
     """
     res = model.vqgan.cfg.latent_resolution
     _, ids = model.encode_to_z(prefill(x, pixel_mask, opts.prefill))  # (B, N)
@@ -111,8 +159,11 @@ def inpaint_batch(model, x: torch.Tensor, pixel_mask: torch.Tensor, indices, opt
                            choice_temperature=opts.choice_temperature)
     seq = result.ids_per_step if with_steps else [result.ids]  # S x (B, N)
     with autocast(device, opts.precision):  # one step at a time: memory and cache stay at batch scale
-        imgs = torch.stack([model.decode_tokens(ids).float() for ids in seq], 1)  # (B, S, 3, H, W)
-    imgs = denormalize(imgs, TEST_MEAN, TEST_STD)  # in [0, 1]
+        dec = [model.decode_tokens(ids).float() for ids in (seq[:-1] if opts.refine else seq)]
+    if opts.refine:  # the final tokens decoded from latents fitted to the known pixels
+        dec.append(refine_decode(model.vqgan, result.ids, x, pixel_mask, opts.refine,
+                                 autocast_ctx=lambda: autocast(device, opts.precision)))
+    imgs = denormalize(torch.stack(dec, 1), TEST_MEAN, TEST_STD)  # (B, S, 3, H, W) in [0, 1]
     out = imgs[:, -1]  # the final tokens are the last step's
     if opts.paste_known:
         orig = denormalize(x, TEST_MEAN, TEST_STD)

@@ -12,7 +12,8 @@ YAML (``config/pipeline.yml``), so the pipeline trains and decodes nothing itsel
                  --train-part decoder: the tokenizer's decoder trained on, its tokens unchanged (so the
                  transformer stays valid); skipped while the recipe gives it no minutes and no steps
     inpaint      inpainting.py twice: as the lab scores it    <out>/inpaint/lab/, report.png
-                 (no pasting) and with --paste-known          <out>/inpaint/composited/
+                 (no pasting, no --refine) and with           <out>/inpaint/composited/
+                 --paste-known (and the recipe's --refine)
     fid          the tokenizer's reconstructions of the       <out>/fid/recon/
                  originals, then fid_score_gpu.py --match-names on them, on lab/ and on composited/
 
@@ -85,6 +86,7 @@ OWNED = {"train_vqgan.py": {"--data", "--val-data", "--out-dir", "--device", "--
          FID_SCRIPT: {"--predicted-path", "--gtcsv-path", "--match-names", "--save-stats", "--device"}}
 STAGE_OWNED = {"decoder": {"--init", "--train-part"}}  # and these per stage (the decoder stage starts from the tokenizer's)
 LAB_ONLY = ("--report-ids", "--gif", "--unconditional")  # inpainting's extras: made by the lab-protocol run only
+COMPOSITED_ONLY = ("--refine",)  # the decode fitted to the known pixels: the lab's protocol scores the plain decode
 DEFAULT_GT = os.path.normpath(os.path.join(REPO_ROOT, "..", "shared", "data", "lab3_test_gt"))
 RERUN_HINT = "rerun the same command to continue"
 
@@ -410,12 +412,13 @@ def made_from(stage: str) -> list:
 
 
 def inpaint_commands(ctx: Context, resume: bool = False) -> list:
-    args = recipe_argv(ctx.recipe, "inpaint")
-    paired = ctx.gt and "--resize" not in args  # inpainting.py compares with originals of the model's size only
+    # inpainting.py compares with originals of the model's size only
+    paired = ctx.gt and "--resize" not in recipe_argv(ctx.recipe, "inpaint")
     base = ["--load-transformer-ckpt-path", ctx.dir("transformer", "transformer_best.pth"),
             "--vqgan-ckpt", ctx.dir(tokenizer_stage(ctx), "vqgan.pt"), "--data", ctx.data, "--device", ctx.device,
             *(["--gt-path", ctx.gt] if paired else [])]
-    return [("inpainting.py", [*base, "--out-dir", ctx.dir("inpaint", "lab"), *args]),
+    return [("inpainting.py", [*base, "--out-dir", ctx.dir("inpaint", "lab"),
+                               *recipe_argv(ctx.recipe, "inpaint", leave_out=COMPOSITED_ONLY)]),
             ("inpainting.py", [*base, "--out-dir", ctx.dir("inpaint", "composited"),
                                *recipe_argv(ctx.recipe, "inpaint", leave_out=LAB_ONLY), "--paste-known", "--no-vis"])]
 
@@ -744,8 +747,8 @@ def summary_markdown(s: dict) -> str:
         lines.append(f"| {stage} | {status} | {ran_on} | {duration(rec['wall_s']) if rec['wall_s'] else ''} | "
                      f"{' · '.join(shown)} |")
     lines += ["", "FID and PSNR of the fid stage are on the test images whose originals are in the --gt folder; "
-              "lab protocol = the decoded images as the lab scores them (no pixels pasted), composited = "
-              "`inpainting.py --paste-known`.", "", "## Commands (run from the repository root)", ""]
+              "lab protocol = the decoded images as the lab scores them (no pixels pasted, no refinement), "
+              "composited = `inpainting.py --paste-known` (with the recipe's `--refine`, if any).", "", "## Commands (run from the repository root)", ""]
     for stage, rec in s["stages"].items():
         if rec["commands"]:
             lines += [f"{stage}:", "", "```bash", *rec["commands"], "```", ""]

@@ -198,6 +198,7 @@ function options() {
     order: $("order").value,
     choice_temperature: temp === "" ? null : Number(temp),
     paste_known: $("paste-known").checked,
+    refine: Number($("refine").value),
     seed: Number($("seed").value),
   };
 }
@@ -286,6 +287,7 @@ async function init() {
   $("sample-temperature").value = d.sample_temperature;
   $("seed").value = d.seed;
   $("paste-known").checked = d.paste_known;
+  $("refine").value = d.refine;
   for (const name of info.examples) {
     const b = document.createElement("button");
     b.type = "button"; b.title = name; b.className = "example"; b.dataset.id = "example:" + name;

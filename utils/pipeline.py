@@ -748,7 +748,8 @@ def summary_markdown(s: dict) -> str:
                      f"{' · '.join(shown)} |")
     lines += ["", "FID and PSNR of the fid stage are on the test images whose originals are in the --gt folder; "
               "lab protocol = the decoded images as the lab scores them (no pixels pasted, no refinement), "
-              "composited = `inpainting.py --paste-known` (with the recipe's `--refine`, if any).", "", "## Commands (run from the repository root)", ""]
+              "composited = `inpainting.py --paste-known` (with the recipe's `--refine`, if any).", "",
+              "## Commands (run from the repository root)", ""]
     for stage, rec in s["stages"].items():
         if rec["commands"]:
             lines += [f"{stage}:", "", "```bash", *rec["commands"], "```", ""]

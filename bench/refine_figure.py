@@ -18,8 +18,8 @@ from PIL import Image
 
 from blend_study import figure  # importing bench/common.py (via blend_study) puts the repository on sys.path
 from common import SHARED_DATA
-from run import build_sets, load_model
-from utils.data import TEST_MEAN, TEST_STD, list_images, load_mask, normalize, pil_to_tensor01, to_uint8
+from run import _load01, build_sets, load_model
+from utils.data import TEST_MEAN, TEST_STD, list_images, load_mask, normalize, to_uint8
 from utils.inpaint import InpaintOptions, inpaint_batch, token_choice_options
 
 
@@ -36,10 +36,9 @@ def main(argv=None):
         root = build_sets(work, max(ids) + 1, args.data, "", ("val-unseen",))["val-unseen"]
         paths = list_images(os.path.join(root, "masked_image"))
         names = [os.path.basename(q) for q in paths]
-        x01 = torch.stack([pil_to_tensor01(Image.open(q).convert("RGB")) for q in paths])
+        x01 = torch.stack([_load01(q) for q in paths])
         known = torch.stack([load_mask(q) for q in list_images(os.path.join(root, "mask64"))])
-        orig = torch.stack([pil_to_tensor01(Image.open(os.path.join(root, "originals", n)).convert("RGB"))
-                            for n in names])
+        orig = torch.stack([_load01(os.path.join(root, "originals", n)) for n in names])
         x = normalize(x01, TEST_MEAN, TEST_STD)
         cols = []
         for steps in (0, args.steps):

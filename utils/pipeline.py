@@ -412,13 +412,12 @@ def made_from(stage: str) -> list:
 
 
 def inpaint_commands(ctx: Context, resume: bool = False) -> list:
-    # inpainting.py compares with originals of the model's size only
-    paired = ctx.gt and "--resize" not in recipe_argv(ctx.recipe, "inpaint")
+    lab_args = recipe_argv(ctx.recipe, "inpaint", leave_out=COMPOSITED_ONLY)
+    paired = ctx.gt and "--resize" not in lab_args  # inpainting.py compares with originals of the model's size only
     base = ["--load-transformer-ckpt-path", ctx.dir("transformer", "transformer_best.pth"),
             "--vqgan-ckpt", ctx.dir(tokenizer_stage(ctx), "vqgan.pt"), "--data", ctx.data, "--device", ctx.device,
             *(["--gt-path", ctx.gt] if paired else [])]
-    return [("inpainting.py", [*base, "--out-dir", ctx.dir("inpaint", "lab"),
-                               *recipe_argv(ctx.recipe, "inpaint", leave_out=COMPOSITED_ONLY)]),
+    return [("inpainting.py", [*base, "--out-dir", ctx.dir("inpaint", "lab"), *lab_args]),
             ("inpainting.py", [*base, "--out-dir", ctx.dir("inpaint", "composited"),
                                *recipe_argv(ctx.recipe, "inpaint", leave_out=LAB_ONLY), "--paste-known", "--no-vis"])]
 
